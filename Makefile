@@ -1,0 +1,20 @@
+# The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
+VENV ?= .venv
+export LORAMUX_VENV := $(VENV)
+
+.PHONY: serve test lint install
+
+install:
+	@scripts/setup.sh
+
+serve: install
+	$(VENV)/bin/loramux generate "What is the capital of France?"
+
+test:
+	@scripts/setup.sh dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint:
+	@scripts/setup.sh dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

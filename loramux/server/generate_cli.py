@@ -1,0 +1,30 @@
+"""`loramux generate`: load the base in NF4 and answer one prompt from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the user's message (rendered with the base's chat template)")
+    parser.add_argument(
+        "--base", default=None, help="base model: a Hugging Face directory or hub id (default: SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loramux.server.models.loader import load_base
+
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    base = load_base(args.base, device=args.device)
+    if args.raw:
+        ids = base.tokenizer(args.prompt)["input_ids"]
+    else:
+        ids = base.chat_prompt_ids([{"role": "user", "content": args.prompt}])
+    out = base.model.generate_greedy(ids, args.max_tokens, base.stop_token_ids())
+    print(base.tokenizer.decode(out, skip_special_tokens=True))
+    return 0

@@ -1,0 +1,1 @@
+"""Layers of the decoder: NF4 linear, rotary embedding, normalisation."""

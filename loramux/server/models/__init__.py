@@ -1,0 +1,1 @@
+"""Base models: resolving and converting checkpoints, the model configuration, the decoder."""
