@@ -1,0 +1,1 @@
+"""PEFT-format LoRA adapters: configuration, validation, weights, batched LoRA math, merge, training, the CLI."""
