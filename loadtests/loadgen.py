@@ -154,6 +154,7 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> dic
         dropped=dropped,
         started_at=started_at,
     )
+    report["interrupted"] = stop.is_set()  # sending stopped before the duration or count was reached
     return report
 
 
@@ -345,11 +346,16 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 
 async def _run_with_ctrl_c(config: LoadConfig) -> dict[str, Any]:
-    """Ctrl-C stops sending and drains, so an interrupted run still writes its report."""
+    """Ctrl-C stops sending and drains, so an interrupted run still writes its report; a second Ctrl-C aborts."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def first_interrupt() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt for the next one
+
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGINT, first_interrupt)
     try:
         return await run_load(config, stop)
     finally:
@@ -364,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    report = asyncio.run(_run_with_ctrl_c(config))
+    try:
+        report = asyncio.run(_run_with_ctrl_c(config))
+    except KeyboardInterrupt:
+        print("loadgen: interrupted twice, no report written", file=sys.stderr)
+        return 130
     print(summary_text(report))
     try:
         write_json(report, args.json)

@@ -182,6 +182,7 @@ def test_fixed_concurrency_run_counts_latencies_json_and_png(
 
     # JSON shape: config without secrets, shares, a consistent timeline, one sample per request.
     assert report["config"]["arrival"] == {"mode": "concurrency", "concurrency": 4}
+    assert report["interrupted"] is False
     assert report["config"]["tenants"] == ["acme"]
     assert "sk-secret-acme" not in (tmp_path / "report.json").read_text()
     assert report["tenants"]["acme"] == {"sent": 40, "completed": 40, "failed": 0, "output_tokens": 240, "share": 1.0}
