@@ -123,3 +123,94 @@ def default_base(default_base_dir):
     from loramux.server.models.loader import load_base
 
     return load_base(str(default_base_dir), device="cpu")
+
+
+# --- The registry and hub: a tiny PEFT adapter and the real hub server on a free loopback port.
+import json  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+_ADAPTERS: dict[tuple, Path] = {}
+
+
+def build_adapter(checkpoint: Path, out: Path, r: int = 4, targets=("q_proj", "v_proj"), **lora) -> Path:
+    """A PEFT LoRA on a tiny checkpoint, with non-zero B so that it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0, **lora)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture
+def make_adapter(tiny_checkpoint, tmp_path_factory):
+    """Factory: `make_adapter(r=8, ...)` -> a PEFT adapter directory, built once per distinct setting."""
+
+    def make(r: int = 4, targets=("q_proj", "v_proj"), **lora) -> Path:
+        key = (r, tuple(targets), json.dumps(lora, sort_keys=True))
+        if key not in _ADAPTERS:
+            if "checkpoint" not in _ADAPTERS:
+                _ADAPTERS["checkpoint"] = tiny_checkpoint()
+            out = tmp_path_factory.mktemp("adapter")
+            _ADAPTERS[key] = build_adapter(_ADAPTERS["checkpoint"], out, r, targets, **lora)
+        return _ADAPTERS[key]
+
+    return make
+
+
+@pytest.fixture
+def checkpoint_dir(make_adapter) -> Path:
+    make_adapter()
+    return _ADAPTERS["checkpoint"]
+
+
+@dataclass
+class Hub:
+    url: str
+    registry: object
+    data_dir: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The real hub (uvicorn in a thread) on a fresh registry; huggingface_hub pointed at nothing else."""
+    import huggingface_hub.constants as hf_constants
+    import uvicorn
+
+    from loramux.registry.hub import create_hub_app
+    from loramux.registry.registry import Registry
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    data_dir = tmp_path / "data"
+    registry = Registry.open(data_dir)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_hub_app(registry), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the hub did not start")
+        time.sleep(0.02)
+    yield Hub(f"http://127.0.0.1:{port}", registry, data_dir)
+    server.should_exit = True
+    thread.join(timeout=10)
