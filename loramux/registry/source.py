@@ -1,0 +1,118 @@
+"""The two adapter sources the engine and the merge command resolve names with: the local registry, and a remote
+hub (loramux or huggingface.co). Both hand out a directory per immutable commit, checked against sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from loramux import paths
+from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+from loramux.registry.names import InvalidNameError
+from loramux.registry.registry import Registry, RepoNotFoundError, RevisionNotFoundError
+
+COMPLETE = ".complete"  # written last: a directory without it is an interrupted copy and is made again
+
+
+class RegistrySource:
+    """Adapters of a local registry, copied out of the blob store once per commit into `cache_dir`."""
+
+    def __init__(self, registry: Registry, cache_dir: Path | None = None) -> None:
+        self.registry = registry
+        self.cache_dir = Path(cache_dir) if cache_dir else paths.home() / "cache" / "registry"
+
+    def resolve(self, ref: AdapterRef, tenant: str | None) -> ResolvedAdapter:
+        caller = self.registry.caller_for_tenant(tenant)
+        try:
+            repo = self.registry.repo(ref.repo, caller)
+            revision = self.registry.revision(repo, ref.revision)
+        except (RepoNotFoundError, RevisionNotFoundError, InvalidNameError) as exc:
+            raise AdapterNotFoundError(f"adapter {ref} not found") from exc
+        if revision.kind != "adapter":
+            raise AdapterNotFoundError(f"{ref} is a model repo, not an adapter")
+        target = self.cache_dir / repo.namespace / repo.name / revision.commit
+        if not (target / COMPLETE).exists():
+            files = {e.path: (self.registry.blob_path(e), e.sha256) for e in self.registry.files(revision)}
+            _materialize(target, files)
+        return ResolvedAdapter(repo=ref.repo, commit=revision.commit, path=target)
+
+
+class HubSource:
+    """Adapters of a remote hub, pulled once per commit into a cache under LORAMUX_HOME and checked by sha256."""
+
+    def __init__(self, url: str, token: str | None = None, cache_dir: Path | None = None) -> None:
+        self.url, self.token = url.rstrip("/"), token
+        self.cache_dir = Path(cache_dir) if cache_dir else paths.home() / "cache" / "hub"
+
+    def resolve(self, ref: AdapterRef, tenant: str | None) -> ResolvedAdapter:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError
+
+        from loramux.registry.client import hub_api
+
+        api = hub_api(self.url, self.token)
+        try:
+            info = api.model_info(ref.repo, revision=ref.revision, files_metadata=True)
+        except HfHubHTTPError as exc:
+            raise AdapterNotFoundError(f"adapter {ref} not found at {self.url}") from exc
+        target = self.cache_dir / _host(self.url) / ref.repo / info.sha
+        if (target / COMPLETE).exists():
+            return ResolvedAdapter(repo=ref.repo, commit=info.sha, path=target)
+        with tempfile.TemporaryDirectory(prefix="pull-", dir=_mkdir(self.cache_dir)) as tmp:
+            files = {}
+            for sibling in info.siblings or []:
+                local = hf_hub_download(
+                    ref.repo, sibling.rfilename, revision=info.sha, endpoint=self.url, token=self.token,
+                    local_dir=Path(tmp) / "download",
+                )  # fmt: skip
+                files[sibling.rfilename] = (Path(local), _expected_digest(sibling))
+            _materialize(target, files)
+        return ResolvedAdapter(repo=ref.repo, commit=info.sha, path=target)
+
+
+def _expected_digest(sibling) -> str | None:
+    """The file's sha256 as the hub states it: LFS files carry it; loramux's blob ids are sha256 too."""
+    if sibling.lfs is not None:
+        return sibling.lfs.sha256
+    if sibling.blob_id and len(sibling.blob_id) == 64:
+        return sibling.blob_id
+    return f"git:{sibling.blob_id}" if sibling.blob_id else None
+
+
+def _materialize(target: Path, files: dict[str, tuple[Path, str | None]]) -> None:
+    """Copy `files` ({repo path: (source, expected digest)}) into `target`, checking each copy, then publish the
+    directory with one rename so that readers never see half of it."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(target.parent)))
+    try:
+        for rel, (source, expected) in files.items():
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest)
+            if expected is not None and _digest(dest, expected) != expected:
+                raise OSError(f"{rel}: downloaded content does not match its checksum {expected}")
+        (tmp / COMPLETE).write_text("")
+        if target.exists():
+            shutil.rmtree(target)  # an interrupted earlier copy (no COMPLETE marker)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _digest(path: Path, expected: str) -> str:
+    data = path.read_bytes()
+    if expected.startswith("git:"):  # a git blob id, as huggingface.co gives for small files
+        return "git:" + hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _host(url: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in url.split("://", 1)[-1])
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,229 @@
+"""The metadata store in one SQLite file (WAL mode: readers never wait for the one writer)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from loramux.registry.store import ApiKey, FileEntry, Repo, RepoExistsError, Revision, StaleHeadError, Tenant
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS namespaces (
+    namespace TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    token_hash TEXT NOT NULL UNIQUE, description TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,
+    revoked_at REAL);
+CREATE TABLE IF NOT EXISTS repos (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    private INTEGER NOT NULL, created_at REAL NOT NULL, UNIQUE (namespace, name));
+CREATE TABLE IF NOT EXISTS revisions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, commit_id TEXT NOT NULL UNIQUE,
+    repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE, parent TEXT, message TEXT NOT NULL,
+    kind TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS revisions_repo ON revisions (repo_id, seq);
+CREATE TABLE IF NOT EXISTS refs (
+    repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE, branch TEXT NOT NULL,
+    commit_id TEXT NOT NULL, PRIMARY KEY (repo_id, branch));
+CREATE TABLE IF NOT EXISTS files (
+    commit_id TEXT NOT NULL REFERENCES revisions(commit_id) ON DELETE CASCADE, path TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (commit_id, path));
+CREATE INDEX IF NOT EXISTS files_blob ON files (sha256);
+"""
+
+
+class SQLiteStore:
+    """`MetadataStore` on SQLite: one connection per thread, writes in `BEGIN IMMEDIATE` transactions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")  # take the write lock now, so reads inside see what the write will change
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _rows(self, sql: str, *args) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, args).fetchall()
+
+    # --- tenants and keys
+    def create_tenant(self, name: str) -> Tenant:
+        now = time.time()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
+                raise ValueError(f"tenant {name!r} already exists")
+            owner = db.execute("SELECT tenant FROM namespaces WHERE namespace = ?", (name,)).fetchone()
+            if owner:
+                raise ValueError(f"namespace {name!r} already belongs to tenant {owner[0]!r}")
+            db.execute("INSERT INTO tenants VALUES (?, ?)", (name, now))
+            db.execute("INSERT INTO namespaces VALUES (?, ?)", (name, name))
+        return Tenant(name, now)
+
+    def list_tenants(self) -> list[Tenant]:
+        return [Tenant(r["name"], r["created_at"]) for r in self._rows("SELECT * FROM tenants ORDER BY name")]
+
+    def add_namespace(self, tenant: str, namespace: str) -> None:
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone():
+                raise ValueError(f"no tenant {tenant!r}")
+            owner = db.execute("SELECT tenant FROM namespaces WHERE namespace = ?", (namespace,)).fetchone()
+            if owner and owner[0] != tenant:
+                raise ValueError(f"namespace {namespace!r} already belongs to tenant {owner[0]!r}")
+            db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?)", (namespace, tenant))
+
+    def namespace_owner(self, namespace: str) -> str | None:
+        rows = self._rows("SELECT tenant FROM namespaces WHERE namespace = ?", namespace)
+        return rows[0]["tenant"] if rows else None
+
+    def namespaces_of(self, tenant: str) -> list[str]:
+        return [r[0] for r in self._rows("SELECT namespace FROM namespaces WHERE tenant = ? ORDER BY 1", tenant)]
+
+    def add_key(self, key_id: str, tenant: str, token_hash: str, description: str) -> ApiKey:
+        now = time.time()
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone():
+                raise ValueError(f"no tenant {tenant!r}: create it first with `loramux tenants create {tenant}`")
+            db.execute(
+                "INSERT INTO api_keys (key_id, tenant, token_hash, description, created_at) VALUES (?, ?, ?, ?, ?)",
+                (key_id, tenant, token_hash, description, now),
+            )
+        return ApiKey(key_id, tenant, description, now)
+
+    def tenant_for_token_hash(self, token_hash: str) -> str | None:
+        rows = self._rows("SELECT tenant FROM api_keys WHERE token_hash = ? AND revoked_at IS NULL", token_hash)
+        return rows[0]["tenant"] if rows else None
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
+            )
+            return cur.rowcount == 1
+
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        sql = "SELECT * FROM api_keys" + (" WHERE tenant = ?" if tenant else "") + " ORDER BY created_at"
+        rows = self._rows(sql, *([tenant] if tenant else []))
+        return [ApiKey(r["key_id"], r["tenant"], r["description"], r["created_at"], r["revoked_at"]) for r in rows]
+
+    def has_keys(self) -> bool:
+        return bool(self._rows("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
+
+    # --- repos
+    def create_repo(self, namespace: str, name: str, private: bool) -> Repo:
+        now = time.time()
+        try:
+            with self._write() as db:
+                cur = db.execute(
+                    "INSERT INTO repos (namespace, name, private, created_at) VALUES (?, ?, ?, ?)",
+                    (namespace, name, int(private), now),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise RepoExistsError(f"repo {namespace}/{name} already exists") from exc
+        return Repo(cur.lastrowid, namespace, name, private, now)
+
+    def get_repo(self, namespace: str, name: str) -> Repo | None:
+        rows = self._rows("SELECT * FROM repos WHERE namespace = ? AND name = ?", namespace, name)
+        return _repo(rows[0]) if rows else None
+
+    def list_repos(self, namespace: str | None = None) -> list[Repo]:
+        if namespace is None:
+            return [_repo(r) for r in self._rows("SELECT * FROM repos ORDER BY namespace, name")]
+        return [_repo(r) for r in self._rows("SELECT * FROM repos WHERE namespace = ? ORDER BY name", namespace)]
+
+    def set_private(self, repo: Repo, private: bool) -> None:
+        with self._write() as db:
+            db.execute("UPDATE repos SET private = ? WHERE id = ?", (int(private), repo.id))
+
+    def delete_repo(self, repo: Repo) -> set[str]:
+        with self._write() as db:
+            blobs = {
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT f.sha256 FROM files f JOIN revisions v ON v.commit_id = f.commit_id "
+                    "WHERE v.repo_id = ?",
+                    (repo.id,),
+                )
+            }
+            db.execute("DELETE FROM repos WHERE id = ?", (repo.id,))  # cascades to refs, revisions, files
+            still_used = {r[0] for r in db.execute("SELECT DISTINCT sha256 FROM files")}
+        return blobs - still_used
+
+    # --- revisions
+    def add_revision(self, revision: Revision, files: list[FileEntry], branch: str) -> None:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT commit_id FROM refs WHERE repo_id = ? AND branch = ?", (revision.repo, branch)
+            ).fetchone()
+            if (row[0] if row else None) != revision.parent:
+                raise StaleHeadError(f"branch {branch} moved")
+            if not db.execute("SELECT 1 FROM repos WHERE id = ?", (revision.repo,)).fetchone():
+                raise LookupError("the repo was deleted during the push")
+            db.execute(
+                "INSERT INTO revisions (commit_id, repo_id, parent, message, kind, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (revision.commit, revision.repo, revision.parent, revision.message, revision.kind, revision.created_at),
+            )
+            db.executemany(
+                "INSERT INTO files VALUES (?, ?, ?, ?)", [(revision.commit, f.path, f.sha256, f.size) for f in files]
+            )
+            db.execute(
+                "INSERT INTO refs VALUES (?, ?, ?) "
+                "ON CONFLICT (repo_id, branch) DO UPDATE SET commit_id = excluded.commit_id",
+                (revision.repo, branch, revision.commit),
+            )
+
+    def head(self, repo: Repo, branch: str) -> Revision | None:
+        rows = self._rows(
+            "SELECT v.* FROM refs r JOIN revisions v ON v.commit_id = r.commit_id WHERE r.repo_id = ? AND r.branch = ?",
+            repo.id,
+            branch,
+        )
+        return _revision(rows[0]) if rows else None
+
+    def get_revision(self, repo: Repo, commit: str) -> Revision | None:
+        rows = self._rows("SELECT * FROM revisions WHERE repo_id = ? AND commit_id = ?", repo.id, commit)
+        return _revision(rows[0]) if rows else None
+
+    def list_revisions(self, repo: Repo) -> list[Revision]:
+        rows = self._rows("SELECT * FROM revisions WHERE repo_id = ? ORDER BY seq DESC", repo.id)
+        return [_revision(r) for r in rows]
+
+    def files(self, commit: str) -> list[FileEntry]:
+        rows = self._rows("SELECT path, sha256, size FROM files WHERE commit_id = ? ORDER BY path", commit)
+        return [FileEntry(r["path"], r["sha256"], r["size"]) for r in rows]
+
+    def referenced_blobs(self) -> set[str]:
+        return {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
+
+
+def _repo(row: sqlite3.Row) -> Repo:
+    return Repo(row["id"], row["namespace"], row["name"], bool(row["private"]), row["created_at"])
+
+
+def _revision(row: sqlite3.Row) -> Revision:
+    return Revision(row["commit_id"], row["repo_id"], row["parent"], row["message"], row["kind"], row["created_at"])
