@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loramux.server.engine.engine import EngineConfig, LLMEngine
+    from loramux.server.engine.request import SamplingParams
     from loramux.server.models.loader import load_base
 
     if args.max_tokens < 1:
@@ -25,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
         ids = base.tokenizer(args.prompt)["input_ids"]
     else:
         ids = base.chat_prompt_ids([{"role": "user", "content": args.prompt}])
-    out = base.model.generate_greedy(ids, args.max_tokens, base.stop_token_ids())
-    print(base.tokenizer.decode(out, skip_special_tokens=True))
+    engine = LLMEngine(base, config=EngineConfig(num_slots=0, max_num_seqs=1))
+    try:
+        (out,) = engine.generate([ids], SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
+    finally:
+        engine.shutdown()
+    print(out.text)
     return 0

@@ -1,7 +1,9 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM) with every decoder linear layer in NF4.
 
 Module names follow the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`), so PEFT adapters' module
-names address the layers directly.
+names address the layers directly. The forward pass is flat and paged: a step's tokens from many sequences are one
+(T,) batch, keys/values live in a paged cache (`layers/attention.py`), and every linear layer adds the LoRA of each
+token's adapter slot (`layers/lora.py`). `engine/model_runner.py` builds the batch.
 """
 
 from __future__ import annotations
@@ -12,13 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.layers.attention import BatchContext, paged_attention, store_kv
+from loramux.server.layers.lora import LoraLinear
 from loramux.server.layers.norm import RMSNorm
 from loramux.server.layers.rotary import RotaryEmbedding, apply_rotary
 from loramux.server.models.config import ModelConfig
-
-# Per-layer KV cache of the simple (dense) path: k, v each (B, n_kv_heads, T, head_dim).
-LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -30,7 +30,7 @@ class MissingWeightError(ValueError):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, linear: Callable[[str, bool], NF4Linear], norm: Callable[[str], RMSNorm]):
+    def __init__(self, config: ModelConfig, linear: Callable[[str, bool], LoraLinear], norm: Callable[[str], RMSNorm]):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads,
@@ -43,35 +43,35 @@ class Attention(nn.Module):
         self.o_proj = linear("o_proj", False)
         self.q_norm = norm("q_norm") if config.qk_norm else None
         self.k_norm = norm("k_norm") if config.qk_norm else None
+        # (num_blocks, block_size, n_kv_heads, head_dim) each, set by `LlamaForCausalLM.allocate_kv_cache`
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache | None
-    ) -> tuple[torch.Tensor, LayerCache]:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """x (T, hidden) flat tokens of many sequences -> (T, hidden)."""
+        t = x.shape[0]
+        slots = ctx.token_slots
+        q = self.q_proj(x, slots).view(t, self.n_heads, self.head_dim)
+        k = self.k_proj(x, slots).view(t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x, slots).view(t, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # (B, T, H, hd) -> (B, H, T, hd)
-        q = apply_rotary(q, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
-        k = apply_rotary(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
-        v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        q = apply_rotary(q, cos[:, None], sin[:, None])  # (T, H, hd)
+        k = apply_rotary(k, cos[:, None], sin[:, None])
+        store_kv(self.k_cache, self.v_cache, k, v, ctx.kv_index)
+        out = paged_attention(q, self.k_cache, self.v_cache, ctx, self.n_kv_heads)
+        return self.o_proj(out.reshape(t, -1), slots)
 
 
 class MLP(nn.Module):
-    def __init__(self, linear: Callable[[str, bool], NF4Linear]):
+    def __init__(self, linear: Callable[[str, bool], LoraLinear]):
         super().__init__()
         self.gate_proj = linear("gate_proj", False)
         self.up_proj = linear("up_proj", False)
         self.down_proj = linear("down_proj", False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, token_slots: torch.Tensor | None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, token_slots)) * self.up_proj(x, token_slots), token_slots)
 
 
 class DecoderLayer(nn.Module):
@@ -80,11 +80,11 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
 
-        def linear(name: str, bias: bool) -> NF4Linear:
+        def linear(name: str, bias: bool) -> LoraLinear:
             group = "self_attn" if name in ATTENTION_MODULES else "mlp"
             weight = _required(take, f"{prefix}.{group}.{name}.weight")
             b = _required(take, f"{prefix}.{group}.{name}.bias") if bias else None
-            return NF4Linear(weight, b, dtype)
+            return LoraLinear(weight, b, dtype)
 
         def norm(name: str) -> RMSNorm:
             return RMSNorm(_required(take, f"{prefix}.self_attn.{name}.weight").to(dtype), config.rms_norm_eps)
@@ -129,46 +129,41 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head_weight = nn.Parameter(head.to(dtype), requires_grad=False)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache] | None = None
-    ) -> tuple[torch.Tensor, list[LayerCache]]:
-        """input_ids, positions: (B, T) -> logits (B, T, vocab) in fp32, and the extended cache."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """input_ids, positions: (T,) flat tokens of a step -> hidden states (T, hidden) after the final norm."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary(positions, x.dtype)
-        past = 0 if cache is None else cache[0][0].shape[2]
-        mask = None
-        if input_ids.shape[1] > 1:
-            # key j is visible to query i when j <= past + i
-            t = input_ids.shape[1]
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        new_cache: list[LayerCache] = []
-        for i, layer in enumerate(self.model.layers):
-            h, layer_cache = layer.self_attn(
-                layer.input_layernorm(x), cos, sin, mask, None if cache is None else cache[i]
-            )
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            new_cache.append(layer_cache)
-        logits = F.linear(self.model.norm(x), self.lm_head_weight).float()
-        return logits, new_cache
+        cos, sin = self.model.rotary(positions, x.dtype)  # (T, hd) each
+        for layer in self.model.layers:
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, ctx)
+            x = x + layer.mlp(layer.post_attention_layernorm(x), ctx.token_slots)
+        return self.model.norm(x)
 
-    @torch.inference_mode()
-    def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-        """Greedy continuation of one prompt, stopping at a token of `stop_ids` (not returned)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, hidden) -> logits (N, vocab) in fp32."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def lora_modules(self) -> dict[str, LoraLinear]:
+        """Every decoder linear layer by its Hugging Face module name (`model.layers.0.self_attn.q_proj`)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, LoraLinear)}
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes of K and V for one block across all layers."""
+        c = self.config
+        return 2 * c.num_hidden_layers * block_size * c.kv_size * torch.finfo(self.dtype).bits // 8
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         device = self.lm_head_weight.device
-        ids = torch.tensor([prompt_ids], device=device)
-        positions = torch.arange(len(prompt_ids), device=device)[None]
-        cache = None
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            logits, cache = self(ids, positions, cache)
-            token = int(logits[0, -1].argmax())
-            if token in stop_ids:
-                break
-            out.append(token)
-            ids = torch.tensor([[token]], device=device)
-            positions = positions[:, -1:] + 1
-        return out
+        shape = (num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
+        for attn in self.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+
+    def allocate_lora_slots(self, num_slots: int, max_rank: int) -> None:
+        for module in self.lora_modules().values():
+            module.allocate_slots(num_slots, max_rank)
 
 
 def _required(take: Callable[[str], torch.Tensor | None], name: str) -> torch.Tensor:

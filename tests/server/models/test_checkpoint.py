@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from loramux.server.engine.engine import EngineConfig, LLMEngine
+from loramux.server.engine.request import SamplingParams
 from loramux.server.models import checkpoint
 from loramux.server.models.checkpoint import BaseModelError, load_state_dict, resolve_base
 from loramux.server.models.config import UnsupportedModelError
@@ -30,8 +32,9 @@ def test_default_base_is_converted_once(default_base_dir, monkeypatch):
 def test_default_base_answers_in_nf4(default_base):
     assert default_base.config.num_hidden_layers == 30
     ids = default_base.chat_prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
-    out = default_base.model.generate_greedy(ids, 24, default_base.stop_token_ids())
-    assert "Paris" in default_base.tokenizer.decode(out)
+    engine = LLMEngine(default_base, config=EngineConfig(num_slots=0, num_kv_blocks=8))
+    (out,) = engine.generate([ids], SamplingParams(max_tokens=24, temperature=0.0))
+    assert "Paris" in out.text
 
 
 def test_missing_path_is_a_clear_error(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.layers.nf4_linear import NF4Linear
 from loramux.server.models.loader import load_base
 
@@ -27,17 +28,16 @@ def test_logits_match_transformers(tiny_checkpoint, arch, overrides):
     path = tiny_checkpoint(arch, **overrides)
     base = load_base(str(path), device="cpu")
     ref = reference_with_our_weights(path, base)
-    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7]])
-    positions = torch.arange(ids.shape[1])[None]
+    runner = ModelRunner(base.model, block_size=4, num_blocks=4)
+    ids = [5, 17, 99, 3, 250, 42, 7]
 
-    logits, cache = base.model(ids, positions)
-    expected = ref(ids).logits
+    (logits,) = runner.run([Chunk(ids, 0, [2, 0], all_logits=True)])  # blocks out of order: paging is exercised
+    expected = ref(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
 
     # decoding one token against the cache gives the same logits as running the whole sequence
-    nxt = torch.tensor([[11]])
-    step, _ = base.model(nxt, positions[:, -1:] + 1, cache)
-    full = ref(torch.cat((ids, nxt), dim=1)).logits[:, -1:]
+    (step,) = runner.run([Chunk([11], len(ids), [2, 0])])
+    full = ref(torch.tensor([[*ids, 11]])).logits[0, -1:]
     torch.testing.assert_close(step, full, atol=2e-4, rtol=1e-4)
 
 

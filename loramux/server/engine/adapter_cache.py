@@ -1,0 +1,193 @@
+"""Adapter tiers: GPU slots (fixed number, allocated at start), a CPU cache bounded in bytes (LRU), the source.
+
+`fetch` (on the loader thread) resolves a name for a tenant to an exact revision and reads it into the CPU cache;
+`claim` puts a cached adapter into a free slot, again on the loader thread, so the step loop never waits for a
+disk read or a host-to-device copy. A slot holds pins (requests that will run on it); only an unpinned slot is
+ever reused. A new revision of a repo replaces the old one: the old one leaves the CPU cache at once and its slot
+is the first to be reused once its last request ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from loramux.adapters.source import AdapterRef, AdapterSource
+from loramux.adapters.weights import LoraWeights, load_lora
+from loramux.server.engine.errors import AdapterTooLargeError
+from loramux.server.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    key: str | None = None  # repo@commit it holds (or is loading)
+    ready: bool = False  # False while loading
+    pins: int = 0  # requests assigned to it that have not finished
+    last_used: int = 0
+    stale: bool = False  # a newer revision of its repo exists
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        source: AdapterSource | None,
+        base_config: ModelConfig,
+        write_slot: Callable[[int, LoraWeights | None], None],
+        num_slots: int,
+        max_rank: int,
+        cpu_cache_bytes: int,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.source = source
+        self.base_config = base_config
+        self.write_slot = write_slot
+        self.max_rank = max_rank
+        self.cpu_cache_bytes = cpu_cache_bytes
+        self.on_change = on_change  # wakes the step loop when a load finished
+        self.slots = [Slot() for _ in range(num_slots)]
+        self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._latest: dict[str, str] = {}  # repo -> newest commit seen
+        self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
+        self._tick = 0
+        self.hits = self.misses = self.loads = self.slot_loads = 0
+        self.load_seconds = 0.0
+
+    # -- loader-thread side ------------------------------------------------------------------------------------
+
+    def fetch_async(self, ref: AdapterRef, tenant: str | None) -> Future[tuple[str, LoraWeights]]:
+        return self._loader.submit(self.fetch, ref, tenant)
+
+    def fetch(self, ref: AdapterRef, tenant: str | None) -> tuple[str, LoraWeights]:
+        """Resolve `ref` for `tenant` and return (repo@commit, weights), from the CPU cache or read from disk.
+
+        Raises AdapterNotFoundError, or AdapterConfigError (subclasses) for an adapter that does not fit.
+        """
+        if self.source is None:
+            from loramux.adapters.source import AdapterNotFoundError
+
+            raise AdapterNotFoundError(f"adapter {ref} not found: this engine serves the base model only")
+        resolved = self.source.resolve(ref, tenant)
+        key = resolved.key
+        with self._lock:
+            self._note_revision(resolved.repo, resolved.commit)
+            weights = self._cpu.get(key)
+            if weights is not None:
+                self._cpu.move_to_end(key)
+                self.hits += 1
+                return key, weights
+            self.misses += 1
+        started = time.perf_counter()
+        weights = load_lora(resolved.path, self.base_config)
+        if weights.max_rank > self.max_rank:
+            raise AdapterTooLargeError(
+                f"adapter {resolved.repo} has rank {weights.max_rank}; this server serves ranks up to {self.max_rank}"
+            )
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self.loads += 1
+            self.load_seconds += elapsed
+            self._cpu[key] = weights
+            self._evict_cpu()
+        log.info("read adapter %s from disk in %.3fs", key, elapsed)
+        return key, weights
+
+    def _note_revision(self, repo: str, commit: str) -> None:
+        if self._latest.get(repo, commit) != commit:
+            prefix = f"{repo}@"
+            for key in [k for k in self._cpu if k.startswith(prefix) and k != f"{repo}@{commit}"]:
+                del self._cpu[key]
+            for slot in self.slots:
+                if slot.key is not None and slot.key.startswith(prefix) and slot.key != f"{repo}@{commit}":
+                    slot.stale = True
+        self._latest[repo] = commit
+
+    def _evict_cpu(self) -> None:
+        total = sum(w.nbytes() for w in self._cpu.values())
+        while total > self.cpu_cache_bytes and len(self._cpu) > 1:
+            _, weights = self._cpu.popitem(last=False)
+            total -= weights.nbytes()
+
+    def _load_into_slot(self, index: int, key: str, weights: LoraWeights) -> None:
+        started = time.perf_counter()
+        try:
+            self.write_slot(index, weights)
+        except Exception:
+            log.exception("writing adapter %s into slot %d failed", key, index)
+            with self._lock:
+                self.slots[index] = Slot()
+            self.on_change()
+            raise
+        with self._lock:
+            slot = self.slots[index]
+            if slot.key == key:
+                slot.ready = True
+            self.slot_loads += 1
+            self.load_seconds += time.perf_counter() - started
+        self.on_change()
+
+    # -- step-loop side ----------------------------------------------------------------------------------------
+
+    def slot_of(self, key: str) -> int | None:
+        """The slot holding (or loading) `key`, if any."""
+        with self._lock:
+            for i, slot in enumerate(self.slots):
+                if slot.key == key and not slot.stale:
+                    return i
+        return None
+
+    def is_ready(self, index: int) -> bool:
+        with self._lock:
+            return self.slots[index].ready
+
+    def has_free_slot(self) -> bool:
+        with self._lock:
+            return any(s.pins == 0 and (s.ready or s.key is None) for s in self.slots)
+
+    def claim(self, key: str, weights: LoraWeights) -> int | None:
+        """Start loading `key` into a reusable slot (empty first, then stale, then least recently used)."""
+        with self._lock:
+            free = [i for i, s in enumerate(self.slots) if s.pins == 0 and (s.ready or s.key is None)]
+            if not free:
+                return None
+            index = min(
+                free, key=lambda i: (self.slots[i].key is not None, not self.slots[i].stale, self.slots[i].last_used)
+            )
+            self.slots[index] = Slot(key=key, ready=False)
+        self._loader.submit(self._load_into_slot, index, key, weights)
+        return index
+
+    def pin(self, index: int) -> None:
+        with self._lock:
+            self._tick += 1
+            self.slots[index].pins += 1
+            self.slots[index].last_used = self._tick
+
+    def unpin(self, index: int) -> None:
+        with self._lock:
+            self.slots[index].pins -= 1
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "slots_total": len(self.slots),
+                "slots_used": sum(1 for s in self.slots if s.pins > 0),
+                "slots_loaded": sum(1 for s in self.slots if s.ready),
+                "adapter_cache_hits": self.hits,
+                "adapter_cache_misses": self.misses,
+                "adapter_cache_entries": len(self._cpu),
+                "adapter_cache_bytes": sum(w.nbytes() for w in self._cpu.values()),
+                "adapter_loads": self.loads,
+                "adapter_slot_loads": self.slot_loads,
+                "adapter_load_seconds": self.load_seconds,
+            }
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)

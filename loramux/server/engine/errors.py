@@ -1,0 +1,27 @@
+"""The engine's typed errors. The HTTP layer maps them: invalid request/context length -> 400, unknown adapter ->
+404 (`loramux.adapters.source.AdapterNotFoundError`), adapter that does not fit -> 400 (`AdapterConfigError`),
+queue full -> 429, engine stopped -> 503."""
+
+from __future__ import annotations
+
+from loramux.adapters.config import AdapterConfigError
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve as given (bad sampling parameters, empty prompt, ...)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt does not fit the model's context (or the whole KV cache)."""
+
+
+class AdapterTooLargeError(AdapterConfigError):
+    """The adapter's rank exceeds the engine's slot rank (`max_lora_rank`)."""
+
+
+class QueueFullError(RuntimeError):
+    """The engine holds as many requests as it accepts; retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine has been shut down (or its step loop failed)."""
