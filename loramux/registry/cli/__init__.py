@@ -1,0 +1,1 @@
+"""The command-line faces of the registry: `loramux hub|tenants|keys` and `adapters push|pull|ls|show|rm`."""

@@ -1,0 +1,46 @@
+"""`loramux hub`: serve the registry's Hub-compatible routes alone (no torch, no GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+
+from loramux.registry.cli.common import add_data_dir_argument, open_registry
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--allow-insecure-no-auth",
+        action="store_true",
+        help="listen on a non-loopback address even though no API keys exist (anyone could write)",
+    )
+    add_data_dir_argument(parser)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loramux.registry.hub import create_hub_app
+
+    registry = open_registry(args)
+    keys = registry.store.has_keys()
+    if not keys and not is_loopback(args.host) and not args.allow_insecure_no_auth:
+        raise ValueError(
+            f"refusing to listen on {args.host} with no API keys (single-user mode lets anyone write); create one "
+            "with `loramux tenants create NAME` and `loramux keys create NAME`, or pass --allow-insecure-no-auth"
+        )
+    mode = "API keys required for writes" if keys else "single-user mode (no API keys)"
+    print(f"loramux hub on http://{args.host}:{args.port} ({mode})", flush=True)
+    uvicorn.run(create_hub_app(registry), host=args.host, port=args.port, log_level="warning")
+    return 0
