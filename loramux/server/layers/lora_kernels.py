@@ -1,0 +1,462 @@
+"""Triton kernels for batched multi-adapter LoRA on the GPU: shrink (`h = x·Aᵀ`) and expand (`y += s·h·Bᵀ`).
+
+Each target module holds stacked adapter slots, `A: (S, r_max, in)` and `B: (S, out, r_max)`, and a batch carries one
+slot per token (-1: no adapter). These kernels compute what `loramux.server.layers.lora` computes with gather + bmm,
+through one of two paths:
+
+- gather (decode): one program per token, reading that token's own slot's A rows / B columns. No sorting; best when
+  few tokens share a slot.
+- segment (prefill): tokens grouped by slot (`plan_segments`, once per batch), each program taking up to BLOCK_M
+  tokens of one slot through the tensor cores, so a slot's A and B are read once per block of tokens.
+
+A slot's rows past its true rank are padding: every load is masked by the slot's rank, so padded A rows / B columns are
+never read and expand's loop stops at the rank (compute and bytes bounded by each adapter's real rank).
+
+Groups fuse q/k/v (or gate/up): A concatenated along rank, `(S, G·r_max, in)`, gives `h: (T, G·r_max)` in one shrink,
+and `expand_fused` writes group g's columns of h through its own B into its own output, in one launch.
+
+Every launch takes only device tensors and shapes, so a step that calls them is CUDA-graph capturable (no host sync,
+no data-dependent Python); Triton compiles on first use, so warm up before capturing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+# The gather path wins while a batch has few tokens per slot; above this many tokens the segment path is taken.
+# Measured on an H100 (BENCHMARKS.md): over 32 adapters gather wins at 32 tokens, segment at 256 (up to 4x).
+GATHER_MAX_TOKENS = 64
+
+Path = Literal["auto", "gather", "segment"]
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Tokens grouped by slot: slot s's tokens are `order[starts[s]:starts[s + 1]]`.
+
+    order: (T,) int64 token indices sorted by slot (tokens with no adapter first, where no segment reads them).
+    starts: (S + 1,) int64 segment boundaries in `order`.
+    """
+
+    order: torch.Tensor
+    starts: torch.Tensor
+
+
+def plan_segments(token_slots: torch.Tensor, num_slots: int) -> Segments:
+    """Group a batch's tokens by slot, on the device. Build once per batch and pass to every layer's calls."""
+    sorted_slots, order = torch.sort(token_slots, stable=True)
+    bounds = torch.arange(num_slots + 1, device=token_slots.device, dtype=sorted_slots.dtype)
+    return Segments(order=order, starts=torch.searchsorted(sorted_slots, bounds))
+
+
+@triton.jit
+def _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS: tl.constexpr):
+    """Slot s's true rank in group g, at most r_max (without ranks: r_max)."""
+    if HAS_RANKS:
+        return tl.minimum(tl.load(ranks_ptr + s * stride_rs + g * stride_rg).to(tl.int32), R_MAX)
+    return R_MAX
+
+
+@triton.jit
+def _segment_block(pid, starts_ptr, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Which slot's segment, and which BLOCK_M rows of it, program `pid` takes.
+
+    Segments are cut into blocks of BLOCK_M tokens and the blocks numbered slot after slot; returns (slot, first row
+    in `order`, rows left in the segment from there). slot == S: no block left for this program.
+    """
+    offs = tl.arange(0, BLOCK_S)
+    lo = tl.load(starts_ptr + offs, mask=offs < S, other=0)
+    hi = tl.load(starts_ptr + offs + 1, mask=offs < S, other=0)
+    blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M  # (BLOCK_S,) blocks per slot
+    ends = tl.cumsum(blocks, axis=0)  # inclusive: blocks of slots 0..s
+    slot = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    first_block = tl.sum(tl.where(offs == slot, ends - blocks, 0), axis=0)
+    row_in_segment = (pid - first_block) * BLOCK_M
+    start = tl.sum(tl.where(offs == slot, lo, 0), axis=0)
+    count = tl.sum(tl.where(offs == slot, hi - lo, 0), axis=0)
+    return slot, start + row_in_segment, count - row_in_segment
+
+
+@triton.jit
+def _shrink_gather_kernel(
+    x_ptr, a_ptr, slots_ptr, ranks_ptr, h_ptr,
+    K, R_MAX, stride_xt, stride_as, stride_ar, stride_ht, stride_rs, stride_rg,
+    HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # grid: (T, SPLIT_K, groups); h[t, g·r_max + r] = Σ_k x[t, k] · A[s, g·r_max + r, k]
+    t = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    g = tl.program_id(2)
+    s = tl.load(slots_ptr + t).to(tl.int64)
+    if s < 0:
+        return
+    rank = _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    rows = g * R_MAX + offs_r
+    a_rows = a_ptr + s * stride_as + rows[:, None] * stride_ar  # (BLOCK_R, 1)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xk = tl.load(x_ptr + t * stride_xt + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # (BLOCK_K,)
+        ak = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_K)
+        acc += ak.to(tl.float32) * xk[None, :]
+    out = tl.sum(acc, axis=1)  # (BLOCK_R,)
+    h_ptrs = h_ptr + t * stride_ht + rows
+    if SPLIT_K == 1:
+        tl.store(h_ptrs, out, mask=r_mask)
+    else:
+        tl.atomic_add(h_ptrs, out, mask=r_mask)
+
+
+@triton.jit
+def _shrink_segment_kernel(
+    x_ptr, a_ptr, order_ptr, starts_ptr, ranks_ptr, h_ptr,
+    S, K, R_MAX, stride_xt, stride_as, stride_ar, stride_ht, stride_rs, stride_rg,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    # grid: (max blocks, SPLIT_K, groups); one program: (BLOCK_M tokens of one slot) x A[s, group g]ᵀ
+    pid_k = tl.program_id(1)
+    g = tl.program_id(2)
+    s, row0, rows_left = _segment_block(tl.program_id(0), starts_ptr, S, BLOCK_M, BLOCK_S)
+    if s >= S:
+        return
+    s = s.to(tl.int64)
+    rank = _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
+    if rank <= 0:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < rows_left
+    tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    rows = g * R_MAX + offs_r
+    x_rows = x_ptr + tokens[:, None] * stride_xt  # (BLOCK_M, 1)
+    a_cols = a_ptr + s * stride_as + rows[None, :] * stride_ar  # (1, BLOCK_R): A read transposed
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        at = tl.load(a_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_R)
+        acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=PRECISION)
+    h_ptrs = h_ptr + tokens[:, None] * stride_ht + rows[None, :]
+    mask = m_mask[:, None] & r_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(h_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(h_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _group_target(g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2):
+    """Group g's output and B: (y pointer, B pointer, out features, y row stride, B slot stride, B row stride)."""
+    y_ptr = y0
+    b_ptr = b0
+    if g == 1:
+        y_ptr = y1
+        b_ptr = b1
+    if g == 2:
+        y_ptr = y2
+        b_ptr = b2
+    n = tl.where(g == 0, n0, tl.where(g == 1, n1, n2))
+    syt = tl.where(g == 0, syt0, tl.where(g == 1, syt1, syt2))
+    sbs = tl.where(g == 0, sbs0, tl.where(g == 1, sbs1, sbs2))
+    sbn = tl.where(g == 0, sbn0, tl.where(g == 1, sbn1, sbn2))
+    return y_ptr, b_ptr, n, syt.to(tl.int64), sbs.to(tl.int64), sbn.to(tl.int64)
+
+
+@triton.jit
+def _expand_gather_kernel(
+    h_ptr, slots_ptr, ranks_ptr, scalings_ptr,
+    y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2,
+    R_MAX, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
+    HAS_RANKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # grid: (T, blocks of the widest output, groups); y_g[t, n] += s_g · Σ_r h[t, g·r_max + r] · B_g[s, n, r]
+    t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    s = tl.load(slots_ptr + t).to(tl.int64)
+    if s < 0:
+        return
+    y_ptr, b_ptr, n_out, syt, sbs, sbn = _group_target(
+        g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2
+    )
+    if pid_n * BLOCK_N >= n_out:
+        return
+    rank = _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
+    if rank <= 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    hv = tl.load(h_ptr + t * stride_ht + g * R_MAX + offs_r, mask=r_mask, other=0.0).to(tl.float32)  # (BLOCK_R,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_out
+    b_ptrs = b_ptr + s * sbs + offs_n[:, None] * sbn + offs_r[None, :]
+    bt = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+    scaling = tl.load(scalings_ptr + s * stride_cs + g * stride_cg).to(tl.float32)
+    delta = tl.sum(bt.to(tl.float32) * hv[None, :], axis=1) * scaling  # (BLOCK_N,)
+    y_ptrs = y_ptr + t * syt + offs_n
+    yv = tl.load(y_ptrs, mask=n_mask)
+    tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_mask)
+
+
+@triton.jit
+def _expand_segment_kernel(
+    h_ptr, order_ptr, starts_ptr, ranks_ptr, scalings_ptr,
+    y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2,
+    S, R_MAX, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    # grid: (max blocks, blocks of the widest output, groups); (BLOCK_M tokens of one slot) x B_g[s]ᵀ, rank in 16s
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    s, row0, rows_left = _segment_block(tl.program_id(0), starts_ptr, S, BLOCK_M, BLOCK_S)
+    if s >= S:
+        return
+    s = s.to(tl.int64)
+    y_ptr, b_ptr, n_out, syt, sbs, sbn = _group_target(
+        g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2
+    )
+    if pid_n * BLOCK_N >= n_out:
+        return
+    rank = _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
+    if rank <= 0:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < rows_left
+    tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_out
+    h_rows = h_ptr + tokens[:, None] * stride_ht + g * R_MAX  # (BLOCK_M, 1)
+    b_cols = b_ptr + s * sbs + offs_n[None, :] * sbn  # (1, BLOCK_N): B read transposed
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The loop stops at this slot's rank: padded columns of B are never read.
+    for r0 in range(0, rank, 16):
+        offs_r = r0 + tl.arange(0, 16)
+        r_mask = offs_r < rank
+        ht = tl.load(h_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, 16)
+        bt = tl.load(b_cols + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (16, BLOCK_N)
+        # h is fp32: tf32 keeps 10 mantissa bits of it (bf16/fp16 B is exact in tf32).
+        acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
+    scaling = tl.load(scalings_ptr + s * stride_cs + g * stride_cg).to(tl.float32)
+    y_ptrs = y_ptr + tokens[:, None] * syt + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    yv = tl.load(y_ptrs, mask=mask)
+    tl.store(y_ptrs, (yv.to(tl.float32) + acc * scaling).to(yv.dtype), mask=mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About two programs per multiprocessor keeps every one busy while loads are in flight."""
+    if device.type != "cuda":  # Triton's interpreter on the CPU: no multiprocessors to fill
+        return 1
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """Tensor-core input precision: fp32 operands keep full fp32 products rather than tf32's 10 mantissa bits."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _per_slot(values: torch.Tensor | None, name: str, num_slots: int, groups: int) -> tuple[int, int]:
+    """Strides (per slot, per group) of a (S,) or (S, groups) per-slot tensor; (S,) applies to every group."""
+    if values is None:
+        return 0, 0
+    if values.dim() == 1 and values.shape[0] == num_slots:
+        return values.stride(0), 0
+    if values.dim() == 2 and tuple(values.shape) == (num_slots, groups):
+        return values.stride(0), values.stride(1)
+    raise ValueError(f"{name} must have shape ({num_slots},) or ({num_slots}, {groups}), got {tuple(values.shape)}")
+
+
+def _check_slots(token_slots: torch.Tensor, tokens: int, device: torch.device) -> None:
+    if token_slots.shape != (tokens,) or token_slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"token_slots must be ({tokens},) int32/int64, got {tuple(token_slots.shape)} {token_slots.dtype}"
+        )
+    if token_slots.device != device:
+        raise ValueError(f"token_slots is on {token_slots.device}, the activations on {device}")
+
+
+def _choose_path(path: Path, segments: Segments | None, tokens: int) -> str:
+    if path not in ("auto", "gather", "segment"):
+        raise ValueError(f"path must be 'auto', 'gather' or 'segment', got {path!r}")
+    if path == "auto":
+        return "segment" if segments is not None or tokens > GATHER_MAX_TOKENS else "gather"
+    return path
+
+
+def _segment_block_m(tokens: int) -> int:
+    # Decode-sized batches spread few tokens over each slot: a smaller block wastes fewer masked rows.
+    return 16 if tokens <= 256 else 64
+
+
+def shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    token_slots: torch.Tensor,
+    *,
+    ranks: torch.Tensor | None = None,
+    groups: int = 1,
+    segments: Segments | None = None,
+    path: Path = "auto",
+) -> torch.Tensor:
+    """h = x · A[slot]ᵀ per token, in float32; rows of tokens with slot -1 are zero.
+
+    x: (T, in) bf16/fp16/fp32 activations. a: (S, groups·r_max, in), for groups > 1 the A stacks of the fused modules
+    (q, k, v) concatenated along rank. token_slots: (T,) int32/int64, -1 = no adapter. ranks: (S,) or (S, groups)
+    int32, each slot's true rank (None: r_max); columns past it are zero. segments: from `plan_segments`, forces the
+    segment path and saves the sort. Returns h: (T, groups·r_max) float32.
+    """
+    if x.dim() != 2 or a.dim() != 3 or a.shape[2] != x.shape[1]:
+        raise ValueError(f"shrink needs x (T, in) and a (S, r, in), got {tuple(x.shape)} and {tuple(a.shape)}")
+    if groups not in (1, 2, 3) or a.shape[1] % groups:
+        raise ValueError(f"groups must be 1, 2 or 3 and divide A's rank dimension {a.shape[1]}, got {groups}")
+    tokens, k = x.shape
+    num_slots, r_max = a.shape[0], a.shape[1] // groups
+    _check_slots(token_slots, tokens, x.device)
+    stride_rs, stride_rg = _per_slot(ranks, "ranks", num_slots, groups)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    a = a if a.stride(2) == 1 else a.contiguous()
+    h = torch.zeros(tokens, groups * r_max, device=x.device, dtype=torch.float32)
+    if tokens == 0:
+        return h
+    block_r = _pow2_at_least(r_max, 16)
+    chosen = _choose_path(path, segments, tokens)
+    if chosen == "gather":
+        # A (BLOCK_R, BLOCK_K) tile of about 4096 fp32 accumulators: 32 registers a thread at 4 warps.
+        block_k = min(max(4096 // block_r, 32), triton.next_power_of_2(k))
+        split_k = _split_k(_programs_wanted(x.device), tokens * groups, triton.cdiv(k, block_k))
+        _shrink_gather_kernel[(tokens, split_k, groups)](
+            x, a, token_slots, ranks if ranks is not None else token_slots, h,
+            k, r_max, x.stride(0), a.stride(0), a.stride(1), h.stride(0), stride_rs, stride_rg,
+            HAS_RANKS=ranks is not None, SPLIT_K=split_k, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+        )  # fmt: skip
+        return h
+    if segments is None:
+        segments = plan_segments(token_slots, num_slots)
+    block_m, block_k = _segment_block_m(tokens), 128 if block_r <= 32 else 64
+    max_blocks = triton.cdiv(tokens, block_m) + min(num_slots, tokens)
+    split_k = _split_k(_programs_wanted(x.device), max_blocks * groups, triton.cdiv(k, block_k))
+    _shrink_segment_kernel[(max_blocks, split_k, groups)](
+        x, a, segments.order, segments.starts, ranks if ranks is not None else token_slots, h,
+        num_slots, k, r_max, x.stride(0), a.stride(0), a.stride(1), h.stride(0), stride_rs, stride_rg,
+        HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), SPLIT_K=split_k, BLOCK_M=block_m,
+        BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK_S=_pow2_at_least(num_slots, 16), num_warps=4,
+    )  # fmt: skip
+    return h
+
+
+def _split_k(wanted: int, programs: int, k_blocks: int) -> int:
+    """Split the reduction over `in` when too few programs would run; partial sums meet by atomic adds."""
+    if programs >= wanted:
+        return 1
+    return max(1, min(triton.cdiv(wanted, programs), k_blocks, 16))
+
+
+def expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    token_slots: torch.Tensor,
+    scalings: torch.Tensor,
+    *,
+    ranks: torch.Tensor | None = None,
+    segments: Segments | None = None,
+    path: Path = "auto",
+) -> None:
+    """y[t] += scalings[s] · h[t] · B[s]ᵀ in place, for every token t whose slot s = token_slots[t] >= 0.
+
+    y: (T, out), rows may be strided (a view into a wider output) but each row contiguous. h: (T, r_max), float32
+    from `shrink` (or y's dtype). b: (S, out, r_max). scalings: (S,) float32. ranks, segments, path: as in `shrink`.
+    """
+    expand_fused([y], h, [b], token_slots, scalings, ranks=ranks, segments=segments, path=path)
+
+
+def expand_fused(
+    ys: Sequence[torch.Tensor],
+    h: torch.Tensor,
+    bs: Sequence[torch.Tensor],
+    token_slots: torch.Tensor,
+    scalings: torch.Tensor,
+    *,
+    ranks: torch.Tensor | None = None,
+    segments: Segments | None = None,
+    path: Path = "auto",
+) -> None:
+    """The expand of fused modules in one launch: ys[g][t] += scalings[s, g] · h[t, g·r_max:(g+1)·r_max] · bs[g][s]ᵀ.
+
+    ys: G outputs (T, out_g); h: (T, G·r_max) from `shrink(..., groups=G)`; bs: G stacks (S, out_g, r_max);
+    scalings and ranks: (S,) for all groups or (S, G) per group (rank_pattern / alpha_pattern, a module an adapter does
+    not target has rank 0 there).
+    """
+    groups = len(ys)
+    if groups not in (1, 2, 3) or len(bs) != groups:
+        raise ValueError(f"expand takes 1 to 3 outputs with one B each, got {len(ys)} outputs and {len(bs)} B stacks")
+    tokens = h.shape[0]
+    num_slots, r_max = bs[0].shape[0], bs[0].shape[2]
+    if h.dim() != 2 or h.shape[1] != groups * r_max:
+        raise ValueError(f"h must be ({tokens}, {groups * r_max}) for {groups} group(s) of rank {r_max}")
+    for y, b in zip(ys, bs, strict=True):
+        if y.dim() != 2 or b.dim() != 3 or y.shape[0] != tokens or tuple(b.shape) != (num_slots, y.shape[1], r_max):
+            raise ValueError(f"expand needs y ({tokens}, out) and b ({num_slots}, out, {r_max}) per group, "
+                             f"got {tuple(y.shape)} and {tuple(b.shape)}")  # fmt: skip
+        if y.stride(1) != 1 or b.stride(2) != 1:
+            raise ValueError("expand needs y's rows and B's rows contiguous (stride 1 along the last dimension)")
+        if y.device != h.device or b.device != h.device:
+            raise ValueError("y, h and B must be on one device")
+    _check_slots(token_slots, tokens, h.device)
+    stride_rs, stride_rg = _per_slot(ranks, "ranks", num_slots, groups)
+    stride_cs, stride_cg = _per_slot(scalings, "scalings", num_slots, groups)
+    if tokens == 0:
+        return
+    h = h if h.stride(1) == 1 else h.contiguous()
+    pad = 3 - groups  # unused groups repeat group 0; the grid never reaches them
+    ys3, bs3 = [*ys, *[ys[0]] * pad], [*bs, *[bs[0]] * pad]
+    targets = (
+        *ys3, *bs3, *(y.shape[1] for y in ys3), *(y.stride(0) for y in ys3),
+        *(b.stride(0) for b in bs3), *(b.stride(1) for b in bs3),
+    )  # fmt: skip
+    widest = max(y.shape[1] for y in ys)
+    rank_arg = ranks if ranks is not None else token_slots
+    chosen = _choose_path(path, segments, tokens)
+    if chosen == "gather":
+        block_r = _pow2_at_least(r_max, 16)
+        block_n = min(max(4096 // block_r, 32), triton.next_power_of_2(widest))
+        _expand_gather_kernel[(tokens, triton.cdiv(widest, block_n), groups)](
+            h, token_slots, rank_arg, scalings, *targets,
+            r_max, h.stride(0), stride_rs, stride_rg, stride_cs, stride_cg,
+            HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+        )  # fmt: skip
+        return
+    if segments is None:
+        segments = plan_segments(token_slots, num_slots)
+    block_m, block_n = _segment_block_m(tokens), 128
+    max_blocks = triton.cdiv(tokens, block_m) + min(num_slots, tokens)
+    _expand_segment_kernel[(max_blocks, triton.cdiv(widest, block_n), groups)](
+        h, segments.order, segments.starts, rank_arg, scalings, *targets,
+        num_slots, r_max, h.stride(0), stride_rs, stride_rg, stride_cs, stride_cg,
+        HAS_RANKS=ranks is not None, PRECISION=_precision(bs[0].dtype), BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_S=_pow2_at_least(num_slots, 16), num_warps=4,
+    )  # fmt: skip
