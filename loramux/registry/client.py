@@ -4,8 +4,10 @@ show/rm` do. Imports huggingface_hub only when called, never torch."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from loramux.adapters.validate import AdapterSummary, adapter_files_in, validate_adapter_files
 
@@ -29,6 +31,7 @@ def hub_api(url: str, token: str | None):
     # A loramux hub speaks the LFS upload protocol, not Xet; the variable is read when huggingface_hub loads.
     if url != HF_HUB:
         os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+        _check_reachable(url)
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=url, token=token or False)
@@ -36,8 +39,12 @@ def hub_api(url: str, token: str | None):
 
 def call(what: str, url: str, fn, *args, **kwargs):
     """Run one HfApi call, turning its HTTP and connection errors into a one-line HubClientError."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError
+
+    try:  # huggingface_hub 2.x talks through httpx2
+        from httpx2 import TransportError
+    except ImportError:
+        from httpx import TransportError
 
     try:
         return fn(*args, **kwargs)
@@ -45,8 +52,18 @@ def call(what: str, url: str, fn, *args, **kwargs):
         message = exc.server_message or str(exc).strip().splitlines()[0]
         status = exc.response.status_code if exc.response is not None else "?"
         raise HubClientError(f"{what} failed ({status}): {' '.join(message.split())}") from exc
-    except httpx.TransportError as exc:
+    except TransportError as exc:
         raise HubClientError(f"cannot reach the hub at {url} ({exc}); is `loramux hub` running?") from exc
+
+
+def _check_reachable(url: str) -> None:
+    """Fail at once when nothing listens (the client would retry for half a minute)."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), 5).close()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise HubClientError(f"cannot reach the hub at {url} ({reason}); is `loramux hub` running?") from exc
 
 
 @dataclass

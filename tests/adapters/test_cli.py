@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -121,3 +122,12 @@ def test_registry_and_hub_commands_import_no_torch(code):
     check = f"import sys; {code}; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_an_unreachable_hub_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    result = adapters("ls", "--hub", f"http://127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("adapters ls: error: cannot reach the hub") and len(result.stderr.splitlines()) == 1
