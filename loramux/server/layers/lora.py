@@ -49,8 +49,7 @@ def expand_torch(
 ) -> None:
     """y (T, out) += scalings[slot] · h (T, r_max) @ b[slot]ᵀ for tokens with slot >= 0; b (S, out, r_max)."""
     for slot, rows in _slot_groups(token_slots):
-        delta = (h[rows] @ b[slot].T) * scalings[slot].to(y.dtype)
-        y.index_add_(0, rows, delta)
+        y[rows] += (h[rows] @ b[slot].T) * scalings[slot].to(y.dtype)  # rows are distinct: a plain scatter
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -82,29 +81,38 @@ class LoraLinear(NF4Linear):
         self.register_buffer("lora_a", None, persistent=False)
         self.register_buffer("lora_b", None, persistent=False)
         self.register_buffer("scalings", None, persistent=False)
+        self.register_buffer("ranks", None, persistent=False)  # (S,) int32 true rank per slot, 0 = not targeted
 
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
         device, dtype = self.packed.device, self.compute_dtype
         self.lora_a = torch.zeros(num_slots, max_rank, self.in_features, device=device, dtype=dtype)
         self.lora_b = torch.zeros(num_slots, self.out_features, max_rank, device=device, dtype=dtype)
         self.scalings = torch.zeros(num_slots, device=device, dtype=torch.float32)
+        self.ranks = torch.zeros(num_slots, device=device, dtype=torch.int32)
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Put one adapter's (r, in) A and (out, r) B into `slot`, zero-padded to r_max; None clears the slot."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.scalings[slot] = 0.0
+        self.ranks[slot] = 0
         if a is None or b is None:
             return
         rank = a.shape[0]
-        self.lora_a[slot, :rank].copy_(a, non_blocking=True)
-        self.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
+        self.lora_a[slot, :rank].copy_(a)
+        self.lora_b[slot, :, :rank].copy_(b)
         self.scalings[slot] = scaling
+        self.ranks[slot] = rank
 
     def forward(self, x: torch.Tensor, token_slots: torch.Tensor | None = None) -> torch.Tensor:
         y = super().forward(x)
         if token_slots is None or self.lora_a is None:
             return y
-        h = shrink(x, self.lora_a, token_slots)
-        expand(y, h, self.lora_b, token_slots, self.scalings)
+        kernels = _kernels() if x.is_cuda else None
+        if kernels is not None:  # the GPU kernels also bound their work by each slot's true rank
+            h = kernels.shrink(x, self.lora_a, token_slots, ranks=self.ranks)
+            kernels.expand(y, h, self.lora_b, token_slots, self.scalings, ranks=self.ranks)
+        else:
+            h = shrink_torch(x, self.lora_a, token_slots)
+            expand_torch(y, h, self.lora_b, token_slots, self.scalings)
         return y

@@ -1,0 +1,212 @@
+"""Engine mechanics on a tiny random Llama: chunked prefill, preemption, fairness, slot rotation, abort, stops,
+seeds, new revisions, bad parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from loramux.server.engine.engine import EngineConfig, LLMEngine
+from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from loramux.server.engine.request import RequestOutput, SamplingParams
+from loramux.server.models.loader import load_base
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, capture_logits=True)
+
+
+@pytest.fixture
+def tiny(tiny_checkpoint, tmp_path, peft_helpers):
+    """(base, source with adapters t/a and t/b, reference PeftModel with them as "a" and "b")."""
+    path = tiny_checkpoint()
+    base = load_base(str(path), device="cpu")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    for name, module in base.model.lora_modules().items():
+        ref.get_submodule(name).weight.data.copy_(module.dequantize())
+    source = peft_helpers.DirSource(tmp_path / "source")
+    peft_model = ref
+    for seed, name in enumerate(("a", "b", "c")):
+        peft_model = peft_helpers.add_peft_adapter(
+            peft_model, name, tmp_path, seed=seed, b_std=0.2, r=4, target_modules=["q_proj", "v_proj", "down_proj"]
+        )
+        source.publish(f"t/{name}", tmp_path / name)
+    return base, source, peft_model.eval()
+
+
+def prompts(n: int, length: int) -> list[list[int]]:
+    return [[(7 * i + 3 * j) % 250 + 1 for j in range(length)] for i in range(n)]
+
+
+def run(engine: LLMEngine) -> None:
+    while engine.has_unfinished():
+        if not engine.step():
+            engine.wait_for_work(0.05)
+
+
+def test_chunked_prefill_and_preemption_give_the_same_answers(tiny):
+    base, source, _ = tiny
+    ids = prompts(4, 30)
+    adapters = ["t/a", None, "t/b", "t/a"]
+    roomy = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, block_size=4))
+    expected = roomy.generate(ids, GREEDY, adapters)
+    # 8-token steps prefill each prompt in 4 chunks; 17 blocks of 4 cannot hold two 36-token requests: preemption
+    tight = LLMEngine(
+        base,
+        source,
+        EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=17, block_size=4, max_num_batched_tokens=8),
+    )
+    got = tight.generate(ids, GREEDY, adapters)
+    assert tight.stats()["preemptions"] > 0
+    for e, g in zip(expected, got, strict=True):
+        assert g.token_ids == e.token_ids
+        torch.testing.assert_close(g.logits, e.logits, atol=1e-4, rtol=1e-4)
+    assert tight.stats()["kv_blocks_used"] == 0
+
+
+def test_a_tenants_burst_does_not_hold_back_another_tenant(tiny):
+    """Policy: least recently served tenant first. B's one request runs right after A's first, not after A's six."""
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=1, num_kv_blocks=64, max_num_seqs=1))
+    finished: list[str] = []
+
+    def on_output(item: RequestOutput) -> None:
+        if item.finished:
+            finished.append(item.request_id)
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for i, ids in enumerate(prompts(6, 5)):
+        engine.add(engine.make_request(on_output, prompt_ids=ids, params=params, tenant="A", request_id=f"A{i}"))
+    engine.step()
+    engine.add(engine.make_request(on_output, prompt_ids=[5, 6], params=params, tenant="B", request_id="B0"))
+    run(engine)
+    assert finished[:3] == ["A0", "B0", "A1"]
+
+
+def test_slot_rotation_lets_a_waiting_adapter_in(tiny):
+    """One slot: requests for t/a keep arriving, yet the waiting t/b request gets the slot before the later ones."""
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=1, max_lora_rank=8, num_kv_blocks=64))
+    finished: list[str] = []
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def add(name: str, adapter: str) -> None:
+        engine.add(
+            engine.make_request(
+                lambda o: finished.append(o.request_id) if o.finished else None,
+                prompt_ids=[1, 2, 3],
+                adapter=adapter,
+                params=params,
+                request_id=name,
+            )
+        )
+
+    add("a0", "t/a")
+    add("a1", "t/a")
+    add("b0", "t/b")
+    for _ in range(3):
+        engine.step() or engine.wait_for_work(0.1)
+    add("a2", "t/a")
+    add("a3", "t/a")
+    run(engine)
+    assert sorted(finished) == ["a0", "a1", "a2", "a3", "b0"]
+    assert finished.index("b0") < finished.index("a2")
+    assert engine.stats()["slots_used"] == 0
+
+
+def test_abort_frees_blocks_and_slot_at_once(tiny):
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    items: list[RequestOutput] = []
+    p = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    for i, adapter in enumerate(["t/a", None]):
+        request = engine.make_request(items.append, prompt_ids=[3] * 20, adapter=adapter, params=p, request_id=str(i))
+        engine.add(request)
+    while engine.stats()["requests_running"] < 2:
+        engine.step() or engine.wait_for_work(0.05)
+    engine.step()
+    assert engine.stats()["kv_blocks_used"] > 0 and engine.stats()["slots_used"] == 1
+    engine.abort("0")
+    engine.abort("1")
+    engine.step()
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["slots_used"] == 0 and not engine.has_unfinished()
+    assert sorted(o.request_id for o in items if o.finish_reason == "abort") == ["0", "1"]
+
+
+def test_stop_strings_and_stop_tokens(tiny):
+    base = tiny[0]
+    engine = LLMEngine(base, None, EngineConfig(num_slots=0, num_kv_blocks=64))
+    ids = [[72, 101, 108, 108, 111]]
+    (full,) = engine.generate(ids, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert full.finish_reason == "length" and full.completion_tokens == 12
+    text = full.text
+    stop = text[4:6]
+    (cut,) = engine.generate(ids, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]))
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+    token = full.token_ids[3]
+    (by_token,) = engine.generate(
+        ids, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[token])
+    )
+    first = full.token_ids.index(token)
+    assert by_token.finish_reason == "stop"
+    assert by_token.token_ids == full.token_ids[: first + 1]
+    assert by_token.text == base.tokenizer.decode(full.token_ids[:first])
+
+
+def test_same_seed_same_output_whatever_the_batch(tiny):
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.95, top_k=50, seed=11, ignore_eos=True)
+    (alone,) = engine.generate([[9, 8, 7]], params, ["t/a"])
+    together = engine.generate([[1, 2], [9, 8, 7], [4] * 9], params, ["t/b", "t/a", None])
+    assert together[1].token_ids == alone.token_ids
+    other = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.95, top_k=50, seed=12, ignore_eos=True)
+    assert engine.generate([[9, 8, 7]], other, ["t/a"])[0].token_ids != alone.token_ids
+
+
+def test_new_revision_replaces_the_cached_adapter(tiny, tmp_path, peft_helpers):
+    base, source, peft_model = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    ids = [[10, 20, 30, 40]]
+    (first,) = engine.generate(ids, GREEDY, ["t/a"])
+    source.publish("t/a", tmp_path / "b")  # a new revision of t/a with other weights
+    (second,) = engine.generate(ids, GREEDY, ["t/a"])
+    (third,) = engine.generate(ids, GREEDY, ["t/a"])
+    ref = peft_helpers.reference_logits
+    torch.testing.assert_close(first.logits, ref(peft_model, "a", ids[0], first.token_ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second.logits, ref(peft_model, "b", ids[0], second.token_ids), atol=1e-4, rtol=1e-4)
+    assert third.token_ids == second.token_ids
+    stats = engine.stats()
+    assert stats["adapter_loads"] == 2 and stats["adapter_cache_hits"] == 1 and stats["adapter_cache_entries"] == 1
+
+
+def test_bad_requests_are_refused_clearly(tiny):
+    base, source, _ = tiny
+    engine = LLMEngine(
+        base, source, EngineConfig(num_slots=1, num_kv_blocks=64, max_num_seqs=1, max_queue=1, max_model_len=64)
+    )
+    for kwargs in ({"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"stop": [""]}):
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**kwargs)
+    noop = lambda _: None  # noqa: E731
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        engine.make_request(noop, prompt="hi", prompt_ids=[1])
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.make_request(noop, prompt_ids=[1, 10_000])
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.make_request(noop, prompt_ids=[])
+    with pytest.raises(ContextLengthError, match="at most 63"):
+        engine.make_request(noop, prompt_ids=[1] * 64)
+    with pytest.raises(ValueError, match="not an adapter name"):
+        engine.make_request(noop, prompt_ids=[1], adapter="../etc")
+    messages = [{"role": "user", "content": "hi"}]
+    assert engine.make_request(noop, messages=messages).prompt_ids == base.chat_prompt_ids(messages)
+    with pytest.raises(InvalidRequestError, match="messages"):
+        engine.make_request(noop, messages=[{"role": "user"}])
+    engine.add(engine.make_request(noop, prompt_ids=[1]))
+    engine.add(engine.make_request(noop, prompt_ids=[1]))
+    with pytest.raises(QueueFullError):
+        engine.add(engine.make_request(noop, prompt_ids=[1]))
+    run(engine)  # the accepted ones still complete
+    assert engine.stats()["kv_blocks_used"] == 0
