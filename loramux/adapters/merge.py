@@ -1,0 +1,445 @@
+"""The offline merge path: fold `scaling·B·A` into the base weights and write a plain Hugging Face checkpoint.
+
+The adapters were trained against (and are served with) the NF4 base, so each decoder linear weight is first
+quantized to NF4 exactly as the server does (`NF4Linear`: blocksize 64, double quantization) and dequantized; the
+deltas are added to `dequant(NF4(W))` in fp32 and the result is rounded once to bf16. The base is streamed one
+tensor at a time from its safetensors files and, on a GPU, only the layer being merged is on the device, so an
+8B-shape model never has two copies in GPU memory. The checkpoint is written into a temporary sibling directory
+and renamed at the end: a failure leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from loramux.adapters.config import CONFIG_FILE, LINEAR_MODULES, WEIGHTS_FILE
+from loramux.adapters.source import ResolvedAdapter
+from loramux.adapters.weights import LoraModule, LoraWeights, load_lora
+from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.models.checkpoint import BaseModelError, load_config, resolve_base
+from loramux.server.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained
+OUT_DTYPE = torch.bfloat16
+REQUANTIZE_CHOICES = ("nf4",)
+
+# Everything of the base directory besides weights and config that a user of the merged model needs.
+_SIDE_FILES = re.compile(
+    r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|.*\.model"
+    r"|chat_template\.(jinja|json)|generation_config\.json)"
+)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_LINEAR = re.compile(rf"(model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{'|'.join(LINEAR_MODULES)}))\.weight")
+
+
+class MergeError(ValueError):
+    """The merge cannot be done as asked; nothing was written under the output name."""
+
+
+@dataclass(frozen=True)
+class WeightedAdapter:
+    """One adapter to fold in: its resolved revision, the factor on its delta and the revision the user asked for."""
+
+    adapter: ResolvedAdapter
+    weight: float = 1.0
+    requested: str | None = None  # e.g. "main" or a tag; the commit is what was actually merged
+
+
+@dataclass
+class Drift:
+    """How far the re-quantized merged model is from the unmerged NF4 base + adapters, on `positions` tokens."""
+
+    kl_mean: float  # mean KL(unmerged || requantized merged) of next-token distributions, in nats
+    top1_agreement: float  # fraction of positions where both models' most likely next token is the same
+    positions: int
+    texts: int
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of every weight shard
+    total_bytes: int = 0
+    drift: Drift | None = None
+
+
+def merge_adapters(
+    base: str | None,
+    adapters: Sequence[WeightedAdapter],
+    out: Path,
+    *,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    requantize: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> MergeResult:
+    """Write `base` with `Σ weight·scaling·B·A` of `adapters` folded in as a bf16 checkpoint at `out`.
+
+    base: a model directory, a hub id, or None for the default base. requantize: "nf4" to measure the drift that
+    serving the merged checkpoint in NF4 adds (see `measure_drift`). Raises `MergeError` (or an adapter's
+    `AdapterConfigError`) before anything is written when the input is bad.
+    """
+    if not adapters:
+        raise MergeError("no adapter to merge")
+    if requantize is not None and requantize not in REQUANTIZE_CHOICES:
+        raise MergeError(f"--requantize {requantize!r} is not supported: choose from {', '.join(REQUANTIZE_CHOICES)}")
+    if max_shard_bytes < 1:
+        raise MergeError("the maximum shard size must be positive")
+    base_dir = resolve_base(base)
+    config = load_config(base_dir)
+    out = Path(out).expanduser().absolute()
+    _check_output(out, force, [base_dir, *(a.adapter.path for a in adapters)])
+    # Every adapter is read and checked against the base before anything is written.
+    loras = [load_lora(a.adapter.path, config) for a in adapters]
+    device = torch.device(device) if device is not None else _default_device()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        result = MergeResult(out=out)
+        result.files, result.total_bytes = _write_weights(
+            base_dir, config, loras, [a.weight for a in adapters], tmp, max_shard_bytes, device, progress
+        )
+        _write_side_files(base_dir, tmp)
+        if requantize == "nf4":
+            result.drift = measure_drift(base_dir, adapters, tmp, device)
+        base_name = base if base and not Path(base).expanduser().is_dir() else base_dir.name
+        _write_readme(tmp, base_name, base_dir, adapters, result)
+        _install(tmp, out)
+        return result
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise MergeError(f"no space left on the disk of {out.parent}; nothing was written to {out}") from exc
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_output(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+    for path in inputs:
+        path = Path(path).absolute()
+        if out == path or out in path.parents:
+            raise MergeError(f"the output directory {out} would replace an input ({path})")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise MergeError(f"{out} exists and is not a directory")
+        if not force:
+            raise MergeError(f"the output directory {out} exists; pass --force to replace it")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first and removed only afterwards."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "previous")
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / "previous", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- weights ----------------------------------------------------------------------------------------------------
+
+
+def _write_weights(
+    base_dir: Path,
+    config: ModelConfig,
+    loras: Sequence[LoraWeights],
+    factors: Sequence[float],
+    target: Path,
+    max_shard_bytes: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[dict[str, str], int]:
+    writer = _ShardWriter(target, max_shard_bytes)
+    merged: set[str] = set()
+    with tqdm(total=config.num_hidden_layers, desc="merging", unit="layer", disable=not progress) as bar:
+        for layer, tensors in _base_tensors_by_layer(base_dir):
+            for name, tensor in tensors:
+                match = _LINEAR.fullmatch(name)
+                if match is not None:
+                    module = match.group(1)
+                    deltas = [(lora.modules.get(module), f) for lora, f in zip(loras, factors, strict=True)]
+                    tensor = fold(tensor, deltas, device)
+                    merged.add(module)
+                writer.add(name, tensor.to(OUT_DTYPE).contiguous())
+            if layer is not None:
+                bar.update(1)
+    missing = {m for lora in loras for m in lora.modules} - merged
+    if missing:
+        raise MergeError(f"the base checkpoint has no weight for {', '.join(sorted(missing))}")
+    return writer.finish()
+
+
+def fold(weight: torch.Tensor, deltas: Sequence[tuple[LoraModule | None, float]], device: torch.device) -> torch.Tensor:
+    """`dequant(NF4(weight)) + Σ factor·scaling·B·A` in fp32, returned on the CPU. weight: (out, in).
+
+    `deltas` holds (LoraModule or None, factor) per adapter; None where the adapter does not touch this layer.
+    """
+    # NF4Linear is the server's own quantizer, so the merged base is bit-for-bit the weight the server computes with
+    # (fp32 compute, as on the CPU).
+    w = NF4Linear(weight.to(device), None, torch.float32).dequantize()  # (out, in) fp32
+    for module, factor in deltas:
+        if module is None or factor == 0:
+            continue
+        b, a = module.b.to(device, torch.float32), module.a.to(device, torch.float32)  # (out, r), (r, in)
+        w.addmm_(b, a, alpha=factor * module.scaling)
+    return w.cpu()
+
+
+def _base_tensors_by_layer(base_dir: Path) -> Iterator[tuple[int | None, list[tuple[str, torch.Tensor]]]]:
+    """The checkpoint's tensors read lazily, grouped by decoder layer (None: embeddings, final norm, head)."""
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise BaseModelError(f"{base_dir} holds no .safetensors weights (pickle checkpoints are not read)")
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    groups: dict[int | None, list[str]] = {}
+    for name in where:
+        match = _LAYER.match(name)
+        groups.setdefault(int(match.group(1)) if match else None, []).append(name)
+    order = [None, *sorted(k for k in groups if k is not None)]
+    for key in order:
+        names = sorted(groups.get(key, []))
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(where[name], []).append(name)
+        tensors = []
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                tensors.extend((name, f.get_tensor(name)) for name in file_names)
+        yield key, tensors
+
+
+class _ShardWriter:
+    """Collects tensors into safetensors shards of at most `max_bytes` (one tensor larger than that is a shard alone),
+    named like transformers' (`model.safetensors`, or `model-00001-of-00003.safetensors` + an index)."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.directory / f"shard-{len(self.shards):05d}.partial"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> tuple[dict[str, str], int]:
+        """Write what is pending, give the shards their final names; returns ({file: sha256}, total tensor bytes)."""
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map: dict[str, str] = {}
+        for (path, tensor_names), final in zip(self.shards, names, strict=True):
+            path.rename(self.directory / final)
+            weight_map.update(dict.fromkeys(tensor_names, final))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return {name: sha256_of(self.directory / name) for name in names}, self.total_bytes
+
+
+# ---- config, tokenizer, README ---------------------------------------------------------------------------------
+
+
+def _write_side_files(base_dir: Path, target: Path) -> None:
+    """config.json with dtype bf16 (and no quantization config), and the tokenizer, chat template, generation config."""
+    raw = json.loads((base_dir / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    raw["dtype"] = raw["torch_dtype"] = "bfloat16"
+    (target / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and _SIDE_FILES.fullmatch(path.name):
+            shutil.copyfile(path, target / path.name)  # follows the hub cache's symlinks
+
+
+def _write_readme(
+    target: Path, base_name: str, base_dir: Path, adapters: Sequence[WeightedAdapter], result: MergeResult
+) -> None:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- loramux",
+        "- merged-lora",
+        "---",
+        "",
+        f"# {base_name} + {', '.join(a.adapter.repo for a in adapters)} (merged)",
+        "",
+        "Written by `adapters merge`: the LoRA adapters below are folded into the base weights,",
+        "`W' = dequant(NF4(W)) + Σ weight·scaling·B·A`, and the result is stored in bf16. The base weights are the",
+        "dequantized NF4 ones (NF4 with double quantization, blocksize 64), the weights the adapters were trained",
+        "against and are served with, not the original 16-bit ones. Other tensors are the base's, in bf16.",
+        "",
+        "## Base",
+        "",
+        f"- name: `{base_name}`",
+        "",
+        "| file | sha256 |",
+        "| --- | --- |",
+        *(f"| {p.name} | {sha256_of(p)} |" for p in sorted(base_dir.glob("*.safetensors"))),
+        "",
+        "## Adapters",
+        "",
+        "| repo | revision | commit | weight | adapter_model.safetensors sha256 | adapter_config.json sha256 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for a in adapters:
+        r = a.adapter
+        lines.append(
+            f"| {r.repo} | {a.requested or '-'} | {r.commit} | {a.weight:g} | {sha256_of(r.path / WEIGHTS_FILE)} "
+            f"| {sha256_of(r.path / CONFIG_FILE)} |"
+        )
+    lines += ["", "## Files", "", "| file | sha256 |", "| --- | --- |"]
+    lines += [f"| {name} | {digest} |" for name, digest in result.files.items()]
+    if result.drift is not None:
+        d = result.drift
+        lines += [
+            "",
+            "## Drift when served in NF4",
+            "",
+            "Quantizing these merged weights to NF4 again (as `loramux serve --base` does) moves the model away from",
+            f"the unmerged NF4 base + adapters by a mean KL divergence of {d.kl_mean:.4g} nats per next token, with",
+            f"top-1 agreement {d.top1_agreement:.1%} over {d.positions} positions of {d.texts} built-in texts.",
+        ]
+    (target / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- drift of the re-quantized merge ---------------------------------------------------------------------------
+
+# Scored teacher-forced: each position's next-token distribution counts, so a few short texts give ~150 positions.
+DRIFT_TEXTS = (
+    "The capital of France is Paris, a city known for its museums, its cafes and the Eiffel Tower.",
+    "To reverse a list in Python, call its reverse method or take the slice with a step of minus one.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the leaves of plants.",
+    "The seasons change because the axis of the Earth is tilted relative to its orbit around the Sun.",
+    "Dear team, thank you for your hard work this quarter. We shipped three releases and fixed many bugs.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman and his curious cat.",
+)
+
+
+@torch.inference_mode()
+def measure_drift(base_dir: Path, adapters: Sequence[WeightedAdapter], merged_dir: Path, device: torch.device) -> Drift:
+    """Compare the unmerged model (NF4 base + adapters applied beside each layer) with the merged checkpoint
+    quantized to NF4 again (what serving `merged_dir` computes with), on `DRIFT_TEXTS`.
+
+    Both run as transformers models whose decoder linear weights are replaced by `dequant(NF4(W))` from the server's
+    own quantizer, in the server's compute dtype. Their next-token distributions are compared at every position.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    texts = [tokenizer(text, return_tensors="pt")["input_ids"].to(device) for text in DRIFT_TEXTS]  # (1, T) each
+
+    reference = _nf4_model(base_dir, device)
+    loras = [load_lora(a.adapter.path, load_config(base_dir)) for a in adapters]
+    _attach_lora(reference, loras, [a.weight for a in adapters])
+    expected = [_log_probs(reference, ids) for ids in texts]  # (T, vocab) each
+    del reference
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    merged = _nf4_model(merged_dir, device)
+    kl_sum, agree, positions = 0.0, 0, 0
+    for ids, ref_logp in zip(texts, expected, strict=True):
+        logp = _log_probs(merged, ids)
+        # KL(p_ref || p_merged) per position: Σ_v p_ref·(log p_ref − log p_merged)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        kl_sum += float(kl.clamp_min(0).sum())
+        agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+        positions += kl.shape[0]
+    return Drift(kl_mean=kl_sum / positions, top1_agreement=agree / positions, positions=positions, texts=len(texts))
+
+
+def _nf4_model(model_dir: Path, device: torch.device) -> torch.nn.Module:
+    """A transformers model of `model_dir` whose decoder linear weights are `dequant(NF4(W))`, as the server's."""
+    from transformers import AutoModelForCausalLM
+
+    # The server computes in bf16 on a GPU and in fp32 on the CPU.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and _LINEAR.fullmatch(f"{name}.weight"):
+            module.weight.data = NF4Linear(module.weight.data, None, dtype).dequantize()
+    return model
+
+
+def _log_probs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """ids (1, T) -> log-softmax of the next-token logits at every position, (T, vocab) fp32 on the CPU."""
+    return torch.log_softmax(model(ids).logits[0].float(), dim=-1).cpu()
+
+
+def _attach_lora(model: torch.nn.Module, loras: Sequence[LoraWeights], factors: Sequence[float]) -> None:
+    """Add `Σ factor·scaling·(x·Aᵀ)·Bᵀ` to each targeted linear layer's output: the adapters unmerged."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        parts = []
+        for lora, factor in zip(loras, factors, strict=True):
+            module = lora.modules.get(name)
+            if module is not None and factor != 0:
+                w = layer.weight
+                parts.append((module.a.to(w.device, w.dtype), module.b.to(w.device, w.dtype), factor * module.scaling))
+        if parts:
+            layer.register_forward_hook(_lora_hook(parts))
+
+
+def _lora_hook(parts: list[tuple[torch.Tensor, torch.Tensor, float]]):
+    def hook(_module, inputs, output):
+        x = inputs[0]  # (B, T, in)
+        for a, b, scale in parts:  # a: (r, in), b: (out, r)
+            output = output + scale * (x @ a.t()) @ b.t()
+        return output
+
+    return hook

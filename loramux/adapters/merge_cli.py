@@ -1,0 +1,162 @@
+"""`adapters merge`: fold one or more LoRA adapters into the base and write a bf16 Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+
+DEFAULT_HUB = "http://127.0.0.1:8000"
+
+EPILOG = (
+    "The adapters are folded into the dequantized NF4 base weights, dequant(NF4(W)), the weights they were trained "
+    "against and are served with, not the original 16-bit ones. The checkpoint is written into a temporary sibling "
+    "directory and renamed when complete, so a failure leaves nothing under --out."
+)
+
+_SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS["tib"] = 2**40
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="ADAPTER",
+        help="NS/NAME[@REVISION] on the hub, or a local PEFT adapter directory; several are merged as a weighted sum",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="directory to write the merged checkpoint into")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="base model the adapters were trained on: a Hugging Face directory or hub id (default: "
+        "SmolLM2-135M-Instruct); its decoder linear weights are used as dequantized NF4",
+    )
+    parser.add_argument(
+        "--weights", default=None, help="comma-separated factor per adapter delta, e.g. 0.7,0.3 (default: 1 each)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)"
+    )
+    parser.add_argument(
+        "--requantize",
+        choices=["nf4"],
+        default=None,
+        help="also quantize the merged weights to NF4 again, as serving them does, and report the drift this adds "
+        "(mean KL divergence, top-1 agreement) against the unmerged NF4 base + adapters",
+    )
+    parser.add_argument("--push", metavar="NS/NAME", default=None, help="upload the merged checkpoint as a model repo")
+    parser.add_argument("--hub", default=None, help=f"hub URL (default: $LORAMUX_HUB, else {DEFAULT_HUB})")
+    parser.add_argument("--token", default=None, help="hub token (default: $LORAMUX_TOKEN, else $HF_TOKEN)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loramux.adapters.merge import merge_adapters
+
+    factors = parse_weights(args.weights, len(args.adapters))
+    max_shard_bytes = parse_size(args.max_shard_size)
+    hub = args.hub or os.environ.get("LORAMUX_HUB") or DEFAULT_HUB
+    token = args.token or os.environ.get("LORAMUX_TOKEN") or os.environ.get("HF_TOKEN") or None
+    if args.push is not None:
+        _check_repo_name(args.push)
+    inputs = [_resolve(text, factor, hub, token) for text, factor in zip(args.adapters, factors, strict=True)]
+    result = merge_adapters(
+        args.base,
+        inputs,
+        args.out,
+        force=args.force,
+        max_shard_bytes=max_shard_bytes,
+        requantize=args.requantize,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {result.out} ({len(result.files)} weight file(s), {result.total_bytes / 1e9:.2f} GB in bf16)")
+    if result.drift is not None:
+        d = result.drift
+        print(
+            f"re-quantized to NF4: mean KL {d.kl_mean:.4g} nats, top-1 agreement {d.top1_agreement:.1%} "
+            f"({d.positions} positions, {d.texts} texts) against the unmerged NF4 base + adapters"
+        )
+    if args.push is not None:
+        print(f"pushed to {push_merged(result.out, args.push, hub, token)}")
+    return 0
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    if text is None:
+        return [1.0] * count
+    try:
+        factors = [float(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise ValueError(f"--weights {text!r} must be comma-separated numbers") from exc
+    if len(factors) != count:
+        raise ValueError(f"--weights has {len(factors)} value(s) for {count} adapter(s)")
+    if not all(math.isfinite(f) for f in factors):
+        raise ValueError("--weights must be finite numbers")
+    return factors
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"--max-shard-size {text!r} is not a size like 5GB or 500MB")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    if size < 1:
+        raise ValueError("--max-shard-size must be positive")
+    return size
+
+
+def _resolve(text: str, factor: float, hub: str, token: str | None):
+    """A local adapter directory as it is, or NS/NAME[@REV] pulled through the hub."""
+    from loramux.adapters.merge import WeightedAdapter
+    from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return WeightedAdapter(ResolvedAdapter(repo=str(path.absolute()), commit="local", path=path), factor)
+    try:
+        ref = AdapterRef.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is neither an adapter directory nor an adapter name (ns/name[@revision])") from exc
+    from loramux.registry.source import HubSource
+
+    try:
+        resolved = HubSource(hub, token).resolve(ref, None)
+    except AdapterNotFoundError as exc:
+        raise ValueError(f"adapter {ref} not found on {hub} (or not readable with this token)") from exc
+    return WeightedAdapter(resolved, factor, requested=ref.revision or "main")
+
+
+def _check_repo_name(name: str) -> None:
+    from loramux.adapters.source import AdapterRef
+
+    try:
+        ref = AdapterRef.parse(name)
+    except ValueError as exc:
+        raise ValueError(f"--push {name!r} is not a repo name (ns/name)") from exc
+    if ref.revision is not None:
+        raise ValueError(f"--push {name!r} names a revision; give ns/name")
+
+
+def push_merged(directory: Path, repo: str, hub: str, token: str | None) -> str:
+    """Upload `directory` as the model repo `repo` (created if needed); returns the commit's URL."""
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # loramux's hub speaks the plain LFS protocol
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=hub.rstrip("/"), token=token)
+    try:
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(directory), repo_id=repo, repo_type="model", commit_message="adapters merge"
+        )
+    except HfHubHTTPError as exc:
+        raise ValueError(f"pushing to {hub} failed: {exc}") from exc
+    return str(getattr(commit, "commit_url", commit))
