@@ -11,6 +11,7 @@ import sys
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("loramux.server.generate_cli", "load a base model (and adapter) and answer one prompt"),
+    "serve": ("loramux.server.serve_cli", "serve the OpenAI-compatible API, the adapter hub and /metrics"),
     "hub": ("loramux.registry.cli.hub", "serve the adapter hub (Hugging Face Hub API) alone, without torch"),
     "tenants": ("loramux.registry.cli.tenants", "create and list tenants and their namespaces"),
     "keys": ("loramux.registry.cli.keys", "create, list and revoke API keys"),
