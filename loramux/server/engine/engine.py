@@ -92,14 +92,17 @@ class LLMEngine:
     def __init__(self, base: BaseModel, source: AdapterSource | None = None, config: EngineConfig | None = None):
         self.base = base
         self.config = config = config or EngineConfig()
-        self.max_model_len = min(
-            config.max_model_len or base.config.max_position_embeddings, base.config.max_position_embeddings
-        )
         if config.num_slots:  # slots first, so that the KV cache is sized from the memory that remains
             base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank)
         num_blocks = config.num_kv_blocks or _kv_blocks_from_memory(base, config)
         self.runner = ModelRunner(base.model, config.block_size, num_blocks)
         self.blocks = BlockManager(num_blocks, config.block_size)
+        # A sequence ends ("length") at the context length, and before it would need more KV than the whole cache.
+        self.max_model_len = min(
+            config.max_model_len or base.config.max_position_embeddings,
+            base.config.max_position_embeddings,
+            num_blocks * config.block_size,
+        )
         self.adapters = AdapterCache(
             source,
             base.config,
@@ -158,12 +161,14 @@ class LLMEngine:
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        limit = min(self.max_model_len - 1, self.blocks.num_blocks * self.blocks.block_size - 1)
+        limit = self.max_model_len - 1
         if len(ids) > limit:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens; this model's context allows at most {limit} prompt tokens"
             )
         ref = AdapterRef.parse(adapter) if adapter is not None else None
+        if ref is not None and not self.config.num_slots:
+            raise InvalidRequestError("this engine has no adapter slots: it serves the base model only")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._base_stop_ids)
         return Request(request_id or uuid.uuid4().hex, ids, params, ref, tenant, stop_ids, on_output)
 
@@ -276,11 +281,11 @@ class LLMEngine:
         text = self.base.tokenizer.decode(text_ids, skip_special_tokens=True)
         stops = request.params.stop
         if stops:
-            hit = min(
-                ((text.find(s, max(0, request.sent_chars - len(s))), s) for s in stops if s in text), default=None
-            )
-            if hit is not None:
-                text, finish = text[: hit[0]], "stop"
+            # only text not yet streamed can hold a new match: what was streamed was checked (and held back) before
+            found = [text.find(s, max(0, request.sent_chars - len(s) + 1)) for s in stops]
+            hits = [i for i in found if i >= 0]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
         if finish is None:
             # Hold back what may still change: a partial UTF-8 character, or the start of a stop string.
             end = len(text.rstrip("\ufffd"))
@@ -356,7 +361,10 @@ class LLMEngine:
         while self.has_unfinished() and not errors:
             if not self.step():
                 self.wait_for_work(0.05)
-        if errors:
+        if errors:  # end the others too, so that the engine is left as it was found
+            for request_id in list(self.requests):
+                self.abort(request_id)
+            self.step()
             raise errors[0]
         return [merge_outputs(items) for items in results]
 

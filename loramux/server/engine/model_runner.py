@@ -3,6 +3,7 @@ from the scheduled chunks, runs the forward pass, and returns the logits rows th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +74,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def write_slot(self, slot: int, weights: LoraWeights | None) -> None:
-        """Load an adapter into `slot` of every decoder linear layer (zeros where it has no module)."""
-        for name, module in self.lora_modules.items():
-            lora = weights.modules.get(name) if weights is not None else None
-            if lora is None:
-                module.write_slot(slot, None, None, 0.0)
-            else:
-                module.write_slot(slot, lora.a, lora.b, lora.scaling)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
+        """Load an adapter into `slot` of every decoder linear layer (zeros where it has no module).
+
+        Called on the adapter loader thread while steps run: the slot is not in use by any request, and on the GPU
+        the copies go on a stream of their own so they overlap the step's kernels.
+        """
+        with contextlib.ExitStack() as stack:
+            stream = None
+            if self.device.type == "cuda":
+                stream = torch.cuda.Stream(self.device)
+                stack.enter_context(torch.cuda.stream(stream))
+            for name, module in self.lora_modules.items():
+                lora = weights.modules.get(name) if weights is not None else None
+                if lora is None:
+                    module.write_slot(slot, None, None, 0.0)
+                else:
+                    module.write_slot(slot, lora.a, lora.b, lora.scaling)
+            if stream is not None:
+                stream.synchronize()  # the slot is marked ready only once its weights are in place

@@ -46,7 +46,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in self.waiting.values())
+        return sum(len(q) for q in list(self.waiting.values()))  # list(): stats() reads it from another thread
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
