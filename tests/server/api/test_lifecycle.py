@@ -1,0 +1,80 @@
+"""`loramux serve` in single-user mode: no keys needed on loopback, refused elsewhere, 429 when its queue is full,
+and a SIGTERM that lets a running stream end cleanly (finish reason, `[DONE]`) before the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import httpx
+import openai
+import pytest
+
+from loramux.registry.registry import Registry
+from tests.conftest import REPO, make_tiny_checkpoint
+from tests.server.api.serving import launch, serve_command
+
+LONG = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("lifecycle") / "tiny", max_position_embeddings=2048)
+
+
+def first_events(lines, count: int) -> list[dict]:
+    events = []
+    for line in lines:
+        if line.startswith("data:"):
+            events.append(json.loads(line[5:]))
+        if len(events) == count:
+            return events
+    return events
+
+
+def test_no_keys_refuses_a_public_address_unless_told(tmp_path):
+    refused = subprocess.run(
+        serve_command("--host", "0.0.0.0", "--data-dir", str(tmp_path / "data")), cwd=REPO, capture_output=True,
+        text=True, timeout=120, env={"LORAMUX_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("loramux serve: error: refusing to listen on 0.0.0.0 with no API keys")
+    assert "--allow-insecure-no-auth" in refused.stderr
+    assert not Registry.open(tmp_path / "data").store.has_keys()
+
+
+def test_single_user_queue_full_and_graceful_sigterm(base, tmp_path):
+    server = launch(
+        tmp_path / "home", "--base", str(base), "--data-dir", str(tmp_path / "data"),
+        "--max-num-seqs", "1", "--max-queue", "0", "--shutdown-grace", "1",
+    )  # fmt: skip
+    try:
+        llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything", max_retries=0)
+        assert [m.id for m in llm.models.list().data] == ["tiny"]  # single-user: no key needed
+        assert llm.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens == 3
+
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=LONG, timeout=120) as running:
+            lines = running.iter_lines()
+            assert first_events(lines, 2)[0]["choices"][0]["finish_reason"] is None
+            # The engine holds one request and queues none: the next one is told to come back later.
+            with pytest.raises(openai.RateLimitError) as overloaded:
+                llm.completions.create(model="tiny", prompt="hi", max_tokens=3)
+            assert overloaded.value.response.headers["retry-after"] == "1"
+            assert overloaded.value.body["type"] == "rate_limit_error"
+
+            # SIGTERM mid-stream: the stream still ends with a finish reason and [DONE], the server exits 0.
+            exit_status: list[int] = []
+            stopper = threading.Thread(target=lambda: exit_status.append(server.stop()))
+            stopper.start()
+            rest = [line for line in lines if line.startswith("data:")]
+        stopper.join(timeout=120)
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "abort"
+        assert exit_status == [0], server.output()
+        log = server.output()
+        assert "aborting 1 requests still running after the grace period" in log and "engine stopped" in log
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.url}/health")
+    finally:
+        server.stop()
