@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 from pathlib import Path
 
-DEFAULT_HUB = "http://127.0.0.1:8000"
+from loramux.registry.cli.common import add_hub_arguments
+from loramux.registry.client import hub_token, hub_url
 
 EPILOG = (
     "The adapters are folded into the dequantized NF4 base weights, dequant(NF4(W)), the weights they were trained "
@@ -51,8 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(mean KL divergence, top-1 agreement) against the unmerged NF4 base + adapters",
     )
     parser.add_argument("--push", metavar="NS/NAME", default=None, help="upload the merged checkpoint as a model repo")
-    parser.add_argument("--hub", default=None, help=f"hub URL (default: $LORAMUX_HUB, else {DEFAULT_HUB})")
-    parser.add_argument("--token", default=None, help="hub token (default: $LORAMUX_TOKEN, else $HF_TOKEN)")
+    add_hub_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -62,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     factors = parse_weights(args.weights, len(args.adapters))
     max_shard_bytes = parse_size(args.max_shard_size)
-    hub = args.hub or os.environ.get("LORAMUX_HUB") or DEFAULT_HUB
-    token = args.token or os.environ.get("LORAMUX_TOKEN") or os.environ.get("HF_TOKEN") or None
+    hub, token = hub_url(args.hub), hub_token(args.token)
     if args.push is not None:
         _check_repo_name(args.push)
     inputs = [_resolve(text, factor, hub, token) for text, factor in zip(args.adapters, factors, strict=True)]
@@ -146,17 +144,13 @@ def _check_repo_name(name: str) -> None:
 
 
 def push_merged(directory: Path, repo: str, hub: str, token: str | None) -> str:
-    """Upload `directory` as the model repo `repo` (created if needed); returns the commit's URL."""
-    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # loramux's hub speaks the plain LFS protocol
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    """Upload `directory` as the model repo `repo` (created if needed); returns the new commit id."""
+    from loramux.registry.client import call, hub_api
 
-    api = HfApi(endpoint=hub.rstrip("/"), token=token)
-    try:
-        api.create_repo(repo, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=str(directory), repo_id=repo, repo_type="model", commit_message="adapters merge"
-        )
-    except HfHubHTTPError as exc:
-        raise ValueError(f"pushing to {hub} failed: {exc}") from exc
-    return str(getattr(commit, "commit_url", commit))
+    api = hub_api(hub, token)
+    call("creating the repo", hub, api.create_repo, repo, repo_type="model", exist_ok=True)
+    commit = call(
+        "uploading", hub, api.upload_folder, folder_path=str(directory), repo_id=repo, repo_type="model",
+        commit_message="adapters merge",
+    )  # fmt: skip
+    return f"{hub}/{repo} (commit {commit.oid})"

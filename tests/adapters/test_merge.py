@@ -36,7 +36,7 @@ def nf4_reference(model_dir: Path) -> transformers.PreTrainedModel:
     return model
 
 
-def make_adapter(model: torch.nn.Module, directory: Path, seed: int, std: float, **lora_settings) -> peft.PeftModel:
+def peft_adapter(model: torch.nn.Module, directory: Path, seed: int, std: float, **lora_settings) -> peft.PeftModel:
     """Wrap `model` in a PEFT LoRA with random (non-zero) B, save it to `directory`, return the PEFT model."""
     settings = {"r": 8, "lora_alpha": 16, "target_modules": TARGETS, **lora_settings}
     peft_model = peft.get_peft_model(model, peft.LoraConfig(**settings)).eval()
@@ -71,7 +71,7 @@ def smol(default_base_dir, tmp_path_factory):
     the dequantized NF4 base, and the checkpoint `merge_adapters` writes for it (with the NF4 drift measured)."""
     root = tmp_path_factory.mktemp("smol")
     reference = nf4_reference(default_base_dir)
-    peft_model = make_adapter(
+    peft_model = peft_adapter(
         reference,
         root / "adapter",
         seed=0,
@@ -205,9 +205,9 @@ def tiny(tiny_checkpoint, tmp_path):
     """A tiny base and two adapters for it with different ranks and targets."""
     base_dir = tiny_checkpoint()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    make_adapter(model, tmp_path / "one", seed=1, std=0.1, r=4, lora_alpha=8, rank_pattern={"down_proj": 2})
+    peft_adapter(model, tmp_path / "one", seed=1, std=0.1, r=4, lora_alpha=8, rank_pattern={"down_proj": 2})
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    make_adapter(
+    peft_adapter(
         model, tmp_path / "two", seed=2, std=0.1, r=2, lora_alpha=4, use_rslora=True, target_modules=["k_proj"]
     )
     return base_dir, tmp_path / "one", tmp_path / "two"
@@ -347,3 +347,33 @@ def test_shard_sizes_parse():
     assert merge_cli.parse_size("500MB") == 500 * 10**6
     assert merge_cli.parse_size("2GiB") == 2 * 2**30
     assert merge_cli.parse_size("1234") == 1234
+
+
+def test_merge_from_the_hub_and_push_the_result(hub, make_adapter, checkpoint_dir, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from loramux.adapters.cli import main
+    from loramux.registry.client import push
+
+    monkeypatch.setenv("LORAMUX_HOME", str(tmp_path / "home"))  # where the pulled adapter is cached
+    pushed = push(make_adapter(r=4), "me/tiny", hub.url, None, private=False, message="first")
+    out = tmp_path / "merged"
+    argv = ["merge", "me/tiny", "--hub", hub.url, "--base", str(checkpoint_dir), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--push", "me/tiny-merged"]) == 0, capsys.readouterr().err
+    readme = (out / "README.md").read_text()
+    assert f"| me/tiny | main | {pushed.commit} |" in readme
+
+    info = HfApi(endpoint=hub.url).model_info("me/tiny-merged", files_metadata=True)
+    files = {s.rfilename for s in info.siblings}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= files
+    pulled = HfApi(endpoint=hub.url).hf_hub_download("me/tiny-merged", "model.safetensors", local_dir=tmp_path / "dl")
+    assert sha256(Path(pulled)) == sha256(out / "model.safetensors")
+
+    capsys.readouterr()
+    assert (
+        main(["merge", "me/missing", "--hub", hub.url, "--base", str(checkpoint_dir), "--out", str(tmp_path / "x")])
+        == 1
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adapters merge: error: adapter me/missing not found")
+    assert not (tmp_path / "x").exists()
