@@ -8,7 +8,7 @@ install:
 	@scripts/setup.sh
 
 serve: install
-	$(VENV)/bin/loramux generate "What is the capital of France?"
+	$(VENV)/bin/loramux serve
 
 test:
 	@scripts/setup.sh dev

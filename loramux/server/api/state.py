@@ -73,7 +73,7 @@ class ServerState:
             self.base_id = base.path.name if Path(base.name).is_dir() else base.name
             self.base_names = {base.name, base.path.name, str(base.path), self.base_id}
             self.engine = engine
-            log.warning("model %s ready in %.1fs", self.base_id, time.perf_counter() - started)
+            log.info("model %s ready in %.1fs", self.base_id, time.perf_counter() - started)
         except BaseException as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("loading the base model failed: %s", self.load_error)
