@@ -87,7 +87,10 @@ def _kv_blocks_from_memory(base: BaseModel, config: EngineConfig) -> int:
 
 
 class LLMEngine:
-    """The engine driven synchronously: `add`/`abort` from any thread, `step()` from one thread."""
+    """The engine driven synchronously: `add`/`abort` from any thread, `step()` from one thread.
+
+    It allocates the KV cache and adapter slots inside `base.model`: one engine per loaded base at a time.
+    """
 
     def __init__(self, base: BaseModel, source: AdapterSource | None = None, config: EngineConfig | None = None):
         self.base = base

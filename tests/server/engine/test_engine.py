@@ -210,3 +210,7 @@ def test_bad_requests_are_refused_clearly(tiny):
         engine.add(engine.make_request(noop, prompt_ids=[1]))
     run(engine)  # the accepted ones still complete
     assert engine.stats()["kv_blocks_used"] == 0
+    # (a new engine takes over the base's KV cache and slots: one engine per loaded base)
+    slotless = LLMEngine(base, source, EngineConfig(num_slots=0, num_kv_blocks=8))
+    with pytest.raises(InvalidRequestError, match="base model only"):
+        slotless.make_request(noop, prompt_ids=[1], adapter="t/a")
