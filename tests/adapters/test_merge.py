@@ -377,3 +377,33 @@ def test_merge_from_the_hub_and_push_the_result(hub, make_adapter, checkpoint_di
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("adapters merge: error: adapter me/missing not found")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_merge_matches_cpu_and_holds_one_layer_at_a_time(tiny_checkpoint, tmp_path):
+    shape = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8}
+    base_dir = tiny_checkpoint(**shape)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_adapter(model, tmp_path / "adapter", seed=3, std=0.05)
+    base = load_file(str(base_dir / "model.safetensors"))
+    one_copy = sum(t.numel() * 2 for name, t in base.items() if ".layers." in name)  # the decoder in bf16
+
+    torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")  # cuBLAS's workspace (32 MiB) is not the model's
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    merge_adapters(str(base_dir), [local(tmp_path / "adapter")], tmp_path / "gpu", device="cuda")
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak < one_copy / 2, (peak, one_copy)  # one layer's module at a time, never the model
+
+    merge_adapters(str(base_dir), [local(tmp_path / "adapter")], tmp_path / "cpu", device="cpu")
+    on_gpu, on_cpu = (
+        load_file(str(tmp_path / "gpu" / "model.safetensors")),
+        load_file(str(tmp_path / "cpu" / "model.safetensors")),
+    )
+    assert set(on_gpu) == set(on_cpu)
+    # Both quantize to the same NF4 codes and constants, but bitsandbytes' CUDA and CPU dequantizers differ a little
+    # in a few blocks (the nested absmax), so a small share of weights may be more than one bf16 step apart.
+    for name, cpu in on_cpu.items():
+        cpu, diff = cpu.float(), (on_gpu[name].float() - cpu.float()).abs()
+        assert (diff > cpu.abs() * 2**-7 + 1e-6).float().mean() < 0.01, name
+        assert diff.sum() <= 1e-4 * cpu.abs().sum(), name
