@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("loramux.registry.cli.ls", "list the adapters and models you may read"),
     "show": ("loramux.registry.cli.show", "revisions, rank, alpha, targets, base model, size and files of an adapter"),
     "rm": ("loramux.registry.cli.rm", "delete an adapter repo with all its revisions"),
+    "train": ("loramux.adapters.train_cli", "train a QLoRA adapter on chat JSONL and push it as a new revision"),
     "merge": ("loramux.adapters.merge_cli", "fold adapters into the base and write a bf16 Hugging Face checkpoint"),
 }
 

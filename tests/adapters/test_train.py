@@ -236,3 +236,42 @@ def test_smollm2_learns_an_invented_fact(tmp_path: Path, default_base_dir: Path)
     assert FACT in tuned
     assert FACT in unseen_wording  # the fact was learned, not just one string
     assert "Bluefinch" not in plain
+
+
+# --- `adapters train` ---------------------------------------------------------------------------------------------
+
+
+def test_adapters_train_pushes_the_trained_adapter_to_the_hub(tmp_path: Path, tiny_checkpoint, hub, capsys):
+    from huggingface_hub import HfApi
+
+    from loramux.adapters.cli import main
+
+    base = tiny_checkpoint("llama")
+    data = write_jsonl(tmp_path / "train.jsonl", TINY_PAIRS)
+    argv = ["train", str(data), "--name", "me/trained", "--base", str(base), "--hub", hub.url, "--epochs", "1"]
+    assert main([*argv, "--rank", "4", "--lr", "1e-3", "--max-seq-len", "64"]) == 0
+    captured = capsys.readouterr()
+    assert f"to {hub.url}" in captured.out and "pushed me/trained@" in captured.out
+    assert "training" in captured.err  # the progress bar
+
+    info = HfApi(endpoint=hub.url, token=False).model_info("me/trained")
+    assert captured.out.split("@")[1].split()[0] == info.sha
+    files = sorted(s.rfilename for s in info.siblings if s.rfilename != ".gitattributes")
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_adapters_train_refuses_bad_input_in_one_line(tmp_path: Path, capsys):
+    from loramux.adapters.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n[]\n')
+    cases = [
+        (["--no-push"], "--no-push needs --out DIR"),
+        (["--name", "../etc"], "invalid"),
+        (["--no-push", "--out", str(tmp_path / "o"), "--rank", "0"], "r must be an integer from 1"),
+        (["--no-push", "--out", str(tmp_path / "o")], "d.jsonl line 2: expected a JSON object"),
+    ]
+    for extra, message in cases:
+        assert main(["train", str(data), *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("adapters train: error: ") and message in err and err.count("\n") == 1
