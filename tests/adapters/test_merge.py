@@ -6,8 +6,6 @@ import argparse
 import errno
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import peft
@@ -173,28 +171,21 @@ def test_requantized_drift_is_measured(smol):
     assert f"{drift.kl_mean:.4g} nats" in (smol["root"] / "merged" / "README.md").read_text()
 
 
-def test_merged_checkpoint_serves_as_a_base(smol):
-    out = smol["root"] / "merged"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loramux.cli",
-            "generate",
-            "What is the capital of France?",
-            "--base",
-            str(out),
-            "--max-tokens",
-            "8",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+def test_merged_checkpoint_serves_as_a_base(smol, tmp_path):
+    import openai
+
+    from tests.server.api.serving import launch
+
+    server = launch(tmp_path / "home", "--base", str(smol["root"] / "merged"))
+    try:
+        llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        [model] = [m.id for m in llm.models.list().data]
+        answer = llm.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8, temperature=0
+        )
+        assert answer.choices[0].message.content.strip()
+    finally:
+        assert server.stop() == 0, server.output()
 
 
 # ---- tiny checkpoints ----------------------------------------------------------------------------------------------
