@@ -190,7 +190,9 @@ def _write_weights(
                     deltas = [(lora.modules.get(module), f) for lora, f in zip(loras, factors, strict=True)]
                     tensor = fold(tensor, deltas, device)
                     merged.add(module)
-                writer.add(name, tensor.to(OUT_DTYPE).contiguous())
+                if tensor.is_floating_point():  # integer buffers, if a checkpoint has any, keep their dtype
+                    tensor = tensor.to(OUT_DTYPE)
+                writer.add(name, tensor.contiguous())
             if layer is not None:
                 bar.update(1)
     missing = {m for lora in loras for m in lora.modules} - merged
