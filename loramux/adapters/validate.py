@@ -237,3 +237,25 @@ def _all_finite(path: Path, info: TensorInfo) -> bool:
     dtype = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[info.dtype]
     values = np.memmap(path, dtype=dtype, mode="r", offset=info.start, shape=(count,))
     return bool(np.isfinite(values).all())
+
+
+def check_fits_base(files: Mapping[str, Path], shapes: Mapping[str, tuple[int, int]], num_layers: int) -> None:
+    """Refuse an (already validated) adapter that a server could not load on its base: a layer the base lacks, or
+    features that differ from the base layer's (`shapes`: projection -> (out, in))."""
+    tensors = read_safetensors_header(Path(files[WEIGHTS_FILE]))
+    for name, info in sorted(tensors.items()):
+        parsed = module_name_of(name)
+        match = _MODULE.fullmatch(parsed[0]) if parsed else None
+        if parsed is None or match is None:
+            continue  # validate_adapter_files has refused these already
+        module, side = parsed
+        if int(match.group(1)) >= num_layers:
+            raise AdapterValidationError(f"{module}: the base model has only {num_layers} layers")
+        out_features, in_features = shapes[match.group(3)]
+        # A: (r, in) must read the base layer's input, B: (out, r) must write its output.
+        features, expected = (info.shape[1], in_features) if side == "A" else (info.shape[0], out_features)
+        if features != expected:
+            raise AdapterValidationError(
+                f"{module}: lora_{side} {list(info.shape)} does not fit the base layer ({in_features} -> "
+                f"{out_features} features); was the adapter trained on another base model?"
+            )

@@ -9,6 +9,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -89,6 +90,9 @@ class Registry:
         # Held while a commit checks its blobs and records them, and while rm deletes blobs: a blob is never
         # deleted between a commit's check and its record.
         self._blob_lock = threading.Lock()
+        # Extra checks of every adapter commit, {path: local file} -> raises AdapterValidationError; a serving
+        # process adds one that refuses adapters its base model cannot load.
+        self.adapter_checks: list[Callable[[Mapping[str, Path]], None]] = []
 
     @classmethod
     def open(cls, data_dir: Path | None = None) -> Registry:
@@ -301,6 +305,8 @@ class Registry:
                 raise CommitError(f"{path}: declared size {entry.size} does not match the uploaded data")
         if CONFIG_FILE in tree:
             validate_adapter_files(files, self.limits)
+            for check in self.adapter_checks:
+                check(files)
             return "adapter"
         if head is not None and head.kind == "adapter":
             raise CommitError(f"this repo holds an adapter: a revision without {CONFIG_FILE} is refused")

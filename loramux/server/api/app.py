@@ -20,6 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from loramux import __version__
 from loramux.server.api.errors import install_handlers
+from loramux.server.api.fine_tuning import fine_tuning_router
+from loramux.server.api.limits import BodyLimit
 from loramux.server.api.openai import openai_router
 from loramux.server.api.state import ServerState
 
@@ -44,6 +46,7 @@ def create_app(state: ServerState) -> RequestLog:
     app.state.loramux = state
     install_handlers(app)
     app.include_router(openai_router())
+    app.include_router(fine_tuning_router())
 
     @app.get("/health")
     def health() -> dict:
@@ -64,7 +67,7 @@ def create_app(state: ServerState) -> RequestLog:
         from loramux.registry.hub import hub_router
 
         app.include_router(hub_router(state.registry))
-    return RequestLog(app, state)
+    return RequestLog(BodyLimit(app, set(ENDPOINTS)), state)
 
 
 class RequestLog:
@@ -72,7 +75,7 @@ class RequestLog:
     `x-request-id`, counts inference requests by status and logs one JSON line when the response has been sent
     (for a stream: when it ended). Routes add fields (model, tenant, usage) to `request.state.log`."""
 
-    def __init__(self, app: FastAPI, state: ServerState) -> None:
+    def __init__(self, app, state: ServerState) -> None:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send) -> None:

@@ -72,6 +72,8 @@ class ServerState:
             engine = AsyncEngine.start(base, source=self.source, config=self.settings.engine or EngineConfig())
             self.base_id = base.path.name if Path(base.name).is_dir() else base.name
             self.base_names = {base.name, base.path.name, str(base.path), self.base_id}
+            if self.settings.hub_url is None:  # pushes to this server's hub must fit what it serves
+                self.registry.adapter_checks.append(_base_fit_check(base.config))
             self.engine = engine
             log.info("model %s ready in %.1fs", self.base_id, time.perf_counter() - started)
         except BaseException as exc:
@@ -116,3 +118,14 @@ class ServerState:
         if self.engine is not None:
             self.engine.shutdown()
             log.info("engine stopped")
+
+
+def _base_fit_check(config) -> Callable:
+    """The registry check that refuses adapters whose shapes `config`'s base (a ModelConfig) cannot serve. Ranks
+    are left to the registry's limit: another server on the same registry may serve higher ones."""
+    from functools import partial
+
+    from loramux.adapters.validate import check_fits_base
+    from loramux.adapters.weights import base_shapes
+
+    return partial(check_fits_base, shapes=base_shapes(config), num_layers=config.num_hidden_layers)
