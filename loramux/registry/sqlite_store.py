@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import astuple, fields
 from pathlib import Path
+from typing import Any
 
-from loramux.registry.store import ApiKey, FileEntry, Repo, RepoExistsError, Revision, StaleHeadError, Tenant
+from loramux.registry.store import (
+    CLAIMED,
+    FAILED,
+    QUEUED,
+    VALIDATING,
+    ApiKey,
+    FileEntry,
+    FineTuningJob,
+    JobEvent,
+    Repo,
+    RepoExistsError,
+    Revision,
+    StaleHeadError,
+    Tenant,
+    UploadedFile,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
@@ -34,7 +52,25 @@ CREATE TABLE IF NOT EXISTS files (
     commit_id TEXT NOT NULL REFERENCES revisions(commit_id) ON DELETE CASCADE, path TEXT NOT NULL,
     sha256 TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (commit_id, path));
 CREATE INDEX IF NOT EXISTS files_blob ON files (sha256);
+CREATE TABLE IF NOT EXISTS uploads (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, tenant TEXT, filename TEXT NOT NULL,
+    purpose TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, examples INTEGER NOT NULL,
+    created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS uploads_blob ON uploads (sha256);
+CREATE TABLE IF NOT EXISTS ft_jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, tenant TEXT, model TEXT NOT NULL, base TEXT,
+    training_file TEXT NOT NULL, validation_file TEXT, suffix TEXT, repo_id TEXT NOT NULL, settings TEXT NOT NULL,
+    hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
+    started_at REAL, finished_at REAL, fine_tuned_model TEXT, result_commit TEXT, error TEXT, trained_tokens INTEGER,
+    attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL, worker TEXT, lease_expires_at REAL);
+CREATE INDEX IF NOT EXISTS ft_jobs_status ON ft_jobs (status, seq);
+CREATE TABLE IF NOT EXISTS ft_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL REFERENCES ft_jobs(id) ON DELETE CASCADE, created_at REAL NOT NULL, level TEXT NOT NULL,
+    type TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
+CREATE INDEX IF NOT EXISTS ft_events_job ON ft_events (job_id, seq);
 """
+_JSON_FIELDS = ("settings", "hyperparameters", "error")
 
 
 class SQLiteStore:
@@ -170,7 +206,7 @@ class SQLiteStore:
                 )
             }
             db.execute("DELETE FROM repos WHERE id = ?", (repo.id,))  # cascades to refs, revisions, files
-            still_used = {r[0] for r in db.execute("SELECT DISTINCT sha256 FROM files")}
+            still_used = {r[0] for r in db.execute("SELECT sha256 FROM files UNION SELECT sha256 FROM uploads")}
         return blobs - still_used
 
     # --- revisions
@@ -218,7 +254,137 @@ class SQLiteStore:
         return [FileEntry(r["path"], r["sha256"], r["size"]) for r in rows]
 
     def referenced_blobs(self) -> set[str]:
-        return {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
+        return {r[0] for r in self._rows("SELECT sha256 FROM files UNION SELECT sha256 FROM uploads")}
+
+    # --- uploaded training files
+    def add_upload(self, upload: UploadedFile) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO uploads (id, tenant, filename, purpose, sha256, bytes, examples, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                astuple(upload),
+            )
+
+    def get_upload(self, file_id: str) -> UploadedFile | None:
+        rows = self._rows("SELECT * FROM uploads WHERE id = ?", file_id)
+        return _upload(rows[0]) if rows else None
+
+    def list_uploads(self, tenant: str | None) -> list[UploadedFile]:
+        if tenant is None:
+            return [_upload(r) for r in self._rows("SELECT * FROM uploads ORDER BY seq DESC")]
+        return [_upload(r) for r in self._rows("SELECT * FROM uploads WHERE tenant = ? ORDER BY seq DESC", tenant)]
+
+    def delete_upload(self, file_id: str) -> bool:
+        with self._write() as db:
+            return db.execute("DELETE FROM uploads WHERE id = ?", (file_id,)).rowcount == 1
+
+    # --- fine-tuning jobs: every state change is one conditional UPDATE inside a write transaction, so two workers
+    # never both claim a job and a worker that lost its claim never overwrites what happened since.
+    def add_job(self, job: FineTuningJob) -> None:
+        row = _job_row(job)
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO ft_jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
+
+    def get_job(self, job_id: str) -> FineTuningJob | None:
+        rows = self._rows("SELECT * FROM ft_jobs WHERE id = ?", job_id)
+        return _job(rows[0]) if rows else None
+
+    def list_jobs(self, tenant: str | None, everyone: bool, after: str | None, limit: int) -> list[FineTuningJob]:
+        where, args = ("1", []) if everyone else ("tenant IS ?", [tenant])
+        if after is not None:
+            where += " AND seq < COALESCE((SELECT seq FROM ft_jobs WHERE id = ?), -1)"
+            args.append(after)
+        rows = self._rows(f"SELECT * FROM ft_jobs WHERE {where} ORDER BY seq DESC LIMIT ?", *args, limit)
+        return [_job(r) for r in rows]
+
+    def cancel_job(self, job_id: str, now: float) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                f"UPDATE ft_jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL "
+                f"WHERE id = ? AND status IN ({_marks(3)})",
+                (now, job_id, QUEUED, *CLAIMED),
+            )
+            return cur.rowcount == 1
+
+    def expire_leases(self, now: float) -> list[tuple[FineTuningJob, str]]:
+        changed = []
+        with self._write() as db:
+            rows = db.execute(
+                f"SELECT * FROM ft_jobs WHERE status IN ({_marks(2)}) AND lease_expires_at < ?", (*CLAIMED, now)
+            ).fetchall()
+            for job in map(_job, rows):
+                if job.attempts >= job.max_attempts:
+                    error = {
+                        "code": "worker_lost",
+                        "message": f"the training worker stopped answering on the last of {job.max_attempts} attempts",
+                        "param": None,
+                    }
+                    db.execute(
+                        "UPDATE ft_jobs SET status = ?, error = ?, finished_at = ?, worker = NULL, "
+                        "lease_expires_at = NULL WHERE id = ?",
+                        (FAILED, json.dumps(error), now, job.id),
+                    )
+                    changed.append((job, FAILED))
+                else:
+                    db.execute(
+                        "UPDATE ft_jobs SET status = ?, worker = NULL, lease_expires_at = NULL WHERE id = ?",
+                        (QUEUED, job.id),
+                    )
+                    changed.append((job, QUEUED))
+        return changed
+
+    def claim_job(self, worker: str, now: float, lease_seconds: float) -> FineTuningJob | None:
+        with self._write() as db:
+            row = db.execute("SELECT id FROM ft_jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE ft_jobs SET status = ?, worker = ?, lease_expires_at = ?, attempts = attempts + 1, "
+                "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (VALIDATING, worker, now + lease_seconds, now, row["id"]),
+            )
+            return _job(db.execute("SELECT * FROM ft_jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def update_claimed(self, job_id: str, worker: str, **changes: Any) -> bool:
+        known = {f.name for f in fields(FineTuningJob)}
+        if not changes or not set(changes) <= known - {"id", "seq"}:
+            raise ValueError(f"cannot update job fields {sorted(set(changes) - known)}")
+        values = [json.dumps(v) if k in _JSON_FIELDS else v for k, v in changes.items()]
+        with self._write() as db:
+            cur = db.execute(
+                f"UPDATE ft_jobs SET {', '.join(f'{k} = ?' for k in changes)} "
+                f"WHERE id = ? AND worker = ? AND status IN ({_marks(2)})",
+                (*values, job_id, worker, *CLAIMED),
+            )
+            return cur.rowcount == 1
+
+    def release_job(self, job_id: str, worker: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE ft_jobs SET status = ?, worker = NULL, lease_expires_at = NULL, attempts = attempts - 1 "
+                f"WHERE id = ? AND worker = ? AND status IN ({_marks(2)})",
+                (QUEUED, job_id, worker, *CLAIMED),
+            )
+            return cur.rowcount == 1
+
+    def add_event(self, event: JobEvent) -> None:
+        data = None if event.data is None else json.dumps(event.data)
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO ft_events (id, job_id, created_at, level, type, message, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (event.id, event.job_id, event.created_at, event.level, event.type, event.message, data),
+            )
+
+    def list_events(self, job_id: str, after: str | None, limit: int) -> list[JobEvent]:
+        where, args = "job_id = ?", [job_id]
+        if after is not None:
+            where += " AND seq < COALESCE((SELECT seq FROM ft_events WHERE id = ?), -1)"
+            args.append(after)
+        rows = self._rows(f"SELECT * FROM ft_events WHERE {where} ORDER BY seq DESC LIMIT ?", *args, limit)
+        return [_event(r) for r in rows]
 
 
 def _repo(row: sqlite3.Row) -> Repo:
@@ -227,3 +393,30 @@ def _repo(row: sqlite3.Row) -> Repo:
 
 def _revision(row: sqlite3.Row) -> Revision:
     return Revision(row["commit_id"], row["repo_id"], row["parent"], row["message"], row["kind"], row["created_at"])
+
+
+def _upload(row: sqlite3.Row) -> UploadedFile:
+    return UploadedFile(*(row[f.name] for f in fields(UploadedFile)))
+
+
+def _job_row(job: FineTuningJob) -> dict[str, Any]:
+    return {
+        f.name: json.dumps(getattr(job, f.name)) if f.name in _JSON_FIELDS else getattr(job, f.name)
+        for f in fields(FineTuningJob)
+    }
+
+
+def _job(row: sqlite3.Row) -> FineTuningJob:
+    values = {f.name: row[f.name] for f in fields(FineTuningJob)}
+    for name in _JSON_FIELDS:
+        values[name] = None if values[name] is None else json.loads(values[name])
+    return FineTuningJob(**values)
+
+
+def _event(row: sqlite3.Row) -> JobEvent:
+    data = None if row["data"] is None else json.loads(row["data"])
+    return JobEvent(row["id"], row["job_id"], row["created_at"], row["level"], row["type"], row["message"], data)
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)

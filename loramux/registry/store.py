@@ -1,13 +1,14 @@
 """The metadata store seam: tenants and keys, repos, revisions and their files. SQLite by default
 (`sqlite_store.py`); a PostgreSQL implementation fills the same protocol when the registry outgrows one machine.
 
-Fine-tuning jobs and uploaded training files will get their own method group here when training lands.
+Uploaded training files, fine-tuning jobs and their events have their own method group (`jobs.py` is their facade).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 class RepoExistsError(ValueError):
@@ -63,6 +64,69 @@ class Revision:
     created_at: float
 
 
+# A fine-tuning job's life: queued -> validating_files (claimed: the worker checks and copies the files) -> running
+# -> succeeded | failed | cancelled. A lost lease sends a claimed job back to queued (or to failed).
+QUEUED, VALIDATING, RUNNING = "queued", "validating_files", "running"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+CLAIMED = (VALIDATING, RUNNING)
+ACTIVE = (QUEUED, *CLAIMED)
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    id: str  # "file-..."
+    tenant: str | None  # None: single-user mode
+    filename: str
+    purpose: str
+    sha256: str  # the content, in the blob store
+    bytes: int
+    examples: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class FineTuningJob:
+    """A fine-tuning job. `settings` are `TrainingSpec` settings (without data, output_dir and base, which the worker
+    fills in); `hyperparameters` is what the API shows; `base` is the base model as the server loaded it (directory,
+    hub id, or None for the default)."""
+
+    id: str  # "ftjob-..."
+    tenant: str | None
+    model: str  # the base's name as the API shows it
+    base: str | None
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    repo_id: str  # the adapter repo the result becomes a revision of
+    settings: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    seed: int
+    status: str = QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    fine_tuned_model: str | None = None
+    result_commit: str | None = None
+    error: dict[str, Any] | None = None  # {"code", "message", "param"} once failed
+    trained_tokens: int | None = None
+    attempts: int = 0  # claims so far
+    max_attempts: int = MAX_ATTEMPTS
+    worker: str | None = None  # who holds the claim
+    lease_expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: str  # "ftevent-..."
+    job_id: str
+    created_at: float
+    level: str  # info, warn or error
+    type: str  # "message", or "metrics" for a training step or a validation
+    message: str
+    data: dict[str, Any] | None = None
+
+
 class MetadataStore(Protocol):
     # --- tenants, namespaces and API keys (keys are stored as the sha256 of the token, never the token)
     def create_tenant(self, name: str) -> Tenant: ...
@@ -101,3 +165,40 @@ class MetadataStore(Protocol):
 
     def files(self, commit: str) -> list[FileEntry]: ...
     def referenced_blobs(self) -> set[str]: ...
+
+    # --- uploaded training files, fine-tuning jobs and their events
+    def add_upload(self, upload: UploadedFile) -> None: ...
+    def get_upload(self, file_id: str) -> UploadedFile | None: ...
+    def list_uploads(self, tenant: str | None) -> list[UploadedFile]:
+        """Newest first; `tenant` None lists every tenant's."""
+        ...
+
+    def delete_upload(self, file_id: str) -> bool: ...
+    def add_job(self, job: FineTuningJob) -> None: ...
+    def get_job(self, job_id: str) -> FineTuningJob | None: ...
+    def list_jobs(self, tenant: str | None, everyone: bool, after: str | None, limit: int) -> list[FineTuningJob]:
+        """Newest first, those after the job `after`; `tenant`'s only unless `everyone`."""
+        ...
+
+    def cancel_job(self, job_id: str, now: float) -> bool:
+        """Cancel an active job; False when it has already ended."""
+        ...
+
+    def expire_leases(self, now: float) -> list[tuple[FineTuningJob, str]]:
+        """Claimed jobs whose lease ended before `now` go back to queued, or to failed after their last attempt;
+        returns each as it was, with its new status."""
+        ...
+
+    def claim_job(self, worker: str, now: float, lease_seconds: float) -> FineTuningJob | None:
+        """Atomically claim the oldest queued job (status validating_files, attempts + 1)."""
+        ...
+
+    def update_claimed(self, job_id: str, worker: str, **fields: Any) -> bool:
+        """Set job fields only while `worker` holds the claim (status validating_files or running)."""
+        ...
+
+    def release_job(self, job_id: str, worker: str) -> bool: ...
+    def add_event(self, event: JobEvent) -> None: ...
+    def list_events(self, job_id: str, after: str | None, limit: int) -> list[JobEvent]:
+        """Newest first, those after the event `after`."""
+        ...
