@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _PREFIX = "step-"
+_TENSOR = "__tensor__"
 
 
 @dataclass
@@ -76,24 +77,32 @@ def save_checkpoint(
 def load_optimizer_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
     tensors = load_file(str(checkpoint.path / OPTIMIZER_FILE))
     rest = checkpoint.state["optimizer"]
-    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in rest["state"].items()}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
+    state = {int(index): _restore(entry, tensors) for index, entry in rest["state"].items()}
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    # torch AdamW keeps {"step": tensor(), "exp_avg", "exp_avg_sq"} per parameter, bitsandbytes' paged AdamW
-    # {"step": int, "state1", "state2"}: tensors by "state.<param index>.<key>", plain values in the JSON.
+    # torch AdamW keeps {"step": tensor(), "exp_avg", "exp_avg_sq"} per parameter; bitsandbytes' paged AdamW
+    # {"step": int, "state1", "state2"}, with some tensors nested one dict deeper. Each tensor goes to safetensors
+    # as "state.<param index>.<key path>" and is replaced in the JSON by {"__tensor__": that name}.
     tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, dict[str, Any]] = {}
-    for index, entry in state_dict["state"].items():
-        plain[str(index)] = {}
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                plain[str(index)][key] = value
+
+    def strip(value: Any, name: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().to("cpu").contiguous()
+            return {_TENSOR: name}
+        if isinstance(value, dict):
+            return {str(k): strip(v, f"{name}.{k}") for k, v in value.items()}
+        return value
+
+    plain = {str(index): strip(entry, f"state.{index}") for index, entry in state_dict["state"].items()}
     return tensors, {"state": plain, "param_groups": state_dict["param_groups"]}
+
+
+def _restore(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return tensors[value[_TENSOR]]
+        return {k: _restore(v, tensors) for k, v in value.items()}
+    return value
