@@ -103,8 +103,11 @@ class Request:
         self.sent_chars = 0  # characters of `text` already streamed
         self.sent_tokens = 0
         self.pending_logits: list[torch.Tensor] = []
-        self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.generator = torch.Generator()  # its own, so batch mates never change what it samples
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()  # a fresh random seed, without touching torch's global generator
 
     @property
     def all_ids(self) -> list[int]:
