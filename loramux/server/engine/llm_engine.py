@@ -1,0 +1,363 @@
+"""The engine's synchronous core: requests in, one step at a time (schedule, forward, sample), outputs out.
+
+`engine.py` wraps it for asyncio; `generate()` drives it on the calling thread (command line, benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from loramux.adapters.source import AdapterRef, AdapterSource
+from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.block_manager import BlockManager
+from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from loramux.server.engine.scheduler import Scheduler
+from loramux.server.layers.sampler import sample_token
+from loramux.server.models.loader import BaseModel
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+@dataclass
+class EngineConfig:
+    num_slots: int = 4  # adapters resident at once (distinct adapters in one batch)
+    max_lora_rank: int = 64  # r_max of the slots; adapters of higher rank are refused
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: sized from free memory at start
+    gpu_memory_fraction: float = 0.85  # of the free GPU memory, after weights and slots, given to the KV cache
+    cpu_kv_cache_bytes: int = 256 * MiB  # KV cache size on the CPU
+    max_num_seqs: int = 32  # requests in one batch
+    max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size)
+    max_model_len: int | None = None  # context length; None: the base's max_position_embeddings
+    max_queue: int = 1024  # requests accepted beyond max_num_seqs before QueueFullError
+    adapter_cache_bytes: int = 2048 * MiB  # CPU cache of adapter weights
+
+    def __post_init__(self) -> None:
+        for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < (0 if name == "num_slots" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def _kv_blocks_from_memory(base: BaseModel, config: EngineConfig) -> int:
+    block_bytes = base.model.kv_block_bytes(config.block_size)
+    if base.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(base.device)
+        budget = int(free * config.gpu_memory_fraction)
+    else:
+        budget = config.cpu_kv_cache_bytes
+    return max(1, budget // block_bytes)
+
+
+class LLMEngine:
+    """The engine driven synchronously: `add`/`abort` from any thread, `step()` from one thread.
+
+    It allocates the KV cache and adapter slots inside `base.model`: one engine per loaded base at a time.
+    """
+
+    def __init__(self, base: BaseModel, source: AdapterSource | None = None, config: EngineConfig | None = None):
+        self.base = base
+        self.config = config = config or EngineConfig()
+        if config.num_slots:  # slots first, so that the KV cache is sized from the memory that remains
+            base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank)
+        num_blocks = config.num_kv_blocks or _kv_blocks_from_memory(base, config)
+        self.runner = ModelRunner(base.model, config.block_size, num_blocks)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        # A sequence ends ("length") at the context length, and before it would need more KV than the whole cache.
+        self.max_model_len = min(
+            config.max_model_len or base.config.max_position_embeddings,
+            base.config.max_position_embeddings,
+            num_blocks * config.block_size,
+        )
+        self.adapters = AdapterCache(
+            source,
+            base.config,
+            self.runner.write_slot,
+            config.num_slots,
+            config.max_lora_rank,
+            config.adapter_cache_bytes,
+            on_change=self._wake,
+        )
+        self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._accepted = 0  # requests accepted and not finished (for the queue limit)
+        self._accepted_lock = threading.Lock()
+        self._base_stop_ids = base.stop_token_ids()
+        log.info(
+            "engine: %d KV blocks of %d tokens, %d adapter slots of rank %d",
+            num_blocks,
+            config.block_size,
+            config.num_slots,
+            config.max_lora_rank,
+        )
+
+    # -- requests in ---------------------------------------------------------------------------------------------
+
+    def make_request(
+        self,
+        on_output: Callable[[RequestOutput | BaseException], None],
+        *,
+        prompt: str | None = None,
+        prompt_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        tenant: str | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Check and tokenize a request (no I/O); raises InvalidRequestError, ContextLengthError."""
+        params = params or SamplingParams()
+        if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
+            raise InvalidRequestError("give exactly one of prompt, prompt_ids or messages")
+        if messages is not None:
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise InvalidRequestError("messages must be a list of {role, content} objects with string values")
+            ids = self.base.chat_prompt_ids(messages)
+        elif prompt is not None:
+            ids = self.base.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt_ids)
+            vocab = self.base.config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        limit = self.max_model_len - 1
+        if len(ids) > limit:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; this model's context allows at most {limit} prompt tokens"
+            )
+        ref = AdapterRef.parse(adapter) if adapter is not None else None
+        if ref is not None and not self.config.num_slots:
+            raise InvalidRequestError("this engine has no adapter slots: it serves the base model only")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._base_stop_ids)
+        return Request(request_id or uuid.uuid4().hex, ids, params, ref, tenant, stop_ids, on_output)
+
+    def add(self, request: Request) -> None:
+        """Queue a request made by `make_request` (any thread). Raises QueueFullError when overloaded."""
+        with self._accepted_lock:
+            if self._accepted >= self.config.max_num_seqs + self.config.max_queue:
+                raise QueueFullError(f"the engine holds {self._accepted} requests; retry later")
+            self._accepted += 1
+        self._post(lambda: self._add(request))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (any thread); its stream ends with finish_reason "abort"."""
+        self._post(lambda: self._abort(request_id))
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            self._fail(request, InvalidRequestError(f"request id {request.request_id!r} is already in use"))
+            return
+        self.requests[request.request_id] = request
+        if request.adapter is None:
+            self.scheduler.add(request)
+            return
+        future = self.adapters.fetch_async(request.adapter, request.tenant or None)
+        future.add_done_callback(lambda f: self._post(lambda: self._adapter_fetched(request, f)))
+
+    def _adapter_fetched(self, request: Request, future) -> None:
+        if request.status is not RequestStatus.RESOLVING:
+            return  # aborted meanwhile
+        exc = future.exception()
+        if exc is not None:
+            del self.requests[request.request_id]
+            request.status = RequestStatus.FINISHED
+            self._fail(request, exc)
+            return
+        request.adapter_key, request.lora = future.result()
+        self.scheduler.add(request)
+
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        self._release()
+        request.on_output(exc)
+
+    def _release(self) -> None:
+        with self._accepted_lock:
+            self._accepted -= 1
+
+    def _abort(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._finish(request, "abort", [])
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or not self._inbox.empty()
+
+    def wait_for_work(self, timeout: float) -> None:
+        self._wakeup.wait(timeout)
+        self._wakeup.clear()
+
+    def step(self) -> bool:
+        """Run one step: apply queued adds/aborts, schedule, forward, sample, stream. False if there was no work."""
+        while True:
+            try:
+                self._inbox.get_nowait()()
+            except queue.Empty:
+                break
+        batch = self.scheduler.schedule()
+        if not batch:
+            return False
+        chunks = [
+            Chunk(
+                request.all_ids[request.num_computed : request.num_computed + n],
+                request.num_computed,
+                request.block_table,
+                request.slot,
+            )
+            for request, n in batch
+        ]
+        logits = self.runner.run(chunks)
+        for (request, n), rows in zip(batch, logits, strict=True):
+            request.num_computed += n
+            if request.num_computed == request.num_tokens:  # the whole sequence is in the cache: sample
+                self._append_token(request, rows[-1])
+        return True
+
+    def _append_token(self, request: Request, logits: torch.Tensor) -> None:
+        p = request.params
+        token = sample_token(logits, p.temperature, p.top_k, p.top_p, request.generator)
+        request.output_ids.append(token)
+        if p.capture_logits:
+            request.pending_logits.append(logits.detach().float().cpu())
+        finish = None
+        if token in request.stop_ids:
+            finish = "stop"
+        elif len(request.output_ids) >= p.max_tokens or request.num_tokens >= self.max_model_len:
+            finish = "length"
+        self._stream(request, finish)
+
+    def _stream(self, request: Request, finish: str | None) -> None:
+        ids = request.output_ids
+        text_ids = ids[:-1] if finish == "stop" and ids and ids[-1] in request.stop_ids else ids
+        text = self.base.tokenizer.decode(text_ids, skip_special_tokens=True)
+        stops = request.params.stop
+        if stops:
+            # only text not yet streamed can hold a new match: what was streamed was checked (and held back) before
+            found = [text.find(s, max(0, request.sent_chars - len(s) + 1)) for s in stops]
+            hits = [i for i in found if i >= 0]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
+        if finish is None:
+            # Hold back what may still change: a partial UTF-8 character, or the start of a stop string.
+            end = len(text.rstrip("\ufffd"))
+            if stops:
+                end = min(end, len(text) - max(len(s) for s in stops) + 1)
+            text = text[: max(end, request.sent_chars)]
+        delta_text = text[request.sent_chars :]
+        request.sent_chars = len(text)
+        if finish is not None:
+            self._finish(request, finish, ids[request.sent_tokens :], delta_text)
+            return
+        self._emit(request, None, ids[request.sent_tokens :], delta_text)
+
+    def _emit(self, request: Request, finish: str | None, token_ids: list[int], text: str) -> None:
+        logits = torch.stack(request.pending_logits) if request.pending_logits else None
+        request.pending_logits = []
+        request.sent_tokens += len(token_ids)
+        request.on_output(
+            RequestOutput(
+                request.request_id,
+                text,
+                list(token_ids),
+                finish,
+                len(request.prompt_ids),
+                len(request.output_ids),
+                logits,
+            )
+        )
+
+    def _finish(self, request: Request, reason: str, token_ids: list[int], text: str = "") -> None:
+        self.scheduler.finish(request)
+        self.requests.pop(request.request_id, None)
+        self._release()
+        self._emit(request, reason, token_ids, text)
+
+    # -- introspection and the synchronous driver ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot: queue length, running requests, slot occupancy, adapter cache counters, KV blocks."""
+        s = self.scheduler
+        stats: dict[str, float] = {
+            "requests_waiting": s.num_waiting,
+            "requests_running": len(s.running),
+            "requests_resolving": sum(1 for r in list(self.requests.values()) if r.status is RequestStatus.RESOLVING),
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_used": self.blocks.num_blocks - self.blocks.num_free,
+            "slot_hits": s.slot_hits,
+            "slot_misses": s.slot_misses,
+            "preemptions": s.preemptions,
+        }
+        stats.update(self.adapters.stats())
+        return stats
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | None = None,
+        adapters: list[str | None] | None = None,
+        tenants: list[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion on the calling thread; one merged RequestOutput per prompt, in order."""
+        adapters = adapters or [None] * len(prompts)
+        tenants = tenants or [None] * len(prompts)
+        results: list[list[RequestOutput]] = [[] for _ in prompts]
+        errors: list[BaseException] = []
+        for i, (prompt, adapter, tenant) in enumerate(zip(prompts, adapters, tenants, strict=True)):
+
+            def collect(item, i=i):
+                (errors.append if isinstance(item, BaseException) else results[i].append)(item)
+
+            kind = "prompt" if isinstance(prompt, str) else "prompt_ids"
+            self.add(self.make_request(collect, **{kind: prompt}, adapter=adapter, params=params, tenant=tenant))
+        while self.has_unfinished() and not errors:
+            if not self.step():
+                self.wait_for_work(0.05)
+        if errors:  # end the others too, so that the engine is left as it was found
+            for request_id in list(self.requests):
+                self.abort(request_id)
+            self.step()
+            raise errors[0]
+        return [merge_outputs(items) for items in results]
+
+    def shutdown(self) -> None:
+        self.adapters.shutdown()
+
+
+def merge_outputs(items: list[RequestOutput]) -> RequestOutput:
+    """The stream of one request as one output: all text, all token ids, the final counts and finish reason."""
+    last = items[-1]
+    logits = [o.logits for o in items if o.logits is not None]
+    return RequestOutput(
+        last.request_id,
+        "".join(o.text for o in items),
+        [t for o in items for t in o.token_ids],
+        last.finish_reason,
+        last.prompt_tokens,
+        last.completion_tokens,
+        torch.cat(logits) if logits else None,
+    )
