@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
@@ -80,6 +81,10 @@ class HubRoute(APIRoute):
                         if status >= 500:
                             log.error("%s %s: %s", request.method, request.url.path, exc)
                         return error_response(status, str(exc).strip("'\""), code)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # Nothing was recorded (blobs appear only whole, revisions only after them): say so and why.
+                    log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+                    return error_response(507, "the hub's disk is full; nothing was stored: free space and retry")
                 raise
 
         return handle

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from loramux.adapters.config import AdapterConfigError
 from loramux.adapters.source import AdapterNotFoundError
+from loramux.registry.blobs import BlobError
 from loramux.server.api.errors import APIError, model_not_found, overloaded
 from loramux.server.api.state import ServerState
 from loramux.server.engine.errors import ContextLengthError, EngineStoppedError, QueueFullError
@@ -41,6 +42,14 @@ def api_error_for(exc: BaseException, model: str, prompt_param: str) -> APIError
             type="server_error",
             code="engine_stopped",
             headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, BlobError):  # the registry's copy is missing or no longer matches its sha256
+        return APIError(
+            500,
+            f"The adapter '{model}' cannot be loaded: its stored files are damaged ({exc}); push it again.",
+            type="server_error",
+            param="model",
+            code="adapter_damaged",
         )
     if isinstance(exc, ValueError):  # InvalidRequestError and the tokenizer's own complaints
         return APIError(400, str(exc), code="invalid_value")
