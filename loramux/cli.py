@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("loramux.registry.cli.hub", "serve the adapter hub (Hugging Face Hub API) alone, without torch"),
     "tenants": ("loramux.registry.cli.tenants", "create and list tenants and their namespaces"),
     "keys": ("loramux.registry.cli.keys", "create, list and revoke API keys"),
+    "train-worker": ("loramux.server.train_worker", "claim fine-tuning jobs from the registry and train them"),
 }
 
 
