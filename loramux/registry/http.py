@@ -117,7 +117,9 @@ class UploadSigner:
         return expires, self._mac(oid, size, expires)
 
     def check(self, oid: str, size: int, expires: int, signature: str) -> bool:
-        return expires >= time.time() and hmac.compare_digest(self._mac(oid, size, expires), signature)
+        # As bytes: compare_digest refuses str with non-ASCII characters, which a forged URL may carry.
+        expected = self._mac(oid, size, expires).encode()
+        return expires >= time.time() and hmac.compare_digest(expected, signature.encode("utf-8", "replace"))
 
     def _mac(self, oid: str, size: int, expires: int) -> str:
         return hmac.new(self.secret, f"{oid}:{size}:{expires}".encode(), hashlib.sha256).hexdigest()
