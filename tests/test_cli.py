@@ -11,17 +11,29 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_prints_the_greedy_answer(tiny_checkpoint):
+    """The CLI's answer is transformers' greedy continuation on the same dequantized NF4 weights."""
+    import torch
+    import transformers
+
+    from loramux.server.layers.nf4_linear import NF4Linear
     from loramux.server.models.loader import load_base
 
     path = tiny_checkpoint()
     result = run_cli("generate", "hello", "--base", str(path), "--max-tokens", "8", "--device", "cpu")
     assert result.returncode == 0, result.stderr
+
     base = load_base(str(path), device="cpu")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    for name, module in base.model.named_modules():
+        if isinstance(module, NF4Linear):
+            ref.get_submodule(name).weight.data.copy_(module.dequantize())
     ids = base.chat_prompt_ids([{"role": "user", "content": "hello"}])
-    expected = base.tokenizer.decode(
-        base.model.generate_greedy(ids, 8, base.stop_token_ids()), skip_special_tokens=True
-    )
-    assert result.stdout == expected + "\n"
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=list(base.stop_token_ids())
+        )
+    new = [t for t in out[0, len(ids) :].tolist() if t not in base.stop_token_ids()]
+    assert result.stdout == base.tokenizer.decode(new, skip_special_tokens=True) + "\n"
 
 
 def test_missing_base_fails_with_one_line(tmp_path):
