@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from loramux import __version__
 from loramux.adapters.config import CONFIG_FILE
+from loramux.registry.blobs import BlobError
 from loramux.registry.http import (
     HubHTTPError,
     HubRoute,
@@ -159,7 +160,7 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
                 raise HubHTTPError(400, f"malformed LFS object {obj!r}: expected a sha256 oid and a size")
             if size > registry.limits.max_model_file_bytes:
                 objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "file too large"}})
-            elif registry.blobs.exists(oid):
+            elif _intact(registry, oid):
                 objects.append({"oid": oid, "size": size})  # already stored: nothing to upload
             else:
                 expires, sig = signer.sign(oid, size)
@@ -278,6 +279,16 @@ def _commit(registry: Registry, repo_id: str, who: Caller, body: bytes) -> Revis
         raise HubHTTPError(400, "the commit has no header with a summary")
     message = str(header["summary"]) + (f"\n\n{header['description']}" if header.get("description") else "")
     return registry.commit(repo_id, who, operations, message, parent=header.get("parentCommit"))
+
+
+def _intact(registry: Registry, oid: str) -> bool:
+    """Whether a blob is stored and still matches its sha256. A corrupted one is uploaded again, which replaces it:
+    otherwise pushing the same file could never repair it."""
+    try:
+        registry.blobs.verified_path(oid)
+    except BlobError:
+        return False
+    return True
 
 
 def _tree_file(entry: FileEntry) -> dict:

@@ -69,6 +69,29 @@ def test_large_files_go_through_lfs_and_ranges_work(hub, tmp_path):
     assert httpx.get(url, headers={"Range": f"bytes={shard.stat().st_size + 5}-"}).status_code == 416
 
 
+def test_a_corrupted_lfs_blob_is_repaired_by_pushing_the_file_again(hub, tmp_path):
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("me/shards")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shard = folder / "model.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [512, 1024], "data_offsets": [0, 512 * 1024 * 4]}}).encode()
+    shard.write_bytes(len(header).to_bytes(8, "little") + header + bytes(range(256)) * (512 * 1024 * 4 // 256))
+    api.upload_folder(folder_path=str(folder), repo_id="me/shards")
+    sha = next(s.blob_id for s in api.model_info("me/shards", files_metadata=True).siblings)
+    blob = hub.data_dir / "blobs" / sha[:2] / sha[2:]
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    url = f"{hub.url}/me/shards/resolve/main/model.safetensors"
+    assert httpx.get(url).status_code == 500
+
+    # The LFS batch must ask for the bytes again instead of answering "already stored".
+    api.upload_folder(folder_path=str(folder), repo_id="me/shards", commit_message="repair")
+    repaired = httpx.get(url)
+    assert repaired.status_code == 200 and repaired.content == shard.read_bytes()
+
+
 def test_404s_carry_the_error_code_the_client_reads(hub, make_adapter):
     api = HfApi(endpoint=hub.url)
     api.create_repo("me/a")
