@@ -61,6 +61,7 @@ class TrainingEvent:
     loss: float | None = None  # mean loss per learned token of this step
     learning_rate: float | None = None
     tokens_per_second: float | None = None
+    tokens: int | None = None  # tokens in this step's rows, padding excluded
     val_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +174,7 @@ def train(
                 loss=total_loss,
                 learning_rate=lr,
                 tokens_per_second=tokens / elapsed if elapsed > 0 else None,
+                tokens=tokens,
             )
         )
         if val_rows and (plan.ends_epoch(step) or step == plan.total_steps):

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 from loramux.registry.cli.common import add_data_dir_argument
@@ -203,16 +202,12 @@ class _Progress:
     def __init__(self, jobs, job_id: str, worker: str) -> None:
         self.jobs, self.job_id, self.worker = jobs, job_id, worker
         self.trained_tokens = 0
-        self._last = time.perf_counter()
 
     def on_event(self, event) -> None:
-        now = time.perf_counter()
         if event.kind == "started":
             self.jobs.mark_running(self.job_id, self.worker)
         if event.kind == "step":
-            # The trainer reports a rate per step; the step's duration is the time since its previous event, so
-            # this estimates the tokens trained (it also counts the little time spent recording events).
-            self.trained_tokens += round((event.tokens_per_second or 0) * (now - self._last))
+            self.trained_tokens += event.tokens or 0
             data = {
                 "step": event.step,
                 "total_steps": event.total_steps,
@@ -228,4 +223,3 @@ class _Progress:
             self.jobs.add_event(self.job_id, event.message, type="metrics", data=data)
         else:
             self.jobs.add_event(self.job_id, event.message)
-        self._last = time.perf_counter()
