@@ -15,7 +15,9 @@ checkpointing, bf16 compute, paged AdamW (bitsandbytes) at lr 2e-4, gradient cli
 step. loramux runs `loramux.adapters.train.train`; the baseline is the usual recipe: `from_pretrained` with a
 `BitsAndBytesConfig`, `prepare_model_for_kbit_training` (which upcasts the norms, embeddings and output head to fp32),
 `get_peft_model` and a plain loop over the model's standard forward (logits at every position, cross-entropy on the
-same learned tokens). `--tiny` uses fp32 and torch's AdamW, as the trainer does on the CPU.
+same learned tokens) under bf16 autocast, as the Trainer's `bf16=True` runs it: without autocast, the upcast norms
+would carry fp32 activations into every layer. `--tiny` uses fp32 and torch's AdamW, as the trainer does on the
+CPU.
 
 Tokens/s counts every token of the measured steps (after `--warmup` steps) over their wall-clock time, the device
 synchronised at each step's end. Peak memory is `torch.cuda.max_memory_allocated`, reset before each run: once for
@@ -27,6 +29,7 @@ in both runs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -318,7 +321,7 @@ def run_loramux(base: Path, data: Path, workdir: Path, args: argparse.Namespace,
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         elif event.kind == "step":
-            clock.tick(event.tokens or 0, event.loss or math.nan)
+            clock.tick(event.tokens or 0, math.nan if event.loss is None else event.loss)
 
     try:
         train(spec, on_event)
@@ -400,12 +403,18 @@ def run_baseline(base: Path, data: Path, args: argparse.Namespace, device: torch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    def autocast() -> contextlib.AbstractContextManager:
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     model.train()
     for step in range(args.warmup + args.steps):
         torch.manual_seed(SEED * 1_000_003 + step)  # LoRA dropout
         batch_rows = rows[step * args.batch_size : (step + 1) * args.batch_size]
         batch = collate(batch_rows, device)
-        loss = model(**batch).loss  # mean over the learned tokens of the batch
+        with autocast():
+            loss = model(**batch).loss  # mean over the learned tokens of the batch
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
