@@ -475,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     args.seq_len = args.seq_len or (128 if args.tiny else 1024)
     if not 32 <= args.seq_len <= 8192:
         parser.error("--seq-len must be from 32 to 8192")
+    if args.json and not args.json.parent.is_dir():
+        parser.error(f"--json: directory {args.json.parent} does not exist")
     if args.tiny:
         device, shape, dtype = torch.device("cpu"), TINY, torch.float32
     elif torch.cuda.is_available():
@@ -516,6 +518,9 @@ def bench(
     ours = timed("loramux", lambda: run_loramux(base, data, workdir, args, device))
     theirs = timed(BASELINE, lambda: run_baseline(base, data, args, device))
     results = [ours, theirs]
+    for r in results:
+        print(f"{r.impl}: ready to train in {r.load_s:.1f} s, {args.warmup} warm-up steps in {r.warmup_s:.1f} s, "
+              f"{r.measured_steps} measured steps in {r.seconds:.1f} s")  # fmt: skip
     print_table(results)
     if args.json:
         meta = {

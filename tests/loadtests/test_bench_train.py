@@ -69,6 +69,9 @@ def test_bad_arguments_get_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["--tiny", "--seq-len", "8"])
     assert "--seq-len must be from 32 to 8192" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--json", "/no/such/dir/train.json"])
+    assert "--json: directory /no/such/dir does not exist" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main([]) == 1
         assert "the full-size run needs a CUDA device" in capsys.readouterr().err
