@@ -1,4 +1,8 @@
-# CUDA runtime image: `docker build -t loramux . && docker run --gpus all -p 8000:8000 -v loramux:/data loramux`
+# CUDA runtime image of `loramux serve`. Listening beyond loopback needs API keys, so create a tenant and a key first:
+#   docker build -t loramux .
+#   docker run --rm -v loramux:/data loramux tenants create acme
+#   docker run --rm -v loramux:/data loramux keys create acme      # prints the key once
+#   docker run --gpus all -p 8000:8000 -v loramux:/data loramux
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 LORAMUX_HOME=/data PYTHONUNBUFFERED=1
@@ -16,4 +20,5 @@ ENV PATH=/opt/venv/bin:$PATH
 VOLUME /data
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD curl -fsS http://127.0.0.1:8000/health || exit 1
-ENTRYPOINT ["loramux", "serve", "--host", "0.0.0.0", "--port", "8000"]
+ENTRYPOINT ["loramux"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
