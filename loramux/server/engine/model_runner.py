@@ -1,9 +1,17 @@
 """Runs one step of the model: builds the flat batch (tokens, positions, KV cache indices, adapter slot per token)
-from the scheduled chunks, runs the forward pass, and returns the logits rows that will be sampled."""
+from the scheduled chunks, runs the forward pass, and returns the logits rows that will be sampled.
+
+On CUDA a step of decode tokens only (one new token per sequence) replays a CUDA graph: the batch is padded up to
+the next captured size, its inputs copied into static tensors (token ids, positions, cache slots, adapter slots,
+block tables, context lengths), and one replay runs every kernel of the step with no host synchronisation. Graphs
+are captured on first use, one per (batch size, block-table width, with or without LoRA). Padding rows compute on a
+scratch KV block that no sequence owns.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,19 +32,34 @@ class Chunk:
     all_logits: bool = False  # logits for every token of the chunk, not just the last
 
 
+# Batch sizes that decode graphs are captured for; a batch is padded up to the next one.
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+# Decode graphs gather each sequence's K/V padded to the widest block table: above this many gathered positions
+# (batch x width) a step runs eagerly instead, so that the padded gather never takes much memory.
+GRAPH_MAX_GATHER = 256 * 512
+
+
 class ModelRunner:
     """Owns the KV cache; the model's adapter slots (if any) are allocated before, by the engine."""
 
-    def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int, cuda_graphs: bool = True) -> None:
         self.model = model
         self.block_size = block_size
         self.device = model.lm_head_weight.device
         self.lora_modules = model.lora_modules()
-        model.allocate_kv_cache(num_blocks, block_size)
+        # One block past those the block manager hands out: padding rows of a graph batch write their K/V there.
+        model.allocate_kv_cache(num_blocks + 1, block_size)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, block_size, scratch_block=num_blocks)
+        self._upload_stream: torch.cuda.Stream | None = None
+        self._upload_lock = threading.Lock()
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """One forward pass over all chunks -> per chunk its logits, (1, vocab) or (n, vocab) with all_logits."""
+        if self.graphs is not None and self.graphs.fits(chunks):
+            return self.graphs.run(chunks)
         ids, positions, kv_index, slots, ranges, contexts = [], [], [], [], [], []
         bs = self.block_size
         for chunk in chunks:
@@ -76,13 +99,18 @@ class ModelRunner:
     def write_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Load an adapter into `slot` of every decoder linear layer (zeros where it has no module).
 
-        Called on the adapter loader thread while steps run: the slot is not in use by any request, and on the GPU
-        the copies go on a stream of their own so they overlap the step's kernels.
+        Called on the adapter loader thread while steps run: the slot is not in use by any request. On the GPU the
+        copies go on a stream of their own, so they overlap the step's kernels; that stream first waits for the work
+        already queued on the step stream (a step that still reads the slot's previous adapter), and this returns
+        only once the copies are done (an event), so the slot is marked ready only when its weights are in place.
         """
-        with contextlib.ExitStack() as stack:
+        with self._upload_lock, contextlib.ExitStack() as stack:
             stream = None
             if self.device.type == "cuda":
-                stream = torch.cuda.Stream(self.device)
+                if self._upload_stream is None:
+                    self._upload_stream = torch.cuda.Stream(self.device)
+                stream = self._upload_stream
+                stream.wait_stream(torch.cuda.default_stream(self.device))
                 stack.enter_context(torch.cuda.stream(stream))
             for name, module in self.lora_modules.items():
                 lora = weights.modules.get(name) if weights is not None else None
@@ -91,4 +119,100 @@ class ModelRunner:
                 else:
                     module.write_slot(slot, lora.a, lora.b, lora.scaling)
             if stream is not None:
-                stream.synchronize()  # the slot is marked ready only once its weights are in place
+                done = torch.cuda.Event()
+                done.record(stream)
+                done.synchronize()
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode steps, captured on first use and replayed with the step's inputs copied in."""
+
+    def __init__(self, model: LlamaForCausalLM, block_size: int, scratch_block: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.max_batch = GRAPH_BATCH_SIZES[-1]
+        self.max_width = max(1, model.config.max_position_embeddings // block_size)
+        device = model.lm_head_weight.device
+        # Static inputs, rows of (5, max_batch): token ids, positions, flat KV index, adapter slot, context length.
+        self.vectors = torch.zeros(5, self.max_batch, dtype=torch.long, device=device)
+        self.tables = torch.full((self.max_batch, self.max_width), scratch_block, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def _shape(self, chunks: list[Chunk]) -> tuple[int, int]:
+        """(padded batch size, padded block-table width) for a batch of decode chunks."""
+        size = next(s for s in GRAPH_BATCH_SIZES if s >= len(chunks))
+        needed = max((c.start // self.block_size) + 1 for c in chunks)
+        width = 1 << (needed - 1).bit_length()  # a power of two, so that few widths are ever captured
+        return size, min(width, self.max_width)
+
+    def fits(self, chunks: list[Chunk]) -> bool:
+        if not chunks or len(chunks) > self.max_batch:
+            return False
+        if any(len(c.token_ids) != 1 or c.all_logits for c in chunks):
+            return False
+        size, width = self._shape(chunks)
+        return size * width * self.block_size <= GRAPH_MAX_GATHER
+
+    def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        n = len(chunks)
+        size, width = self._shape(chunks)
+        bs = self.block_size
+        scratch = self.scratch_block * bs
+        vectors = torch.zeros(5, size, dtype=torch.long)
+        vectors[2].fill_(scratch)
+        vectors[3].fill_(-1)
+        vectors[4].fill_(1)  # a padding row attends to the one scratch position it wrote
+        vectors[:, :n] = torch.tensor(
+            [
+                [c.token_ids[0] for c in chunks],
+                [c.start for c in chunks],
+                [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks],
+                [c.slot for c in chunks],
+                [c.start + 1 for c in chunks],
+            ]
+        )
+        tables = torch.full((size, width), self.scratch_block, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            used = c.block_table[:width]
+            tables[i, : len(used)] = torch.tensor(used)
+        lora = self.model.num_lora_slots > 0 and any(c.slot >= 0 for c in chunks)
+        self.vectors[:, :size].copy_(vectors)
+        self.tables[:size, :width].copy_(tables)
+        key = (size, width, lora)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        # a copy: the next replay overwrites the graph's output
+        return list(logits[:n].clone().split(1))
+
+    def _forward(self, size: int, width: int, lora: bool) -> torch.Tensor:
+        v = self.vectors
+        ctx = BatchContext(
+            kv_index=v[2, :size],
+            token_slots=v[3, :size] if lora else None,
+            query_ranges=[],
+            context_index=[],
+            block_tables=self.tables[:size, :width],
+            context_lens=v[4, :size],
+        )
+        hidden = self.model(v[0, :size], v[1, :size], ctx)
+        return self.model.compute_logits(hidden)  # (size, vocab) fp32
+
+    def _capture(self, size: int, width: int, lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream first (Triton compiles, cuBLAS picks its kernels); it computes the same step the
+        # replay will, so the K/V it writes are the same values.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(size, width, lora)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # thread_local: the adapter loader thread may copy into slots (on its own stream) during a capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            logits = self._forward(size, width, lora)
+        return graph, logits

@@ -5,25 +5,43 @@ rank is below `r_max` has zero-padded A rows / B columns, and a module an adapte
 that slot, so the padded math is exact. `shrink` and `expand` are the two halves of `y += s·(x·Aᵀ)·Bᵀ`; the torch
 versions here are the reference that runs anywhere. On CUDA they dispatch to the Triton kernels of
 `lora_kernels.py` (same signatures) when that module imports.
+
+Modules that read the same input (q/k/v, gate/up) can share one `LoraGroup`: their A stacks are views into one
+`(S, G·r_max, in)` tensor, so on the GPU one shrink reads x once for all of them and one launch expands into every
+output (`lora_kernels.expand_fused`). On the CPU a group runs module by module through the reference.
 """
 
 from __future__ import annotations
 
 import functools
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from loramux.server.layers.nf4_linear import NF4Linear
 
+if TYPE_CHECKING:
+    from loramux.server.layers.lora_kernels import Segments
+
 
 @functools.cache
 def _kernels() -> ModuleType | None:
+    """The Triton kernels, or None where Triton is missing (they are used for CUDA tensors only)."""
     try:
         from loramux.server.layers import lora_kernels
     except ImportError:
         return None
     return lora_kernels
+
+
+def plan_step(token_slots: torch.Tensor | None, num_slots: int) -> Segments | None:
+    """The segment plan of a step's (T,) token slots for every LoRA layer, or None where the kernels' gather path
+    (few tokens, decode) or the CPU reference runs. Made once per step: a sort and a search on the device."""
+    kernels = _kernels() if token_slots is not None and token_slots.is_cuda else None
+    if kernels is None or token_slots.shape[0] <= kernels.GATHER_MAX_TOKENS:
+        return None
+    return kernels.plan_segments(token_slots, num_slots)
 
 
 def _slot_groups(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -92,27 +110,80 @@ class LoraLinear(NF4Linear):
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Put one adapter's (r, in) A and (out, r) B into `slot`, zero-padded to r_max; None clears the slot."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.scalings[slot] = 0.0
-        self.ranks[slot] = 0
-        if a is None or b is None:
-            return
-        rank = a.shape[0]
-        self.lora_a[slot, :rank].copy_(a)
-        self.lora_b[slot, :, :rank].copy_(b)
-        self.scalings[slot] = scaling
+        rank = 0 if a is None or b is None else a.shape[0]
+        # Copy the rank's rows first, then zero only the padding: fewer launches per module on the GPU.
+        if rank:
+            self.lora_a[slot, :rank].copy_(a, non_blocking=True)
+            self.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
+        if rank < self.lora_a.shape[1]:
+            self.lora_a[slot, rank:].zero_()
+            self.lora_b[slot, :, rank:].zero_()
+        self.scalings[slot] = scaling if rank else 0.0
         self.ranks[slot] = rank
 
-    def forward(self, x: torch.Tensor, token_slots: torch.Tensor | None = None) -> torch.Tensor:
-        y = super().forward(x)
-        if token_slots is None or self.lora_a is None:
-            return y
+    def lora_delta(
+        self, x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, segments: Segments | None = None
+    ) -> None:
+        """y (T, out) += this layer's LoRA of x (T, in) for each token's slot."""
         kernels = _kernels() if x.is_cuda else None
         if kernels is not None:  # the GPU kernels also bound their work by each slot's true rank
-            h = kernels.shrink(x, self.lora_a, token_slots, ranks=self.ranks)
-            kernels.expand(y, h, self.lora_b, token_slots, self.scalings, ranks=self.ranks)
+            h = kernels.shrink(x, self.lora_a, token_slots, ranks=self.ranks, segments=segments)
+            kernels.expand(y, h, self.lora_b, token_slots, self.scalings, ranks=self.ranks, segments=segments)
         else:
             h = shrink_torch(x, self.lora_a, token_slots)
             expand_torch(y, h, self.lora_b, token_slots, self.scalings)
+
+    def forward(
+        self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None
+    ) -> torch.Tensor:
+        y = super().forward(x)
+        if token_slots is not None and self.lora_a is not None:
+            self.lora_delta(x, y, token_slots, segments)
         return y
+
+
+class LoraGroup:
+    """LoRA layers that read the same input (q/k/v or gate/up), with their A stacks in one tensor.
+
+    `allocate_slots` gives every member views into shared `A (S, G·r_max, in)`, `ranks (S, G)` and
+    `scalings (S, G)`, so each member still reads and writes its own slots as a plain `LoraLinear`.
+    """
+
+    def __init__(self, layers: list[LoraLinear]) -> None:
+        if not 1 <= len(layers) <= 3 or len({m.in_features for m in layers}) != 1:
+            raise ValueError("a LoRA group takes 1 to 3 layers of the same input size")
+        self.layers = layers
+        self.lora_a: torch.Tensor | None = None
+        self.ranks: torch.Tensor | None = None
+        self.scalings: torch.Tensor | None = None
+
+    def allocate_slots(self, num_slots: int, max_rank: int) -> None:
+        first, g = self.layers[0], len(self.layers)
+        device, dtype = first.packed.device, first.compute_dtype
+        self.lora_a = torch.zeros(num_slots, g * max_rank, first.in_features, device=device, dtype=dtype)
+        self.ranks = torch.zeros(num_slots, g, device=device, dtype=torch.int32)
+        self.scalings = torch.zeros(num_slots, g, device=device, dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            layer.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, device=device, dtype=dtype)
+            layer.lora_a = self.lora_a[:, i * max_rank : (i + 1) * max_rank]  # (S, r_max, in), a view
+            layer.ranks = self.ranks[:, i]
+            layer.scalings = self.scalings[:, i]
+
+    def __call__(
+        self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None
+    ) -> list[torch.Tensor]:
+        """x (T, in) -> each member's output (T, out_g), base plus LoRA."""
+        ys = [NF4Linear.forward(layer, x) for layer in self.layers]
+        if token_slots is None or self.lora_a is None:
+            return ys
+        kernels = _kernels() if x.is_cuda else None
+        if kernels is None:
+            for layer, y in zip(self.layers, ys, strict=True):
+                layer.lora_delta(x, y, token_slots)
+            return ys
+        # One shrink reads x once for all members: h (T, G·r_max); one launch writes every member's output.
+        g = len(self.layers)
+        h = kernels.shrink(x, self.lora_a, token_slots, ranks=self.ranks, groups=g, segments=segments)
+        bs = [layer.lora_b for layer in self.layers]
+        kernels.expand_fused(ys, h, bs, token_slots, self.scalings, ranks=self.ranks, segments=segments)
+        return ys

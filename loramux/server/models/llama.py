@@ -3,19 +3,26 @@
 Module names follow the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`), so PEFT adapters' module
 names address the layers directly. The forward pass is flat and paged: a step's tokens from many sequences are one
 (T,) batch, keys/values live in a paged cache (`layers/attention.py`), and every linear layer adds the LoRA of each
-token's adapter slot (`layers/lora.py`). `engine/model_runner.py` builds the batch.
+token's adapter slot (`layers/lora.py`); q/k/v and gate/up each share one LoRA group, so that on the GPU each
+group's LoRA is one shrink and one expand. `engine/model_runner.py` builds the batch (and replays decode steps as
+CUDA graphs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from loramux.server.layers.lora_kernels import Segments
+
 from loramux.server.layers.attention import BatchContext, paged_attention, store_kv
-from loramux.server.layers.lora import LoraLinear
+from loramux.server.layers.lora import LoraGroup, LoraLinear, plan_step
 from loramux.server.layers.norm import RMSNorm
 from loramux.server.layers.rotary import RotaryEmbedding, apply_rotary
 from loramux.server.models.config import ModelConfig
@@ -41,6 +48,7 @@ class Attention(nn.Module):
         self.k_proj = linear("k_proj", config.attention_bias)
         self.v_proj = linear("v_proj", config.attention_bias)
         self.o_proj = linear("o_proj", False)
+        self.qkv = LoraGroup([self.q_proj, self.k_proj, self.v_proj])  # not a module: the layers are registered above
         self.q_norm = norm("q_norm") if config.qk_norm else None
         self.k_norm = norm("k_norm") if config.qk_norm else None
         # (num_blocks, block_size, n_kv_heads, head_dim) each, set by `LlamaForCausalLM.allocate_kv_cache`
@@ -51,16 +59,17 @@ class Attention(nn.Module):
         """x (T, hidden) flat tokens of many sequences -> (T, hidden)."""
         t = x.shape[0]
         slots = ctx.token_slots
-        q = self.q_proj(x, slots).view(t, self.n_heads, self.head_dim)
-        k = self.k_proj(x, slots).view(t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x, slots).view(t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x, slots, ctx.segments)
+        q = q.view(t, self.n_heads, self.head_dim)
+        k = k.view(t, self.n_kv_heads, self.head_dim)
+        v = v.view(t, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, cos[:, None], sin[:, None])  # (T, H, hd)
         k = apply_rotary(k, cos[:, None], sin[:, None])
         store_kv(self.k_cache, self.v_cache, k, v, ctx.kv_index)
         out = paged_attention(q, self.k_cache, self.v_cache, ctx, self.n_kv_heads)
-        return self.o_proj(out.reshape(t, -1), slots)
+        return self.o_proj(out.reshape(t, -1), slots, ctx.segments)
 
 
 class MLP(nn.Module):
@@ -69,9 +78,13 @@ class MLP(nn.Module):
         self.gate_proj = linear("gate_proj", False)
         self.up_proj = linear("up_proj", False)
         self.down_proj = linear("down_proj", False)
+        self.gate_up = LoraGroup([self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor, token_slots: torch.Tensor | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, token_slots)) * self.up_proj(x, token_slots), token_slots)
+    def forward(
+        self, x: torch.Tensor, token_slots: torch.Tensor | None, segments: Segments | None = None
+    ) -> torch.Tensor:
+        gate, up = self.gate_up(x, token_slots, segments)
+        return self.down_proj(F.silu(gate) * up, token_slots, segments)
 
 
 class DecoderLayer(nn.Module):
@@ -123,6 +136,7 @@ class LlamaForCausalLM(nn.Module):
             return state_dict.pop(name, None)
 
         self.model = LlamaModel(config, take, dtype)
+        self.num_lora_slots = 0
         head = take("lm_head.weight")
         if head is None or config.tie_word_embeddings:
             self.lm_head_weight = self.model.embed_tokens.weight
@@ -132,10 +146,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """input_ids, positions: (T,) flat tokens of a step -> hidden states (T, hidden) after the final norm."""
         x = self.model.embed_tokens(input_ids)
+        if ctx.token_slots is not None and ctx.segments is None:
+            ctx = dataclasses.replace(ctx, segments=plan_step(ctx.token_slots, self.num_lora_slots))
         cos, sin = self.model.rotary(positions, x.dtype)  # (T, hd) each
         for layer in self.model.layers:
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, ctx)
-            x = x + layer.mlp(layer.post_attention_layernorm(x), ctx.token_slots)
+            x = x + layer.mlp(layer.post_attention_layernorm(x), ctx.token_slots, ctx.segments)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -162,8 +178,12 @@ class LlamaForCausalLM(nn.Module):
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
 
     def allocate_lora_slots(self, num_slots: int, max_rank: int) -> None:
-        for module in self.lora_modules().values():
-            module.allocate_slots(num_slots, max_rank)
+        for layer in self.model.layers:
+            layer.self_attn.qkv.allocate_slots(num_slots, max_rank)
+            layer.self_attn.o_proj.allocate_slots(num_slots, max_rank)
+            layer.mlp.gate_up.allocate_slots(num_slots, max_rank)
+            layer.mlp.down_proj.allocate_slots(num_slots, max_rank)
+        self.num_lora_slots = num_slots
 
 
 def _required(take: Callable[[str], torch.Tensor | None], name: str) -> torch.Tensor:

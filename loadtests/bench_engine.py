@@ -1,0 +1,537 @@
+"""End-to-end engine benchmark on a model of the Llama-3-8B shape with random weights, against transformers + PEFT.
+
+    python loadtests/bench_engine.py --json engine.json             # the full run, on a GPU
+    python loadtests/bench_engine.py --tiny --json tiny.json        # a tiny model, any device (CI smoke test)
+    python loadtests/bench_engine.py --only w1,stream               # a subset
+
+Weights are generated layer by layer on the device and each decoder linear layer is quantized to NF4 (double
+quantization) as it is made, as the loader does: no full-precision copy of the model ever exists. Speed does not
+depend on the weights' values. Parts (`--only`):
+
+- w1: 256 requests at once, 128 prompt tokens, exactly 128 generated (EOS ignored), 32 adapters of rank 16 on all
+  seven modules, round-robin; loramux with the adapters and with none.
+- peft / hf: transformers + PEFT mixed batch (`adapter_names`) and transformers `generate` base only, batches of 32
+  (bitsandbytes NF4 base). Measured on `--baseline-batches` batches of `--baseline-gen` tokens: a rate in tokens/s.
+- stream: 1 request, 128 prompt tokens, 512 generated.
+- w2: distinct adapters of ranks 8 to 64 on q_proj and v_proj, Zipf popularity (exponent 1), Poisson arrivals at a
+  rate above what the engine serves, 64 slots and a CPU cache of 256 adapters: tokens/s, time to first token.
+- load: time to move a rank-16 all-module adapter from the CPU cache into a slot, and from disk into a slot.
+
+Peak GPU memory is that of the loramux parts. A table goes to stdout, all figures to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+from loramux.adapters.weights import base_shapes, load_lora
+from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
+from loramux.server.engine.request import SamplingParams
+from loramux.server.models.config import ModelConfig
+from loramux.server.models.llama import LINEAR_MODULES, LlamaForCausalLM
+from loramux.server.models.loader import BaseModel, compute_dtype_for
+
+PARTS = ("w1", "peft", "hf", "stream", "w2", "load")
+LLAMA3_8B = {
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+}
+TINY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 2048,
+}
+
+
+class RandomWeights(dict):
+    """The state dict the model builder pops from, made on demand on the device: one tensor exists at a time until
+    the builder has quantized it (`LlamaForCausalLM` pops each tensor once)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config, self.device, self.dtype = config, device, dtype
+        self.shapes = {f"{m}": s for m, s in base_shapes(config).items()}
+        self.generator = torch.Generator(device).manual_seed(0)
+
+    def pop(self, name: str, default=None):
+        c = self.config
+        if name.endswith("norm.weight"):
+            return torch.ones(c.hidden_size, device=self.device, dtype=self.dtype)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            shape = (c.vocab_size, c.hidden_size)
+        else:
+            shape = self.shapes[name.split(".")[-2]]
+        w = torch.empty(shape, device=self.device, dtype=self.dtype)
+        return w.normal_(0.0, 0.02, generator=self.generator)
+
+
+class CharTokenizer:
+    """Token id -> one printable character: detokenizing costs about what a real tokenizer's decode does per id,
+    without a 128k-entry vocabulary to build."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(33 + i % 90) for i in ids)
+
+
+def build_base(raw: dict, device: torch.device) -> BaseModel:
+    config = ModelConfig(**raw)
+    dtype = compute_dtype_for(device)
+    model = LlamaForCausalLM(config, RandomWeights(config, device, dtype), dtype).to(device).eval()
+    return BaseModel("random", Path("."), config, model, CharTokenizer())
+
+
+def write_adapter(directory: Path, rank: int, modules: list[str], config: ModelConfig, seed: int) -> Path:
+    """A PEFT LoRA directory: rank `rank` on `modules` of every layer, small random A and B (bf16)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shapes = base_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module in modules:
+            out, inp = shapes[module]
+            group = "self_attn" if module in LINEAR_MODULES[:4] else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, inp, generator=gen) * 0.01).bfloat16()
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out, rank, generator=gen) * 0.01).bfloat16()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": modules}
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+class LocalSource:
+    """Adapters by name from directories; `alias` lets many distinct adapter names share one weights file."""
+
+    def __init__(self) -> None:
+        self.paths: dict[str, Path] = {}
+
+    def add(self, repo: str, path: Path) -> None:
+        self.paths[repo] = path
+
+    def resolve(self, ref: AdapterRef, tenant: str | None) -> ResolvedAdapter:
+        if ref.repo not in self.paths:
+            raise AdapterNotFoundError(f"adapter {ref} not found")
+        return ResolvedAdapter(ref.repo, "0" * 40, self.paths[ref.repo])
+
+
+def alias_adapter(root: Path, name: str, weights_dir: Path) -> Path:
+    """A distinct adapter directory whose weights file links to `weights_dir`'s (its own config, its own name)."""
+    target = root / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (target / file).exists():
+            os.symlink(weights_dir / file, target / file)
+    return target
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def run_batch(engine: LLMEngine, ids: list[list[int]], gen: int, adapters: list[str | None]) -> dict:
+    """Submit all at once, run to completion: generated tokens/s over the wall time."""
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    sync(engine.base.device)
+    started = time.perf_counter()
+    outs = engine.generate(ids, params, adapters=adapters)
+    sync(engine.base.device)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.token_ids) for o in outs)
+    assert tokens == gen * len(ids), f"generated {tokens} tokens, expected {gen * len(ids)}"
+    print(f"  {len(ids)} requests x {gen} tokens: {tokens / seconds:.1f} tokens/s", flush=True)
+    return {"requests": len(ids), "generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
+    n, plen, gen = args.w1_requests, args.prompt, args.gen
+    source = LocalSource()
+    modules = list(LINEAR_MODULES)
+    # 32 distinct adapters (names, cache entries, slots); their weights files are 4 distinct ones, linked, since
+    # speed does not depend on the values and writing 32 x 84 MB of random weights would dominate the run
+    for i in range(args.w1_adapters):
+        if i < 4:
+            path = write_adapter(root / f"w1-{i}", 16, modules, base.config, seed=i)
+        else:
+            path = alias_adapter(root, f"w1-{i}", root / f"w1-{i % 4}")
+        source.add(f"bench/w1-{i}", path)
+    blocks = n * math.ceil((plen + gen) / 16) + 64
+    config = EngineConfig(
+        num_slots=args.w1_adapters, max_lora_rank=16, num_kv_blocks=blocks, max_num_seqs=n,
+        max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * n,
+        adapter_cache_bytes=16 * 2**30,  # all 32 (84 MB each in bf16, 168 MB as fp32 on the CPU) stay cached
+    )  # fmt: skip
+    engine = LLMEngine(base, source, config)
+    try:
+        ids = prompts(n, plen, base.config.vocab_size, seed=1)
+        names = [f"bench/w1-{i % args.w1_adapters}" for i in range(n)]
+        # warm-up: fills the slots, compiles the kernels, captures the graphs of the sizes the runs use
+        run_batch(engine, ids, min(gen, 8), names)
+        run_batch(engine, ids, min(gen, 8), [None] * n)
+        results["w1_lora"] = run_batch(engine, ids, gen, names)
+        results["w1_base"] = run_batch(engine, ids, gen, [None] * n)
+        if "stream" in args.parts:
+            one = prompts(1, plen, base.config.vocab_size, seed=2)
+            run_batch(engine, one, 8, [names[0]])
+            results["stream"] = run_batch(engine, one, args.stream_gen, [names[0]])
+            results["stream_base"] = run_batch(engine, one, args.stream_gen, [None])
+        if "load" in args.parts:
+            results["load"] = bench_load(engine, root / "w1-0", base)
+        if args.profile and base.device.type == "cuda":
+            results["decode_profile"] = profile_decode(engine, ids, names)
+    finally:
+        engine.shutdown()
+        gc.collect()
+
+
+def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
+    """A rank-16 all-module adapter into slot 0: from the CPU cache (weights already read) and from disk."""
+    device = base.device
+    runner = engine.runner
+    cpu, disk = [], []
+    for _ in range(5):
+        started = time.perf_counter()
+        weights = load_lora(adapter_dir, base.config)
+        runner.write_slot(0, weights)
+        sync(device)
+        disk.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        runner.write_slot(0, weights)
+        sync(device)
+        cpu.append(time.perf_counter() - started)
+    mb = weights.nbytes() / 2**20
+    return {"cpu_to_slot_ms": 1e3 * statistics.median(cpu), "disk_to_slot_ms": 1e3 * statistics.median(disk),
+            "adapter_fp32_mib": mb}  # fmt: skip
+
+
+def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str]) -> dict:
+    """Where a decode step of the W1 batch spends its GPU time: NF4 matmuls, attention, LoRA, the rest (eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner, graphs = engine.runner, engine.runner.graphs
+    engine.runner.graphs = None  # eager, so that the profiler sees every kernel
+
+    def by_kind(max_tokens: int) -> dict[str, float]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate(ids, params, adapters=names)
+        kinds = dict.fromkeys(("nf4_dequant", "gemm", "lora", "attention", "other"), 0.0)
+        for e in prof.key_averages():
+            name, t = e.key.lower(), getattr(e, "device_time_total", 0.0)
+            if "dequant" in name or "4bit" in name:
+                kinds["nf4_dequant"] += t
+            elif "shrink" in name or "expand" in name:
+                kinds["lora"] += t
+            elif "attention" in name or "fmha" in name or "flash" in name or ("index" in name and "copy" not in name):
+                kinds["attention"] += t
+            elif "gemm" in name or "gemv" in name or "cutlass" in name or "sm90" in name:
+                kinds["gemm"] += t
+            else:
+                kinds["other"] += t
+        return kinds
+
+    try:
+        # the prefill steps are the same in both runs: the difference is 4 decode steps of the whole batch
+        one, five = by_kind(1), by_kind(5)
+    finally:
+        runner.graphs = graphs
+    kinds = {k: (five[k] - one[k]) / 4 for k in one}
+    total = sum(kinds.values())
+    return {
+        "note": "one eager decode step of the W1 batch with adapters: GPU microseconds by kind",
+        "us": kinds, "share": {k: v / total for k, v in kinds.items()} if total else {},
+    }  # fmt: skip
+
+
+def bench_w2(base: BaseModel, args, root: Path, results: dict) -> None:
+    """Many adapters, Zipf popularity, Poisson arrivals above the serving rate: tokens/s and TTFT percentiles."""
+    rng = random.Random(3)
+    ranks = (8, 16, 32, 64)
+    modules = ["q_proj", "v_proj"]
+    shared = {r: write_adapter(root / f"w2-rank{r}", r, modules, base.config, seed=100 + r) for r in ranks}
+    source = LocalSource()
+    for i in range(args.w2_adapters):
+        source.add(f"bench/w2-{i}", alias_adapter(root / "w2", f"a{i}", shared[ranks[i % len(ranks)]]))
+    per_adapter = {r: load_lora(shared[r]).nbytes() for r in ranks}
+    cache_bytes = int(args.w2_cpu_cache * statistics.mean(per_adapter.values()))
+    n, plen, gen = args.w2_requests, args.prompt, args.gen
+    blocks = args.w1_requests * math.ceil((plen + gen) / 16) + 64
+    config = EngineConfig(
+        num_slots=args.w2_slots, max_lora_rank=64, num_kv_blocks=blocks, max_num_seqs=args.w1_requests,
+        max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * n, adapter_cache_bytes=cache_bytes,
+    )  # fmt: skip
+    weights = [1.0 / (k + 1) for k in range(args.w2_adapters)]  # Zipf, exponent 1
+    chosen = rng.choices(range(args.w2_adapters), weights=weights, k=n)
+    ids = prompts(n, plen, base.config.vocab_size, seed=4)
+    rate = args.w2_rate  # requests/s, above what W1 sustains (W1 tokens/s / gen), so the queue never empties
+    engine = LLMEngine(base, source, config)
+    first: dict[int, float] = {}
+    submitted: dict[int, float] = {}
+    done = threading.Event()
+    remaining = [n]
+    lock = threading.Lock()
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    try:
+        run_batch(engine, ids[:4], 4, [f"bench/w2-{k}" for k in range(4)])  # warm-up
+        arrivals, t = [], 0.0
+        for _ in range(n):
+            t += rng.expovariate(rate)
+            arrivals.append(t)
+
+        def on_output(i: int, out) -> None:
+            if isinstance(out, BaseException):
+                raise out
+            first.setdefault(i, time.perf_counter())
+            if out.finish_reason is not None:
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+        started = time.perf_counter()
+
+        def submit() -> None:
+            for i, at in enumerate(arrivals):
+                delay = started + at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                submitted[i] = time.perf_counter()
+                engine.add(engine.make_request(lambda o, i=i: on_output(i, o), prompt_ids=ids[i],
+                                               adapter=f"bench/w2-{chosen[i]}", params=params))  # fmt: skip
+
+        feeder = threading.Thread(target=submit, daemon=True)
+        feeder.start()
+        while not done.is_set():
+            if not engine.step():
+                engine.wait_for_work(0.01)
+        seconds = time.perf_counter() - started
+        ttft = sorted(first[i] - submitted[i] for i in range(n))
+        results["w2"] = {
+            "requests": n, "adapters": args.w2_adapters, "distinct_used": len(set(chosen)), "slots": args.w2_slots,
+            "cpu_cache_adapters": args.w2_cpu_cache, "arrival_rate_per_s": rate, "seconds": seconds,
+            "tokens_per_s": n * gen / seconds, "ttft_p50_s": ttft[len(ttft) // 2],
+            "ttft_p99_s": ttft[min(n - 1, int(0.99 * n))], "stats": engine.stats(),
+        }  # fmt: skip
+    finally:
+        engine.shutdown()
+        gc.collect()
+
+
+def build_hf(raw: dict, device: torch.device):
+    """The same shape in transformers, every decoder linear layer a bitsandbytes NF4 `Linear4bit` (double quant),
+    quantized layer by layer as it is made."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    dtype = compute_dtype_for(device)
+    config = LlamaConfig(**raw, torch_dtype=dtype)
+    with torch.device("meta"):
+        model = HFLlama(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for _, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear) and child_name in LINEAR_MODULES:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=dtype,
+                                          compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
+                    w = torch.empty(child.out_features, child.in_features, device=device, dtype=dtype)
+                    w.normal_(0.0, 0.02, generator=gen)
+                    q.weight = bnb.nn.Params4bit(w.cpu() if device.type != "cuda" else w, requires_grad=False,
+                                                 compress_statistics=True, quant_type="nf4").to(device)  # fmt: skip
+                    setattr(module, child_name, q)
+            for p_name, p in module.named_parameters(recurse=False):
+                if not isinstance(p, bnb.nn.Params4bit):
+                    if p_name == "weight" and p.dim() == 1:
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, 0.02, generator=gen)
+    rope = model.model.rotary_emb
+    model.model.rotary_emb = type(rope)(config).to(device)  # its inverse frequencies were on the meta device
+    return model.eval()
+
+
+def hf_rate(model, batches: int, batch: int, plen: int, gen: int, vocab: int, **kwargs) -> dict:
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompts(batch, plen, vocab, seed=5), device=device)
+    kw = dict(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2}, **kwargs)  # warm-up
+        sync(device)
+        started = time.perf_counter()
+        tokens = 0
+        for _ in range(batches):
+            out = model.generate(ids, **kw, **kwargs)
+            tokens += (out.shape[1] - plen) * batch
+        sync(device)
+    seconds = time.perf_counter() - started
+    print(f"  transformers batch {batch} x {gen} tokens: {tokens / seconds:.1f} tokens/s", flush=True)
+    return {"batch": batch, "batches": batches, "generated_tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds}  # fmt: skip
+
+
+def bench_baselines(raw: dict, args, device: torch.device, results: dict) -> None:
+    model = build_hf(raw, device)
+    vocab = raw["vocab_size"]
+    if "hf" in args.parts:
+        results["hf_base"] = hf_rate(model, args.baseline_batches, 32, args.prompt, args.baseline_gen, vocab)
+    if "peft" in args.parts:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=16, lora_alpha=32, target_modules=list(LINEAR_MODULES), lora_dropout=0.0)
+        peft_model = get_peft_model(model, cfg, adapter_name="a0").eval()
+        for i in range(1, args.w1_adapters):
+            peft_model.add_adapter(f"a{i}", cfg)
+        peft_model.eval()
+        names = [f"a{i % args.w1_adapters}" for i in range(32)]
+        results["peft_mixed"] = hf_rate(peft_model, args.baseline_batches, 32, args.prompt, args.baseline_gen, vocab,
+                                        adapter_names=names)  # fmt: skip
+    del model
+    gc.collect()
+
+
+def table(results: dict) -> str:
+    rows = [("loramux W1, 32 adapters", "w1_lora"), ("loramux W1, no adapters", "w1_base"),
+            ("transformers + PEFT mixed batch (32)", "peft_mixed"), ("transformers generate base only (32)", "hf_base"),
+            ("loramux one stream (adapter)", "stream"), ("loramux one stream (base)", "stream_base"),
+            ("loramux W2 (Zipf, Poisson)", "w2")]  # fmt: skip
+    lines = [f"{'system':44} {'tokens/s':>10}", "-" * 56]
+    for label, key in rows:
+        if key in results:
+            lines.append(f"{label:44} {results[key]['tokens_per_s']:10.1f}")
+    if "w1_lora" in results and "w1_base" in results:
+        ratio = results["w1_lora"]["tokens_per_s"] / results["w1_base"]["tokens_per_s"]
+        lines.append(f"{'W1 adapters / no adapters':44} {ratio:10.3f}")
+    if "w2" in results:
+        w2 = results["w2"]
+        lines.append(f"{'W2 TTFT p50 / p99 (s)':44} {w2['ttft_p50_s']:.3f} / {w2['ttft_p99_s']:.3f}")
+    if "load" in results:
+        ld = results["load"]
+        label = "adapter -> slot: CPU cache / disk (ms)"
+        lines.append(f"{label:44} {ld['cpu_to_slot_ms']:.1f} / {ld['disk_to_slot_ms']:.1f}")
+    if "peak_gpu_memory_gib" in results:
+        lines.append(f"{'peak GPU memory, loramux (GiB)':44} {results['peak_gpu_memory_gib']:.2f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny model and workload (smoke test, any device)")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
+    p.add_argument("--json", type=Path, help="write all figures here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--w1-requests", type=int, default=256)
+    p.add_argument("--w1-adapters", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--stream-gen", type=int, default=512)
+    p.add_argument("--max-batched-tokens", type=int, default=8192)
+    p.add_argument("--baseline-batches", type=int, default=1)
+    p.add_argument("--baseline-gen", type=int, default=32, help="tokens per baseline batch (they are slow)")
+    p.add_argument("--w2-requests", type=int, default=512)
+    p.add_argument("--w2-adapters", type=int, default=1000)
+    p.add_argument("--w2-slots", type=int, default=64)
+    p.add_argument("--w2-cpu-cache", type=int, default=256, help="adapters the CPU cache holds (by mean size)")
+    p.add_argument("--w2-rate", type=float, default=100.0, help="Poisson arrivals per second")
+    p.add_argument("--profile", action="store_true", help="profile a decode step of W1 (GPU)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.w1_requests, args.w1_adapters, args.prompt, args.gen = 8, 4, 8, 4
+        args.stream_gen, args.baseline_gen, args.max_batched_tokens = 8, 4, 64
+        args.w2_requests, args.w2_adapters, args.w2_slots, args.w2_cpu_cache, args.w2_rate = 12, 10, 3, 5, 200.0
+    args.parts = [x for x in args.only.split(",") if x]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    raw = TINY if args.tiny else LLAMA3_8B
+    results: dict = {
+        "command": " ".join(["python", "loadtests/bench_engine.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__, "python": platform.python_version(), "model": raw,
+    }  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="loramux-bench-") as tmp:
+            run_parts(raw, args, device, Path(tmp), results)
+    finally:  # what was measured is kept even when a later part fails
+        print(table(results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def run_parts(raw: dict, args: argparse.Namespace, device: torch.device, root: Path, results: dict) -> None:
+    """loramux's W1, one stream and load times, then the baselines (while loramux's model stays resident), then W2."""
+    cuda = device.type == "cuda"
+    base = None
+    if any(part in args.parts for part in ("w1", "stream", "load", "w2")):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        base = build_base(raw, device)
+        print(f"built the model in {time.perf_counter() - started:.1f}s", flush=True)
+        results["build_seconds"] = time.perf_counter() - started
+        if any(part in args.parts for part in ("w1", "stream", "load")):
+            bench_w1(base, args, root, results)
+            if cuda:
+                results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if "peft" in args.parts or "hf" in args.parts:
+        bench_baselines(raw, args, device, results)
+        if cuda:
+            torch.cuda.empty_cache()
+    if "w2" in args.parts:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        bench_w2(base, args, root, results)
+        if cuda:
+            results["peak_gpu_memory_w2_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""The engine benchmark's tiny variant runs end to end on the CPU, so that CI guards the script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtests.bench_engine import main
+
+
+def test_tiny_benchmark_runs_every_part_and_writes_its_figures(tmp_path: Path, capsys):
+    out = tmp_path / "tiny.json"
+    assert main(["--tiny", "--device", "cpu", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for key in ("w1_lora", "w1_base", "peft_mixed", "hf_base", "stream", "w2"):
+        assert results[key]["tokens_per_s"] > 0, key
+    assert results["w1_lora"]["generated_tokens"] == 8 * 4  # every request generated exactly --gen tokens
+    assert results["stream"]["generated_tokens"] == 8
+    assert results["w2"]["requests"] == 12 and results["w2"]["ttft_p99_s"] >= results["w2"]["ttft_p50_s"] > 0
+    assert results["load"]["cpu_to_slot_ms"] > 0 and results["load"]["disk_to_slot_ms"] > 0
+    assert "loramux W1, 32 adapters" in capsys.readouterr().out
