@@ -167,7 +167,8 @@ class SQLiteStore:
         return [ApiKey(r["key_id"], r["tenant"], r["description"], r["created_at"], r["revoked_at"]) for r in rows]
 
     def has_keys(self) -> bool:
-        return bool(self._rows("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
+        # Revoked keys count: revoking the last key must lock the registry, never reopen it to everyone.
+        return bool(self._rows("SELECT 1 FROM api_keys LIMIT 1"))
 
     # --- repos
     def create_repo(self, namespace: str, name: str, private: bool) -> Repo:

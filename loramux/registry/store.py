@@ -139,7 +139,8 @@ class MetadataStore(Protocol):
     def revoke_key(self, key_id: str) -> bool: ...
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]: ...
     def has_keys(self) -> bool:
-        """Whether any unrevoked key exists (if not, the registry runs in single-user mode)."""
+        """Whether API keys were ever configured, revoked ones included (if not, the registry runs in single-user
+        mode). Revoking every key therefore locks the registry instead of opening it to anyone."""
         ...
 
     # --- repos

@@ -54,6 +54,10 @@ def test_keys_authenticate_to_their_tenant_until_revoked(tmp_path):
         registry.caller("lmx_wrong")
     registry.revoke_key(key.key_id)
     assert registry.authenticate(token) is None
+    with pytest.raises(Unauthorized):
+        registry.caller(token)
+    # The last key revoked: the registry stays locked, it does not fall back to single-user mode.
+    assert registry.caller(None) == Caller()
     with pytest.raises(ValueError, match="no tenant"):
         registry.create_key("nobody")
 
