@@ -1,5 +1,5 @@
 """The `loramux` command. Each sub-command lives in the module that owns its work and is imported only when run,
-so that commands which need no torch start fast."""
+so that commands which need no torch start fast. `run_commands` is shared with the `adapters` command."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import logging
 import sys
 
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
-COMMANDS: dict[str, tuple[str, str]] = {
+Commands = dict[str, tuple[str, str]]
+
+COMMANDS: Commands = {
     "generate": ("loramux.server.generate_cli", "load a base model (and adapter) and answer one prompt"),
     "serve": ("loramux.server.serve_cli", "serve the OpenAI-compatible API, the adapter hub and /metrics"),
     "hub": ("loramux.registry.cli.hub", "serve the adapter hub (Hugging Face Hub API) alone, without torch"),
@@ -17,39 +19,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("loramux.registry.cli.keys", "create, list and revoke API keys"),
     "train-worker": ("loramux.server.train_worker", "claim fine-tuning jobs from the registry and train them"),
 }
+DESCRIPTION = "Serve many LoRA fine-tunes of one NF4 base model from one GPU."
 
 
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loramux", description="Serve many LoRA fine-tunes of one NF4 base model from one GPU."
-    )
+def build_parser(prog: str = "loramux", description: str = DESCRIPTION, commands: Commands = COMMANDS):
+    """The parser of a command whose sub-commands are the modules in `commands`. The modules are imported here, so
+    they keep heavy imports (torch) inside `run()`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (module, help_text) in commands.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(_module=module)
-        _load(module).add_arguments(command)
+        importlib.import_module(module).add_arguments(command)
     return parser
 
 
-def _load(module: str):
-    return importlib.import_module(module)
+def run_commands(
+    argv: list[str] | None, prog: str = "loramux", description: str = DESCRIPTION, commands: Commands = COMMANDS
+) -> int:
+    """Parse `argv` and run the chosen sub-command. A ValueError or OSError is a user-facing failure: one line
+    `PROG COMMAND: error: ...` on stderr and exit status 1."""
+    args = build_parser(prog, description, commands).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(_load(args._module).run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except (CommandError, ValueError, OSError) as exc:
-        print(f"loramux {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return run_commands(argv)
 
 
 if __name__ == "__main__":
