@@ -40,11 +40,11 @@ def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "loramux.cli", "serve", *args]
 
 
-def launch(home: Path, *args: str, ready_timeout: float = 180) -> Server:
-    """Start `loramux serve ARGS` with LORAMUX_HOME=home and wait until /ready answers 200."""
+def launch(home: Path, *args: str, ready_timeout: float = 180, env: dict[str, str] | None = None) -> Server:
+    """Start `loramux serve ARGS` with LORAMUX_HOME=home and wait until /ready answers 200 (`env` overrides)."""
     port = free_port()
     # One compute thread: on a CPU shared with other test processes, torch's spinning thread pool is much slower.
-    env = {**os.environ, "LORAMUX_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "LORAMUX_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     log = home / f"serve-{port}.log"
     home.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
