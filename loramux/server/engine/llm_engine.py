@@ -254,7 +254,8 @@ class LLMEngine:
     def _stream(self, request: Request, finish: str | None) -> None:
         ids = request.output_ids
         text_ids = ids[:-1] if finish == "stop" and ids and ids[-1] in request.stop_ids else ids
-        text = self.base.tokenizer.decode(text_ids, skip_special_tokens=True)
+        request.text += self._detokenize(request, text_ids, final=finish is not None)
+        text = request.text
         stops = request.params.stop
         if stops:
             # only text not yet streamed can hold a new match: what was streamed was checked (and held back) before
@@ -274,6 +275,12 @@ class LLMEngine:
             self._finish(request, finish, ids[request.sent_tokens :], delta_text)
             return
         self._emit(request, None, ids[request.sent_tokens :], delta_text)
+
+    def _detokenize(self, request: Request, ids: list[int], final: bool) -> str:
+        text, request.prefix_offset, request.read_offset = decode_increment(
+            self.base.tokenizer, ids, request.prefix_offset, request.read_offset, final
+        )
+        return text
 
     def _emit(self, request: Request, finish: str | None, token_ids: list[int], text: str) -> None:
         logits = torch.stack(request.pending_logits) if request.pending_logits else None
@@ -346,6 +353,23 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.adapters.shutdown()
+
+
+def decode_increment(
+    tokenizer, ids: list[int], prefix_offset: int, read_offset: int, final: bool
+) -> tuple[str, int, int]:
+    """The text that output ids `ids` add since the last call, and the new (prefix_offset, read_offset).
+
+    Decoding the whole output every step costs O(n) a step; instead the window `ids[prefix_offset:read_offset]`
+    (already accounted for) is decoded with and without the new ids and the difference taken, which keeps the
+    tokenizer's leading-space and byte-merging rules right. While the new text ends in a partial UTF-8 character
+    nothing is taken, unless this is the final call.
+    """
+    prefix = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)
+    if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+        return "", prefix_offset, read_offset
+    return full[len(prefix) :], read_offset, len(ids)
 
 
 def merge_outputs(items: list[RequestOutput]) -> RequestOutput:

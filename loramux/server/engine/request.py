@@ -100,6 +100,11 @@ class Request:
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
         self.text = ""  # all text decoded so far (before stop-string truncation)
+        # Incremental detokenization: output ids [prefix_offset, read_offset) are the context window whose text is
+        # already in `text`; decoding that window plus the new ids and taking the difference gives the new text
+        # without decoding the whole output every step.
+        self.prefix_offset = 0
+        self.read_offset = 0
         self.sent_chars = 0  # characters of `text` already streamed
         self.sent_tokens = 0
         self.pending_logits: list[torch.Tensor] = []
