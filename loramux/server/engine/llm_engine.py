@@ -21,7 +21,7 @@ from loramux.server.engine.errors import ContextLengthError, InvalidRequestError
 from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
-from loramux.server.layers.sampler import sample_token
+from loramux.server.layers.sampler import sample_tokens
 from loramux.server.models.loader import BaseModel
 
 log = logging.getLogger(__name__)
@@ -232,15 +232,20 @@ class LLMEngine:
             for request, n in batch
         ]
         logits = self.runner.run(chunks)
+        ready: list[tuple[Request, torch.Tensor]] = []
         for (request, n), rows in zip(batch, logits, strict=True):
             request.num_computed += n
             if request.num_computed == request.num_tokens:  # the whole sequence is in the cache: sample
-                self._append_token(request, rows[-1])
+                ready.append((request, rows[-1]))
+        if ready:
+            settings = [(r.params.temperature, r.params.top_k, r.params.top_p, r.generator) for r, _ in ready]
+            tokens = sample_tokens([row for _, row in ready], settings)
+            for (request, row), token in zip(ready, tokens, strict=True):
+                self._append_token(request, token, row)
         return True
 
-    def _append_token(self, request: Request, logits: torch.Tensor) -> None:
+    def _append_token(self, request: Request, token: int, logits: torch.Tensor) -> None:
         p = request.params
-        token = sample_token(logits, p.temperature, p.top_k, p.top_p, request.generator)
         request.output_ids.append(token)
         if p.capture_logits:
             request.pending_logits.append(logits.detach().float().cpu())

@@ -26,3 +26,23 @@ def sample_token(
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def sample_tokens(
+    rows: list[torch.Tensor], settings: list[tuple[float, int, float, torch.Generator | None]]
+) -> list[int]:
+    """One token per row: rows[i] (vocab,) with settings[i] = (temperature, top_k, top_p, generator).
+
+    The greedy rows are decided together, one argmax and one transfer to the host for all of them, instead of one
+    synchronising `.item()` per request; the others sample one by one, each from its own generator.
+    """
+    tokens: list[int | None] = [None] * len(rows)
+    greedy = [i for i, (temperature, top_k, _, _) in enumerate(settings) if temperature <= 0.0 or top_k == 1]
+    if greedy:
+        picked = torch.stack([rows[i] for i in greedy]).argmax(dim=-1).tolist()
+        for i, token in zip(greedy, picked, strict=True):
+            tokens[i] = token
+    for i, (temperature, top_k, top_p, generator) in enumerate(settings):
+        if tokens[i] is None:
+            tokens[i] = sample_token(rows[i], temperature, top_k, top_p, generator)
+    return tokens  # type: ignore[return-value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loramux.server.layers.sampler import sample_token
+from loramux.server.layers.sampler import sample_token, sample_tokens
 
 
 def draws(logits: torch.Tensor, n: int = 300, **kwargs) -> set[int]:
@@ -35,3 +35,17 @@ def test_same_seed_same_tokens():
 
     assert run(7) == run(7)
     assert run(7) != run(8)
+
+
+def test_a_batch_samples_each_row_as_it_would_alone():
+    torch.manual_seed(0)
+    rows = [torch.randn(50) for _ in range(5)]
+    settings = [(0.0, 0, 1.0, None), (0.8, 10, 0.9, 7), (0.0, 0, 1.0, None), (1.0, 1, 1.0, None), (1.2, 0, 0.5, 3)]
+
+    def generator(seed):
+        return None if seed is None else torch.Generator().manual_seed(seed)
+
+    together = sample_tokens(rows, [(t, k, p, generator(s)) for t, k, p, s in settings])
+    alone = [sample_token(row, t, k, p, generator(s)) for row, (t, k, p, s) in zip(rows, settings, strict=True)]
+    assert together == alone
+    assert together[0] == int(rows[0].argmax()) and together[3] == int(rows[3].argmax())
