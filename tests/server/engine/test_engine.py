@@ -46,16 +46,25 @@ def run(engine: LLMEngine) -> None:
 def test_chunked_prefill_and_preemption_give_the_same_answers(tiny):
     base, source, _ = tiny
     ids = prompts(4, 30)
+    tight_config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=17, block_size=4, max_num_batched_tokens=8)
+    roomy_config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, block_size=4)
+
+    # Adapters: 8-token steps prefill each prompt in 4 chunks, and 17 blocks of 4 cannot hold two 36-token requests.
+    # Whether adapter requests overlap (and so get preempted) depends on when their adapters finish loading.
     adapters = ["t/a", None, "t/b", "t/a"]
-    roomy = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, block_size=4))
-    expected = roomy.generate(ids, GREEDY, adapters)
-    # 8-token steps prefill each prompt in 4 chunks; 17 blocks of 4 cannot hold two 36-token requests: preemption
-    tight = LLMEngine(
-        base,
-        source,
-        EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=17, block_size=4, max_num_batched_tokens=8),
-    )
+    expected = LLMEngine(base, source, roomy_config).generate(ids, GREEDY, adapters)
+    tight = LLMEngine(base, source, tight_config)
     got = tight.generate(ids, GREEDY, adapters)
+    for e, g in zip(expected, got, strict=True):
+        assert g.token_ids == e.token_ids
+        torch.testing.assert_close(g.logits, e.logits, atol=1e-4, rtol=1e-4)
+    assert tight.stats()["kv_blocks_used"] == 0
+
+    # The base alone, no chunking: two requests are prefilled in the first step and decode side by side until both
+    # need a ninth block with one left, so preemption happens every time.
+    expected = LLMEngine(base, source, roomy_config).generate(ids, GREEDY)
+    tight = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=17, block_size=4))
+    got = tight.generate(ids, GREEDY)
     assert tight.stats()["preemptions"] > 0
     for e, g in zip(expected, got, strict=True):
         assert g.token_ids == e.token_ids
