@@ -50,6 +50,21 @@ class LoraWeights:
     def nbytes(self) -> int:
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
 
+    def packed(self, dtype: torch.dtype, pin_memory: bool = False) -> LoraWeights:
+        """A copy with every A and B in `dtype`, as views of one contiguous CPU buffer (page-locked with
+        `pin_memory`, so that copies from it to a GPU are asynchronous)."""
+        tensors = [t for m in self.modules.values() for t in (m.a, m.b)]
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=pin_memory)
+        views, offset = [], 0
+        for t in tensors:
+            view = flat[offset : offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            views.append(view)
+            offset += t.numel()
+        pairs = zip(self.modules.items(), views[0::2], views[1::2], strict=True)
+        modules = {name: LoraModule(a, b, m.scaling) for (name, m), a, b in pairs}
+        return LoraWeights(self.config, modules)
+
 
 def base_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of each decoder linear layer, by its projection name."""

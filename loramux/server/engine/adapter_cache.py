@@ -44,6 +44,7 @@ class AdapterCache:
         max_rank: int,
         cpu_cache_bytes: int,
         on_change: Callable[[], None] = lambda: None,
+        prepare: Callable[[LoraWeights], LoraWeights] = lambda weights: weights,
     ) -> None:
         self.source = source
         self.base_config = base_config
@@ -51,6 +52,7 @@ class AdapterCache:
         self.max_rank = max_rank
         self.cpu_cache_bytes = cpu_cache_bytes
         self.on_change = on_change  # wakes the step loop when a load finished
+        self.prepare = prepare  # the form the CPU cache keeps (the slots' dtype, pinned on a GPU)
         self.slots = [Slot() for _ in range(num_slots)]
         self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()
         self._latest: dict[str, str] = {}  # repo -> newest commit seen
@@ -90,6 +92,7 @@ class AdapterCache:
             raise AdapterTooLargeError(
                 f"adapter {resolved.repo} has rank {weights.max_rank}; this server serves ranks up to {self.max_rank}"
             )
+        weights = self.prepare(weights)
         elapsed = time.perf_counter() - started
         with self._lock:
             self.loads += 1

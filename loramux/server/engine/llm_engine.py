@@ -87,6 +87,7 @@ class LLMEngine:
             config.max_lora_rank,
             config.adapter_cache_bytes,
             on_change=self._wake,
+            prepare=self.runner.prepare_adapter,
         )
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}

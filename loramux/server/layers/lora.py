@@ -100,6 +100,7 @@ class LoraLinear(NF4Linear):
         self.register_buffer("lora_b", None, persistent=False)
         self.register_buffer("scalings", None, persistent=False)
         self.register_buffer("ranks", None, persistent=False)  # (S,) int32 true rank per slot, 0 = not targeted
+        self._written: list[int] = []  # per slot, the rows of A and B that may be non-zero (host-side)
 
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
         device, dtype = self.packed.device, self.compute_dtype
@@ -107,19 +108,26 @@ class LoraLinear(NF4Linear):
         self.lora_b = torch.zeros(num_slots, self.out_features, max_rank, device=device, dtype=dtype)
         self.scalings = torch.zeros(num_slots, device=device, dtype=torch.float32)
         self.ranks = torch.zeros(num_slots, device=device, dtype=torch.int32)
+        self._written = [0] * num_slots
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
-        """Put one adapter's (r, in) A and (out, r) B into `slot`, zero-padded to r_max; None clears the slot."""
+        """Put one adapter's (r, in) A and (out, r) B into `slot`, zero-padded to r_max; None clears the slot.
+
+        Every operation is enqueued without a host synchronisation (from pinned memory on a GPU, the copies are
+        asynchronous); the padding is zeroed only where the slot's previous adapter wrote rows.
+        """
         rank = 0 if a is None or b is None else a.shape[0]
-        # Copy the rank's rows first, then zero only the padding: fewer launches per module on the GPU.
+        written = self._written[slot]
+        self._written[slot] = max(rank, written)  # stays true if a copy below fails
         if rank:
             self.lora_a[slot, :rank].copy_(a, non_blocking=True)
             self.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
-        if rank < self.lora_a.shape[1]:
-            self.lora_a[slot, rank:].zero_()
-            self.lora_b[slot, :, rank:].zero_()
-        self.scalings[slot] = scaling if rank else 0.0
-        self.ranks[slot] = rank
+        if rank < written:
+            self.lora_a[slot, rank:written].zero_()
+            self.lora_b[slot, :, rank:written].zero_()
+        self._written[slot] = rank
+        self.scalings[slot].fill_(scaling if rank else 0.0)
+        self.ranks[slot].fill_(rank)
 
     def lora_delta(
         self, x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, segments: Segments | None = None
@@ -168,6 +176,7 @@ class LoraGroup:
             layer.lora_a = self.lora_a[:, i * max_rank : (i + 1) * max_rank]  # (S, r_max, in), a view
             layer.ranks = self.ranks[:, i]
             layer.scalings = self.scalings[:, i]
+            layer._written = [0] * num_slots
 
     def __call__(
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from loramux.server.layers.lora import LoraLinear, expand, shrink
+from loramux.server.layers.lora import LoraGroup, LoraLinear, expand, shrink
+from loramux.server.layers.nf4_linear import NF4Linear
 
 
 def test_shrink_expand_match_per_token_lora_with_padding_and_base_rows():
@@ -52,3 +53,24 @@ def test_lora_linear_slots_add_and_clear():
     assert layer.ranks.tolist() == [0, 2]
     layer.write_slot(1, None, None, 0.0)
     torch.testing.assert_close(layer(x, slots), plain)
+
+
+def test_a_smaller_adapter_in_a_used_slot_leaves_nothing_of_the_larger_one():
+    torch.manual_seed(2)
+    layer = LoraLinear(torch.randn(16, 64), None, torch.float32)
+    q, v = LoraLinear(torch.randn(8, 64), None, torch.float32), LoraLinear(torch.randn(8, 64), None, torch.float32)
+    group = LoraGroup([q, v])
+    layer.allocate_slots(num_slots=2, max_rank=8)
+    group.allocate_slots(num_slots=2, max_rank=8)
+    x, slots = torch.randn(3, 64), torch.tensor([0, 0, 0])
+    for target in (layer, q, v):
+        target.write_slot(0, torch.randn(8, 64), torch.randn(target.out_features, 8), 1.0)  # rank 8 first
+    for target in (layer, q, v):
+        plain = NF4Linear.forward(target, x)
+        a, b = torch.randn(3, 64), torch.randn(target.out_features, 3)
+        target.write_slot(0, a, b, 2.0)  # then rank 3 in the same slot
+        assert torch.count_nonzero(target.lora_a[0, 3:]) == 0 and torch.count_nonzero(target.lora_b[0, :, 3:]) == 0
+        expected = plain + 2.0 * (x @ a.T) @ b.T
+        out = target(x, slots) if target is layer else group(x, slots)[[q, v].index(target)]
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert layer.ranks.tolist() == [3, 0] and group.ranks.tolist() == [[3, 3], [0, 0]]
