@@ -42,6 +42,7 @@ class LoraModule:
 class LoraWeights:
     config: AdapterConfig
     modules: dict[str, LoraModule]  # by module name, e.g. "model.layers.0.self_attn.q_proj"
+    buffer: torch.Tensor | None = None  # set by `packed`: the one flat tensor every A and B is a view of
 
     @property
     def max_rank(self) -> int:
@@ -63,7 +64,7 @@ class LoraWeights:
             offset += t.numel()
         pairs = zip(self.modules.items(), views[0::2], views[1::2], strict=True)
         modules = {name: LoraModule(a, b, m.scaling) for (name, m), a, b in pairs}
-        return LoraWeights(self.config, modules)
+        return LoraWeights(self.config, modules, flat)
 
 
 def base_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -54,6 +54,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, block_size, scratch_block=num_blocks)
         self._upload_stream: torch.cuda.Stream | None = None
         self._upload_lock = threading.Lock()
+        self._slot_scalars: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # slot -> scaling, rank views
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
@@ -120,16 +121,57 @@ class ModelRunner:
                 stream = self._upload_stream
                 stream.wait_stream(torch.cuda.default_stream(self.device))
                 stack.enter_context(torch.cuda.stream(stream))
-            for name, module in self.lora_modules.items():
-                lora = weights.modules.get(name) if weights is not None else None
-                if lora is None:
-                    module.write_slot(slot, None, None, 0.0)
-                else:
-                    module.write_slot(slot, lora.a, lora.b, lora.scaling)
+            if weights is not None and weights.buffer is not None:
+                self._write_packed(slot, weights)
+            else:
+                for name, module in self.lora_modules.items():
+                    lora = weights.modules.get(name) if weights is not None else None
+                    if lora is None:
+                        module.write_slot(slot, None, None, 0.0)
+                    else:
+                        module.write_slot(slot, lora.a, lora.b, lora.scaling)
             if stream is not None:
                 done = torch.cuda.Event()
                 done.record(stream)
                 done.synchronize()
+
+    def _write_packed(self, slot: int, weights: LoraWeights) -> None:
+        """`write_slot` for an adapter from `prepare_adapter`: its one buffer goes to the device in one copy, then a
+        few multi-tensor kernels scatter it into the slot, zero stale rows and set every module's rank and scaling
+        (instead of several copies and launches per module: an 8B model has 224 of them)."""
+        buffer = weights.buffer
+        assert buffer is not None
+        staged = buffer.to(self.device, non_blocking=True)  # the buffer itself on the CPU
+        # `packed` lays A and B out module after module, in the adapter's order, with no gaps: one split of the
+        # staged buffer gives every matrix on the device
+        tensors = [t for lora in weights.modules.values() for t in (lora.a, lora.b)]
+        sizes = [t.numel() for t in tensors]
+        assert sum(sizes) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
+        pieces = [piece.view(t.shape) for piece, t in zip(staged.split(sizes), tensors, strict=True)]
+        on_device = dict(zip(weights.modules, zip(pieces[0::2], pieces[1::2], strict=True), strict=True))
+        fills, sources, zeros, scalings, ranks = [], [], [], [], []
+        for name, module in self.lora_modules.items():
+            lora = weights.modules.get(name)
+            rank = 0 if lora is None else lora.rank
+            fill, zero = module.slot_writes(slot, rank)
+            if lora is not None:
+                fills += fill
+                sources += on_device[name]
+            zeros += zero
+            scalings.append(0.0 if lora is None else lora.scaling)
+            ranks.append(rank)
+        if fills:
+            torch._foreach_copy_(fills, sources)
+        if zeros:
+            torch._foreach_zero_(zeros)
+        scalars = self._slot_scalars.get(slot)
+        if scalars is None:
+            layers = self.lora_modules.values()
+            scalars = self._slot_scalars[slot] = ([m.scalings[slot] for m in layers], [m.ranks[slot] for m in layers])
+        values = torch.tensor(scalings, dtype=torch.float32).to(self.device, non_blocking=True)
+        torch._foreach_copy_(scalars[0], list(values.unbind()))
+        values = torch.tensor(ranks, dtype=torch.int32).to(self.device, non_blocking=True)
+        torch._foreach_copy_(scalars[1], list(values.unbind()))
 
 
 class DecodeGraphs:

@@ -101,6 +101,7 @@ class LoraLinear(NF4Linear):
         self.register_buffer("scalings", None, persistent=False)
         self.register_buffer("ranks", None, persistent=False)  # (S,) int32 true rank per slot, 0 = not targeted
         self._written: list[int] = []  # per slot, the rows of A and B that may be non-zero (host-side)
+        self._fill_views: dict[int, tuple[int, list[torch.Tensor]]] = {}  # slot -> (rank, views of A and B)
 
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
         device, dtype = self.packed.device, self.compute_dtype
@@ -109,6 +110,7 @@ class LoraLinear(NF4Linear):
         self.scalings = torch.zeros(num_slots, device=device, dtype=torch.float32)
         self.ranks = torch.zeros(num_slots, device=device, dtype=torch.int32)
         self._written = [0] * num_slots
+        self._fill_views = {}
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Put one adapter's (r, in) A and (out, r) B into `slot`, zero-padded to r_max; None clears the slot.
@@ -128,6 +130,21 @@ class LoraLinear(NF4Linear):
         self._written[slot] = rank
         self.scalings[slot].fill_(scaling if rank else 0.0)
         self.ranks[slot].fill_(rank)
+
+    def slot_writes(self, slot: int, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For an adapter of `rank` going into `slot`: the views its A and B fill, and the rows to zero (those the
+        slot's previous adapter wrote beyond `rank`). The caller must then fill them (as `write_slot` does)."""
+        written = self._written[slot]
+        # the views of the slot's last rank are kept: making them on every load costs more than the copies
+        kept_rank, fill = self._fill_views.get(slot, (0, []))
+        if rank and kept_rank != rank:
+            fill = [self.lora_a[slot, :rank], self.lora_b[slot, :, :rank]]
+            self._fill_views[slot] = (rank, fill)
+        elif not rank:
+            fill = []
+        zero = [self.lora_a[slot, rank:written], self.lora_b[slot, :, rank:written]] if rank < written else []
+        self._written[slot] = rank
+        return fill, zero
 
     def lora_delta(
         self, x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, segments: Segments | None = None
@@ -177,6 +194,7 @@ class LoraGroup:
             layer.ranks = self.ranks[:, i]
             layer.scalings = self.scalings[:, i]
             layer._written = [0] * num_slots
+            layer._fill_views = {}
 
     def __call__(
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None

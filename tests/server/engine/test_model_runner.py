@@ -1,0 +1,63 @@
+"""Writing adapters into slots: the packed path (what the engine uses) against the per-module one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.adapters.config import AdapterConfig
+from loramux.adapters.weights import LoraModule, LoraWeights
+from loramux.server.engine.model_runner import ModelRunner
+from loramux.server.models.loader import load_base
+
+
+def random_adapter(names: list[str], shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> LoraWeights:
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name in names:
+        out_features, in_features = shapes[name]
+        a, b = torch.randn(rank, in_features, generator=gen), torch.randn(out_features, rank, generator=gen)
+        modules[name] = LoraModule(a, b, scaling=0.5 + seed)
+    return LoraWeights(AdapterConfig(r=rank, lora_alpha=rank, target_modules=["q_proj"]), modules)
+
+
+def slot_state(runner: ModelRunner, slot: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    return {
+        name: (m.lora_a[slot].clone(), m.lora_b[slot].clone(), m.scalings[slot].clone(), m.ranks[slot].clone())
+        for name, m in runner.lora_modules.items()
+    }
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU: pinned buffer, staged copy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_writes_fill_a_used_slot_exactly_as_per_module_writes(tiny_checkpoint, device):
+    base = load_base(str(tiny_checkpoint()), device=device)
+    base.model.allocate_lora_slots(num_slots=2, max_rank=8)
+    runner = ModelRunner(base.model, block_size=4, num_blocks=8)
+    shapes = {name: (m.out_features, m.in_features) for name, m in runner.lora_modules.items()}
+    names = list(shapes)
+    # a rank-8 adapter on every module, then a rank-3 one on every other module (in reverse order) in the same slot
+    first = random_adapter(names, shapes, rank=8, seed=1)
+    second = random_adapter(names[::-2], shapes, rank=3, seed=2)
+
+    expected = []
+    for weights in (first, second):
+        runner.write_slot(1, weights)  # fp32 tensors without a buffer: one module at a time
+        expected.append(slot_state(runner, 1))
+    runner.write_slot(1, None)
+    assert all(torch.count_nonzero(m.lora_a[1]) == 0 for m in runner.lora_modules.values())
+
+    for weights, want in zip((first, second), expected, strict=True):
+        packed = runner.prepare_adapter(weights)
+        assert packed.buffer is not None and packed.buffer.is_pinned() == (device == "cuda")
+        runner.write_slot(1, packed)
+        got = slot_state(runner, 1)
+        for name in names:
+            for g, w in zip(got[name], want[name], strict=True):
+                torch.testing.assert_close(g, w)
+    m = runner.lora_modules[next(n for n in names if n not in second.modules)]  # not in the second one: cleared
+    assert m.ranks[1] == 0 and m.scalings[1] == 0 and torch.count_nonzero(m.lora_b[1]) == 0
+    assert runner.lora_modules[names[-1]].ranks[1] == 3 and names[-1] in second.modules
+    assert all(int(m.ranks[0]) == 0 for m in runner.lora_modules.values())  # the other slot is untouched
