@@ -1,10 +1,11 @@
 """Adapter tiers: GPU slots (fixed number, allocated at start), a CPU cache bounded in bytes (LRU), the source.
 
-`fetch` (on the loader thread) resolves a name for a tenant to an exact revision and reads it into the CPU cache;
-`claim` puts a cached adapter into a free slot, again on the loader thread, so the step loop never waits for a
-disk read or a host-to-device copy. A slot holds pins (requests that will run on it); only an unpinned slot is
-ever reused. A new revision of a repo replaces the old one: the old one leaves the CPU cache at once and its slot
-is the first to be reused once its last request ends.
+`fetch` (on a pool of fetch threads: several adapters are read at once, each only once) resolves a name for a tenant
+to an exact revision and reads it into the CPU cache, in the form the slots take (`prepare`); `claim` puts a cached
+adapter into a free slot on the loader thread (one write at a time), so the step loop never waits for a disk read or
+a host-to-device copy, and a slow read never holds up a slot write. A slot holds pins (requests that will run on
+it); only an unpinned slot is ever reused. A new revision of a repo replaces the old one: the old one leaves the CPU
+cache at once and its slot is the first to be reused once its last request ends.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.adapters.weights import LoraWeights, load_lora
@@ -23,6 +25,8 @@ from loramux.server.engine.errors import AdapterTooLargeError
 from loramux.server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+FETCH_THREADS = 4  # adapters read from the source at once
 
 
 @dataclass
@@ -57,7 +61,11 @@ class AdapterCache:
         self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()
         self._latest: dict[str, str] = {}  # repo -> newest commit seen
         self._lock = threading.Lock()
+        # Reads from the source run side by side (several adapters load at once); slot writes run one at a time on
+        # a thread of their own, so that a slow read never delays an adapter already in the CPU cache.
+        self._fetcher = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="loramux-adapter-fetch")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
+        self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
         self.hits = self.misses = self.loads = self.slot_loads = 0
         self.load_seconds = 0.0
@@ -65,7 +73,7 @@ class AdapterCache:
     # -- loader-thread side ------------------------------------------------------------------------------------
 
     def fetch_async(self, ref: AdapterRef, tenant: str | None) -> Future[tuple[str, LoraWeights]]:
-        return self._loader.submit(self.fetch, ref, tenant)
+        return self._fetcher.submit(self.fetch, ref, tenant)
 
     def fetch(self, ref: AdapterRef, tenant: str | None) -> tuple[str, LoraWeights]:
         """Resolve `ref` for `tenant` and return (repo@commit, weights), from the CPU cache or read from disk.
@@ -80,6 +88,16 @@ class AdapterCache:
         key = resolved.key
         with self._lock:
             self._note_revision(resolved.repo, resolved.commit)
+            reading = self._reading.setdefault(key, threading.Lock())
+        with reading:  # a second request for an adapter being read waits for that read
+            try:
+                return self._fetch_resolved(resolved.path, key, resolved.repo)
+            finally:
+                with self._lock:
+                    self._reading.pop(key, None)
+
+    def _fetch_resolved(self, path: Path, key: str, repo: str) -> tuple[str, LoraWeights]:
+        with self._lock:
             weights = self._cpu.get(key)
             if weights is not None:
                 self._cpu.move_to_end(key)
@@ -87,10 +105,10 @@ class AdapterCache:
                 return key, weights
             self.misses += 1
         started = time.perf_counter()
-        weights = load_lora(resolved.path, self.base_config)
+        weights = load_lora(path, self.base_config)
         if weights.max_rank > self.max_rank:
             raise AdapterTooLargeError(
-                f"adapter {resolved.repo} has rank {weights.max_rank}; this server serves ranks up to {self.max_rank}"
+                f"adapter {repo} has rank {weights.max_rank}; this server serves ranks up to {self.max_rank}"
             )
         weights = self.prepare(weights)
         elapsed = time.perf_counter() - started
@@ -193,4 +211,5 @@ class AdapterCache:
             }
 
     def shutdown(self) -> None:
+        self._fetcher.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=True, cancel_futures=True)

@@ -19,7 +19,7 @@ overloaded, `EngineStoppedError` after shutdown. What needs the adapter source i
 with an error status before streaming awaits the first item before it starts the response.
 
 The step loop runs on a background thread (torch releases the GIL) and hands outputs to asyncio with
-`call_soon_threadsafe`. Adapter resolution, disk reads and slot loads run on the adapter cache's loader thread, so
+`call_soon_threadsafe`. Adapter resolution, disk reads and slot loads run on the adapter cache's threads, so
 they never stall the running batch. `LLMEngine` (`llm_engine.py`, re-exported here) is the same engine driven
 synchronously (`step()`/`generate()`), for the command line, benchmarks and tests.
 """
