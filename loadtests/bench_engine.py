@@ -170,15 +170,39 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 def run_batch(engine: LLMEngine, ids: list[list[int]], gen: int, adapters: list[str | None]) -> dict:
     """Submit all at once, run to completion: generated tokens/s over the wall time."""
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
-    sync(engine.base.device)
-    started = time.perf_counter()
-    outs = engine.generate(ids, params, adapters=adapters)
-    sync(engine.base.device)
-    seconds = time.perf_counter() - started
+    steps: list[tuple[float, bool]] = []  # (seconds, decode tokens only) of every step that ran
+    run_chunks, decode_only = engine.runner.run, [False]
+
+    def run(chunks):
+        decode_only[0] = all(len(c.token_ids) == 1 for c in chunks)
+        return run_chunks(chunks)
+
+    def step() -> bool:
+        begun = time.perf_counter()
+        worked = LLMEngine.step(engine)
+        if worked:
+            steps.append((time.perf_counter() - begun, decode_only[0]))
+        return worked
+
+    engine.runner.run, engine.step = run, step  # type: ignore[method-assign]
+    try:
+        sync(engine.base.device)
+        started = time.perf_counter()
+        outs = engine.generate(ids, params, adapters=adapters)
+        sync(engine.base.device)
+        seconds = time.perf_counter() - started
+    finally:
+        del engine.runner.run, engine.step  # back to the class's methods
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == gen * len(ids), f"generated {tokens} tokens, expected {gen * len(ids)}"
     print(f"  {len(ids)} requests x {gen} tokens: {tokens / seconds:.1f} tokens/s", flush=True)
-    return {"requests": len(ids), "generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    decode = [t for t, d in steps if d]
+    return {"requests": len(ids), "generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "steps": len(steps), "decode_steps": len(decode),
+            "decode_step_ms_median": 1e3 * statistics.median(decode) if decode else None,
+            "decode_seconds": sum(decode), "other_step_seconds": sum(t for t, d in steps if not d),
+            "other_step_ms": [round(1e3 * t, 1) for t, d in steps if not d],
+            "outside_steps_seconds": seconds - sum(t for t, _ in steps)}  # fmt: skip
 
 
 def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
@@ -217,6 +241,7 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
             results["load"] = bench_load(engine, root / "w1-0", base)
         if args.profile and base.device.type == "cuda":
             results["decode_profile"] = profile_decode(engine, ids, names)
+            results["decode_profile_base"] = profile_decode(engine, ids, [None] * n)
     finally:
         engine.shutdown()
         gc.collect()
@@ -250,20 +275,26 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
             "adapter_cached_mib": weights.nbytes() / 2**20, "adapter_fp32_mib": raw.nbytes() / 2**20}  # fmt: skip
 
 
-def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str]) -> dict:
+def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | None]) -> dict:
     """Where a decode step of the W1 batch spends its GPU time: NF4 matmuls, attention, LoRA, the rest (eager)."""
     from torch.profiler import ProfilerActivity, profile
 
     runner, graphs = engine.runner, engine.runner.graphs
     engine.runner.graphs = None  # eager, so that the profiler sees every kernel
+    walls: dict[int, float] = {}  # wall seconds of the profiled runs, by tokens generated
 
-    def by_kind(max_tokens: int) -> dict[str, float]:
+    def by_kernel(max_tokens: int) -> dict[str, float]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        begun = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             engine.generate(ids, params, adapters=names)
+        walls[max_tokens] = time.perf_counter() - begun
+        return {e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()}
+
+    def by_kind(kernels: dict[str, float]) -> dict[str, float]:
         kinds = dict.fromkeys(("nf4_dequant", "gemm", "lora", "attention", "other"), 0.0)
-        for e in prof.key_averages():
-            name, t = e.key.lower(), getattr(e, "device_time_total", 0.0)
+        for key, t in kernels.items():
+            name = key.lower()
             if "dequant" in name or "4bit" in name:
                 kinds["nf4_dequant"] += t
             elif "shrink" in name or "expand" in name:
@@ -278,14 +309,19 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str]) ->
 
     try:
         # the prefill steps are the same in both runs: the difference is 4 decode steps of the whole batch
-        one, five = by_kind(1), by_kind(5)
+        one, five = by_kernel(1), by_kernel(5)
     finally:
         runner.graphs = graphs
-    kinds = {k: (five[k] - one[k]) / 4 for k in one}
+    step = {k: (five.get(k, 0.0) - one.get(k, 0.0)) / 4 for k in five.keys() | one.keys()}
+    kinds = by_kind(step)
     total = sum(kinds.values())
+    top = dict(sorted(step.items(), key=lambda kv: -kv[1])[:25])
     return {
-        "note": "one eager decode step of the W1 batch with adapters: GPU microseconds by kind",
-        "us": kinds, "share": {k: v / total for k, v in kinds.items()} if total else {},
+        "note": "one eager decode step of the W1 batch: GPU microseconds by kind, and the top kernels; then the "
+                "prefill of the whole batch (the run of 1 token: its prefill steps and one sampling)",
+        "us": kinds, "share": {k: v / total for k, v in kinds.items()} if total else {}, "top_kernels_us": top,
+        "wall_s": walls, "prefill_us": by_kind(one),
+        "prefill_top_kernels_us": dict(sorted(one.items(), key=lambda kv: -kv[1])[:25]),
     }  # fmt: skip
 
 
