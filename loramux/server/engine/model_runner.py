@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters.weights import LoraWeights
-from loramux.server.layers.attention import BatchContext
+from loramux.server.layers.attention import BatchContext, PrefillBatch
 from loramux.server.models.llama import LlamaForCausalLM
 
 
@@ -61,27 +61,54 @@ class ModelRunner:
         """One forward pass over all chunks -> per chunk its logits, (1, vocab) or (n, vocab) with all_logits."""
         if self.graphs is not None and self.graphs.fits(chunks):
             return self.graphs.run(chunks)
-        ids, positions, kv_index, slots, ranges, contexts = [], [], [], [], [], []
+        ids, positions, kv_index, slots, ranges = [], [], [], [], []
         bs = self.block_size
         for chunk in chunks:
-            n, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
-            table = torch.tensor(chunk.block_table, dtype=torch.long)
-            # flat cache index of every position 0..end-1 of the sequence: (end,)
-            index = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
+            n = len(chunk.token_ids)
             ranges.append((len(ids), len(ids) + n))
-            contexts.append(index.to(self.device))
             ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start, end))
-            kv_index.append(index[chunk.start :])
+            positions.extend(range(chunk.start, chunk.start + n))
             slots.extend([chunk.slot] * n)
+        # flat cache index of every position 0..end-1 of each sequence
+        contexts = []
+        for chunk in chunks:
+            table = torch.tensor(chunk.block_table, dtype=torch.long)
+            end = chunk.start + len(chunk.token_ids)
+            contexts.append((table[:, None] * bs + torch.arange(bs)).flatten()[:end])
+            kv_index.append(contexts[-1][chunk.start :])
+        # Attention by kind of chunk: decode tokens batched through the block tables, prompts' first chunks (all of
+        # their context is in this step) in one padded batch, the rest (continued prompts) one sequence at a time.
+        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        fresh = [i for i, c in enumerate(chunks) if c.start == 0 and len(c.token_ids) > 1]
+        longest = max((len(chunks[i].token_ids) for i in fresh), default=0)
+        fresh = [i for i in fresh if 2 * len(chunks[i].token_ids) >= longest]  # padding at most doubles the work
+        batched = set(decode) | set(fresh)
+        others = [i for i in range(len(chunks)) if i not in batched]
+        decode_rows = block_tables = context_lens = prefill = None
+        if decode:
+            width = max(chunks[i].start // bs + 1 for i in decode)
+            tables = torch.zeros(len(decode), width, dtype=torch.long)
+            for row, i in enumerate(decode):
+                used = chunks[i].block_table[:width]
+                tables[row, : len(used)] = torch.tensor(used)
+                tables[row, len(used) :] = used[0]
+            decode_rows = torch.tensor([ranges[i][0] for i in decode], dtype=torch.long, device=self.device)
+            block_tables = tables.to(self.device)
+            context_lens = torch.tensor([chunks[i].start + 1 for i in decode], dtype=torch.long, device=self.device)
+        if fresh:
+            prefill = PrefillBatch.build([ranges[i] for i in fresh], [contexts[i] for i in fresh], self.device)
         token_slots = None
         if any(s >= 0 for s in slots):
             token_slots = torch.tensor(slots, dtype=torch.long, device=self.device)
         ctx = BatchContext(
             kv_index=torch.cat(kv_index).to(self.device),
             token_slots=token_slots,
-            query_ranges=ranges,
-            context_index=contexts,
+            query_ranges=[ranges[i] for i in others],
+            context_index=[contexts[i].to(self.device) for i in others],
+            block_tables=block_tables,
+            context_lens=context_lens,
+            decode_rows=decode_rows,
+            prefill=prefill,
         )
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),

@@ -8,7 +8,9 @@ gathered from its blocks. The gather is exact (no approximation), which is what 
 
 A batch of decode tokens only (one new token per sequence, the common step) takes `paged_decode_attention`: padded
 block tables and context lengths as tensors, one gather and one SDPA call for the whole batch, no Python loop over
-sequences and no host synchronisation, so that the step can be captured in a CUDA graph.
+sequences and no host synchronisation, so that the step can be captured in a CUDA graph. In other steps the decode
+tokens take the same call, the prompts' first chunks one padded causal SDPA call (`PrefillBatch`), and only chunks
+that continue a prompt are attended one sequence at a time: the per-layer host work does not grow with the batch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,42 @@ class BatchContext:
     block_tables: torch.Tensor | None = None  # (T, max_blocks) int32/int64, padded with any valid block
     context_lens: torch.Tensor | None = None  # (T,) tokens of each sequence in the cache, its new one included
     segments: Segments | None = None  # tokens grouped by adapter slot for the GPU LoRA kernels, planned once a step
+    # In a mixed step, `decode_rows` (D,) are the flat indices of its decode tokens, and `block_tables` (D, width) and
+    # `context_lens` (D,) describe those rows only; `prefill` batches its whole-prompt chunks. `query_ranges` and
+    # `context_index` then list the remaining sequences (chunks that continue a prompt), attended one by one.
+    decode_rows: torch.Tensor | None = None
+    prefill: PrefillBatch | None = None
+
+
+@dataclass
+class PrefillBatch:
+    """F sequences whose context is exactly their chunk in this step (a prompt's first chunk), padded to L tokens so
+    that one causal SDPA call covers all of them. Padding repeats a sequence's first token and sits after its real
+    tokens, where causality hides it from every real query."""
+
+    tokens: torch.Tensor  # (F, L) flat batch index of each query token
+    cache_index: torch.Tensor  # (F, L) flat cache index of each key/value
+    rows: torch.Tensor  # (N,) which of the F * L padded rows are real tokens
+    targets: torch.Tensor  # (N,) their flat batch index
+
+    @staticmethod
+    def build(ranges: list[tuple[int, int]], cache_index: list[torch.Tensor], device: torch.device) -> PrefillBatch:
+        """From each sequence's [start, end) in the flat batch and the (n,) cache indices of its n tokens."""
+        width = max(end - start for start, end in ranges)
+        tokens = torch.empty(len(ranges), width, dtype=torch.long)
+        index = torch.empty(len(ranges), width, dtype=torch.long)
+        rows, targets = [], []
+        for i, ((start, end), where) in enumerate(zip(ranges, cache_index, strict=True)):
+            n = end - start
+            tokens[i, :n] = torch.arange(start, end)
+            tokens[i, n:] = start
+            index[i, :n] = where
+            index[i, n:] = where[0]
+            rows.append(torch.arange(i * width, i * width + n))
+            targets.append(torch.arange(start, end))
+        return PrefillBatch(
+            tokens.to(device), index.to(device), torch.cat(rows).to(device), torch.cat(targets).to(device)
+        )
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor):
@@ -47,12 +85,23 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BatchContext, n_kv_heads: int
 ) -> torch.Tensor:
     """q (T, n_heads, hd) -> (T, n_heads, hd), causal within each sequence, over keys already stored in the cache."""
-    if ctx.block_tables is not None:
+    if ctx.block_tables is not None and ctx.decode_rows is None:
         return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
     k_flat = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks * block_size, n_kv, hd)
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
     out = torch.empty_like(q)
     gqa = q.shape[1] != n_kv_heads
+    if ctx.decode_rows is not None:
+        rows = ctx.decode_rows
+        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, ctx.block_tables, ctx.context_lens)
+    if ctx.prefill is not None:
+        p = ctx.prefill
+        f, width = p.tokens.shape
+        qs = q[p.tokens].transpose(1, 2)  # (F, H, L, hd)
+        ks = k_flat[p.cache_index].transpose(1, 2)  # (F, KVH, L, hd)
+        vs = v_flat[p.cache_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        out[p.targets] = o.transpose(1, 2).reshape(f * width, *q.shape[1:])[p.rows]
     for (start, end), index in zip(ctx.query_ranges, ctx.context_index, strict=True):
         n, ctx_len = end - start, index.shape[0]
         qs = q[start:end].transpose(0, 1)[None]  # (1, H, n, hd)

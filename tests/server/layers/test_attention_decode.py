@@ -1,10 +1,13 @@
-"""The batched decode attention (padded block tables, one SDPA call) against the per-sequence paged attention."""
+"""Batched attention (decode tokens through padded block tables, whole prompts in one padded causal call)
+against the per-sequence paged attention."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from loramux.server.layers.attention import BatchContext, paged_attention, paged_decode_attention
+from loramux.server.layers.attention import BatchContext, PrefillBatch, paged_attention, paged_decode_attention
 
 
 def test_decode_attention_matches_per_sequence_attention_with_gqa_and_padding():
@@ -31,3 +34,36 @@ def test_decode_attention_matches_per_sequence_attention_with_gqa_and_padding():
     decode_ctx = BatchContext(kv_index=ctx.kv_index, token_slots=None, query_ranges=[], context_index=[],
                               block_tables=padded, context_lens=torch.tensor(lens))  # fmt: skip
     torch.testing.assert_close(paged_attention(q, k_cache, v_cache, decode_ctx, n_kv), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mixed_step_batched_by_kind_matches_per_sequence_attention():
+    """Two whole prompts of 3 and 5 tokens (one padded batch), a decode token and a prompt's second chunk (alone)."""
+    torch.manual_seed(1)
+    num_blocks, block_size, n_kv, n_heads, hd = 16, 4, 2, 6, 8
+    k_cache = torch.randn(num_blocks, block_size, n_kv, hd)
+    v_cache = torch.randn(num_blocks, block_size, n_kv, hd)
+    tables = [[4, 1], [6, 13], [3, 8, 10], [2, 12]]
+    starts, counts = [0, 0, 8, 4], [3, 5, 1, 3]  # sequence i computes counts[i] tokens from position starts[i]
+    index = [
+        (torch.tensor(t)[:, None] * block_size + torch.arange(block_size)).flatten()[: s + n]
+        for t, s, n in zip(tables, starts, counts, strict=True)
+    ]
+    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    ranges = list(itertools.pairwise(bounds))
+    q = torch.randn(bounds[-1], n_heads, hd)
+    kv_index = torch.cat([ix[s:] for ix, s in zip(index, starts, strict=True)])
+    one_by_one = BatchContext(kv_index=kv_index, token_slots=None, query_ranges=ranges, context_index=index)
+    expected = paged_attention(q, k_cache, v_cache, one_by_one, n_kv)
+
+    by_kind = BatchContext(
+        kv_index=kv_index,
+        token_slots=None,
+        query_ranges=[ranges[3]],
+        context_index=[index[3]],
+        block_tables=torch.tensor([tables[2]]),
+        context_lens=torch.tensor([starts[2] + 1]),
+        decode_rows=torch.tensor([ranges[2][0]]),
+        prefill=PrefillBatch.build(ranges[:2], index[:2], torch.device("cpu")),
+    )
+    assert by_kind.prefill is not None and by_kind.prefill.tokens.shape == (2, 5)
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, by_kind, n_kv), expected, rtol=1e-5, atol=1e-5)
