@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=1024, help="requests waiting beyond the batch before 429 (default 1024)"
     )
     parser.add_argument(
-        "--adapter-cache-mb", type=int, default=2048, help="CPU cache of adapter weights in MiB (default 2048)"
+        "--adapter-cache-mb",
+        type=int,
+        default=2048,
+        help="CPU cache of adapter weights in MiB, in the compute dtype (bf16 and page-locked on a GPU; default 2048)",
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the base's)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
