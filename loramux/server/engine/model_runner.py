@@ -62,20 +62,21 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(chunks):
             return self.graphs.run(chunks)
         ids, positions, kv_index, slots, ranges = [], [], [], [], []
+        contexts: dict[int, torch.Tensor] = {}  # chunk -> flat cache index of its positions 0..end-1 (not decode)
         bs = self.block_size
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             n = len(chunk.token_ids)
             ranges.append((len(ids), len(ids) + n))
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, chunk.start + n))
             slots.extend([chunk.slot] * n)
-        # flat cache index of every position 0..end-1 of each sequence
-        contexts = []
-        for chunk in chunks:
-            table = torch.tensor(chunk.block_table, dtype=torch.long)
-            end = chunk.start + len(chunk.token_ids)
-            contexts.append((table[:, None] * bs + torch.arange(bs)).flatten()[:end])
-            kv_index.append(contexts[-1][chunk.start :])
+            if n == 1:  # a decode token: only its own cache slot; attention reads the block table
+                position = chunk.start
+                kv_index.append(torch.tensor([chunk.block_table[position // bs] * bs + position % bs]))
+            else:
+                table = torch.tensor(chunk.block_table, dtype=torch.long)
+                contexts[i] = (table[:, None] * bs + torch.arange(bs)).flatten()[: chunk.start + n]
+                kv_index.append(contexts[i][chunk.start :])
         # Attention by kind of chunk: decode tokens batched through the block tables, prompts' first chunks (all of
         # their context is in this step) in one padded batch, the rest (continued prompts) one sequence at a time.
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]

@@ -119,21 +119,18 @@ class LoraLinear(NF4Linear):
         asynchronous); the padding is zeroed only where the slot's previous adapter wrote rows.
         """
         rank = 0 if a is None or b is None else a.shape[0]
-        written = self._written[slot]
-        self._written[slot] = max(rank, written)  # stays true if a copy below fails
-        if rank:
-            self.lora_a[slot, :rank].copy_(a, non_blocking=True)
-            self.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
-        if rank < written:
-            self.lora_a[slot, rank:written].zero_()
-            self.lora_b[slot, :, rank:written].zero_()
-        self._written[slot] = rank
+        fill, zero = self.slot_writes(slot, rank)
+        for view, source in zip(fill, (a, b), strict=False):
+            view.copy_(source, non_blocking=True)
+        for view in zero:
+            view.zero_()
         self.scalings[slot].fill_(scaling if rank else 0.0)
         self.ranks[slot].fill_(rank)
 
     def slot_writes(self, slot: int, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """For an adapter of `rank` going into `slot`: the views its A and B fill, and the rows to zero (those the
-        slot's previous adapter wrote beyond `rank`). The caller must then fill them (as `write_slot` does)."""
+        slot's previous adapter wrote beyond `rank`). The caller must then fill them (as `write_slot` does); the
+        slot counts as holding `rank` rows from here on."""
         written = self._written[slot]
         # the views of the slot's last rank are kept: making them on every load costs more than the copies
         kept_rank, fill = self._fill_views.get(slot, (0, []))
