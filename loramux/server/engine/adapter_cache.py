@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,31 +156,35 @@ class AdapterCache:
 
     # -- step-loop side ----------------------------------------------------------------------------------------
 
-    def slot_of(self, key: str) -> int | None:
-        """The slot holding (or loading) `key`, if any."""
+    def resident(self) -> dict[str, int]:
+        """{key: slot} of every slot holding (or loading) a current revision."""
         with self._lock:
-            for i, slot in enumerate(self.slots):
-                if slot.key == key and not slot.stale:
-                    return i
-        return None
+            return {slot.key: i for i, slot in enumerate(self.slots) if slot.key is not None and not slot.stale}
 
     def is_ready(self, index: int) -> bool:
         with self._lock:
             return self.slots[index].ready
 
-    def has_free_slot(self) -> bool:
-        with self._lock:
-            return any(s.pins == 0 and (s.ready or s.key is None) for s in self.slots)
+    def claim(
+        self, key: str, weights: LoraWeights, exclude: Collection[int] = (), keep: Collection[str] = ()
+    ) -> int | None:
+        """Start loading `key` into a reusable slot, not one of `exclude`; None if there is none.
 
-    def claim(self, key: str, weights: LoraWeights) -> int | None:
-        """Start loading `key` into a reusable slot (empty first, then stale, then least recently used)."""
+        Preference: an empty slot, then one holding a stale revision, then one holding an adapter not in `keep`
+        (adapters that waiting requests want), then the least recently used.
+        """
         with self._lock:
-            free = [i for i, s in enumerate(self.slots) if s.pins == 0 and (s.ready or s.key is None)]
+            free = [
+                i for i, s in enumerate(self.slots) if s.pins == 0 and (s.ready or s.key is None) and i not in exclude
+            ]
             if not free:
                 return None
-            index = min(
-                free, key=lambda i: (self.slots[i].key is not None, not self.slots[i].stale, self.slots[i].last_used)
-            )
+
+            def order(i: int) -> tuple[bool, bool, bool, int]:
+                slot = self.slots[i]
+                return slot.key is not None, not slot.stale, slot.key in keep, slot.last_used
+
+            index = min(free, key=order)
             self.slots[index] = Slot(key=key, ready=False)
         self._loader.submit(self._load_into_slot, index, key, weights)
         return index

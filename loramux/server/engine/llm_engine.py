@@ -42,6 +42,10 @@ class EngineConfig:
     max_model_len: int | None = None  # context length; None: the base's max_position_embeddings
     max_queue: int = 1024  # requests accepted beyond max_num_seqs before QueueFullError
     adapter_cache_bytes: int = 2048 * MiB  # CPU cache of adapter weights
+    # While requests decode, new ones are admitted in waves of at least `prefill_wave` (or whatever can be admitted
+    # once they have waited `max_prefill_delay` steps): fewer steps carry a prefill beside the decode batch.
+    prefill_wave: int = 1
+    max_prefill_delay: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -89,7 +93,14 @@ class LLMEngine:
             on_change=self._wake,
             prepare=self.runner.prepare_adapter,
         )
-        self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks,
+            self.adapters,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            prefill_wave=config.prefill_wave,
+            max_prefill_delay=config.max_prefill_delay,
+        )
         self.requests: dict[str, Request] = {}
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()

@@ -7,10 +7,12 @@ What budget is left admits waiting requests. When a decoding request needs a KV 
 running request is preempted: its blocks are freed and it is recomputed later from its tokens.
 
 Adapter slots: a waiting request for an adapter is assigned a slot before it may run, a slot that already holds its
-adapter or a reusable one that starts loading (off the step loop). When no slot can be had, that request becomes
-the *slot waiter*: until it gets one, no other request newly pins a slot, so slots drain as their requests finish
-and the waiter gets the next free one. This rotates adapters through the slots when more are wanted than there are
-slots, and every request completes. Requests for the base model need no slot and are never held back by this.
+adapter (a hit: any number of requests share it) or a reusable one, unpinned, that starts loading off the step loop;
+a reusable slot whose adapter no waiting request wants goes first, then the least recently used. When no slot is
+free, the request reserves the pinned slot whose requests end soonest (at most `max_reserved` slots are reserved at
+once): no new request pins a reserved slot, so it drains, and it goes to the request that reserved it. Hits on the
+other slots go on meanwhile: popular adapters keep the batch full while rare ones rotate through the slots, and
+every request completes. Requests for the base model need no slot and are never held back by this.
 
 Fairness across tenants: waiting requests are considered tenant by tenant, least recently served tenant first,
 round-robin (each tenant's first request, then each one's second, ...), FIFO within a tenant. A tenant's burst
@@ -31,15 +33,25 @@ ScheduledBatch = list[tuple[Request, int]]  # (request, number of its tokens com
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, adapters: AdapterCache, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        blocks: BlockManager,
+        adapters: AdapterCache,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefill_wave: int = 1,
+        max_prefill_delay: int = 0,
     ) -> None:
         self.blocks = blocks
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_wave = prefill_wave  # while requests decode, admit at least this many at once ...
+        self.max_prefill_delay = max_prefill_delay  # ... or whatever can be admitted after this many steps held
+        self._held = 0  # steps that admissible requests have been held back for a wave
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, FIFO
         self.running: list[Request] = []
-        self.slot_waiter: Request | None = None
+        self.reserved: dict[int, Request] = {}  # slot -> the waiting request it drains for
+        self.max_reserved = max(1, len(adapters.slots) // 16)
         self._served = itertools.count()
         self._last_served: dict[str, int] = {}
         self.slot_hits = self.slot_misses = self.preemptions = 0
@@ -63,8 +75,8 @@ class Scheduler:
         if request.slot >= 0:
             self.adapters.unpin(request.slot)
             request.slot = -1
-        if self.slot_waiter is request:
-            self.slot_waiter = None
+        for index in [i for i, r in self.reserved.items() if r is request]:
+            del self.reserved[index]
         request.status = RequestStatus.FINISHED
 
     def fair_order(self) -> list[Request]:
@@ -112,33 +124,73 @@ class Scheduler:
         self.preemptions += 1
 
     def _assign_slots(self) -> None:
-        for request in self.fair_order():
-            if not request.needs_slot or request.adapter_key is None:
-                continue
-            if self.slot_waiter is not None and request is not self.slot_waiter:
-                continue  # rotation: the slot waiter gets the next slot before anyone pins one
-            index = self.adapters.slot_of(request.adapter_key)
+        waiting = [r for r in self.fair_order() if r.needs_slot and r.adapter_key is not None]
+        if not waiting:
+            return
+        wanted = {r.adapter_key for r in waiting}  # a free slot holding one of these is reused last
+        resident = self.adapters.resident()
+        unreserved_free = True  # until a claim finds no free slot outside the reserved ones
+        for request in waiting:
+            key = request.adapter_key
+            owned = [i for i, r in self.reserved.items() if r is request]
+            index = resident.get(key)
             if index is not None:
+                if self.reserved.get(index, request) is not request:
+                    continue  # its slot drains for another request; it gets a slot of its own later
                 self.slot_hits += 1
             else:
-                index = self.adapters.claim(request.adapter_key, request.lora)
-                if index is None:
-                    self.slot_waiter = request
+                if not (unreserved_free or owned):
+                    if len(self.reserved) < self.max_reserved:
+                        self._reserve(request)
                     continue
+                taken = {i for i, r in self.reserved.items() if r is not request}
+                index = self.adapters.claim(key, request.lora, exclude=taken, keep=wanted)
+                if index is None:
+                    unreserved_free = False
+                    if not owned and len(self.reserved) < self.max_reserved:
+                        self._reserve(request)
+                    continue
+                for old in [k for k, i in resident.items() if i == index]:
+                    del resident[old]
+                resident[key] = index
                 self.slot_misses += 1
+            for i in owned:
+                del self.reserved[i]
             self.adapters.pin(index)
             request.slot = index
-            if self.slot_waiter is request:
-                self.slot_waiter = None
+
+    def _reserve(self, request: Request) -> None:
+        """Reserve for `request` the unreserved slot whose pinned requests all end soonest (tokens left)."""
+        left: dict[int, int] = {}
+        for other in itertools.chain(self.running, *self.waiting.values()):
+            if other.slot >= 0 and other.slot not in self.reserved:
+                to_go = len(other.prompt_ids) + other.params.max_tokens - other.num_computed
+                left[other.slot] = max(left.get(other.slot, 0), to_go)
+        if left:
+            self.reserved[min(left, key=left.__getitem__)] = request
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        admitted: list[Request] = []
+        free, seqs = self.blocks.num_free, len(self.running)
         for request in self.fair_order():
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
-                return
+            if budget == 0 or seqs >= self.max_num_seqs:
+                break
             if request.adapter is not None and (request.slot < 0 or not self.adapters.is_ready(request.slot)):
                 continue  # its adapter is still on its way to a slot
-            if not self.blocks.can_grow(request, request.num_tokens):
-                return  # first come first served for KV space: smaller requests do not overtake
+            need = self.blocks.blocks_for(request.num_tokens) - len(request.block_table)
+            if need > free:
+                break  # first come first served for KV space: smaller requests do not overtake
+            admitted.append(request)
+            free, seqs, budget = free - need, seqs + 1, budget - min(request.num_tokens, budget)
+        if not admitted:
+            self._held = 0
+            return
+        if self.running and len(admitted) < self.prefill_wave and self._held < self.max_prefill_delay:
+            self._held += 1  # decoding goes on; these join with the next wave
+            return
+        self._held = 0
+        budget = self.max_num_batched_tokens - sum(n for _, n in batch)
+        for request in admitted:
             self.blocks.grow(request, request.num_tokens)
             self.waiting[request.tenant].remove(request)
             self._last_served[request.tenant] = next(self._served)

@@ -1,0 +1,134 @@
+"""Scheduler policy for adapter slots, on the scheduler alone (no model): hits are never held back by a request
+waiting for a slot, a reserved slot drains for its waiter, free slots holding wanted adapters are reused last."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from loramux.adapters.source import AdapterRef
+from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.block_manager import BlockManager
+from loramux.server.engine.request import Request, SamplingParams
+from loramux.server.engine.scheduler import Scheduler
+
+
+@pytest.fixture
+def make():
+    caches: list[AdapterCache] = []
+
+    def build(num_slots: int, max_num_seqs: int = 64, **waves) -> Scheduler:
+        cache = AdapterCache(None, None, lambda index, weights: None, num_slots, max_rank=8, cpu_cache_bytes=1 << 20)
+        caches.append(cache)
+        return Scheduler(BlockManager(256, 4), cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, **waves)
+
+    yield build
+    for cache in caches:
+        cache.shutdown()
+
+
+def request(name: str, adapter: str, max_tokens: int = 4) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    r = Request(name, [1, 2, 3], params, AdapterRef(adapter), None, set(), lambda out: None)
+    r.adapter_key = f"{adapter}@{'0' * 40}"
+    return r
+
+
+def step(scheduler: Scheduler) -> list[str]:
+    """Schedule until every slot write landed; the names of the requests in the batch."""
+    for _ in range(200):
+        batch = scheduler.schedule()
+        loading = [r for r in scheduler.running + scheduler.fair_order() if r.slot >= 0]
+        if all(scheduler.adapters.is_ready(r.slot) for r in loading):
+            names = [r.request_id for r, _ in batch]
+            for r, n in batch:  # as the engine does after a step
+                r.num_computed += n
+                if r.num_computed >= r.num_tokens:
+                    r.output_ids.append(0)
+            return names
+        time.sleep(0.005)
+    raise AssertionError("slot writes never finished")
+
+
+def finish(scheduler: Scheduler, *names: str) -> None:
+    for r in list(scheduler.running):
+        if r.request_id in names:
+            scheduler.finish(r)
+
+
+def test_hits_run_while_another_adapter_waits_for_a_slot(make):
+    scheduler = make(num_slots=2)
+    for r in (request("a0", "t/a", max_tokens=50), request("b0", "t/b", max_tokens=3)):
+        scheduler.add(r)
+    assert sorted(step(scheduler)) == ["a0", "b0"]
+    scheduler.add(request("c0", "t/c"))  # no free slot: it reserves t/b's, which drains first
+    scheduler.add(request("a1", "t/a"))  # a hit on the other slot
+    admitted = step(scheduler)
+    assert "a1" in admitted and "c0" not in admitted
+    (reserved,) = scheduler.reserved
+    assert scheduler.adapters.slots[reserved].key.startswith("t/b")
+    scheduler.add(request("b1", "t/b"))  # may not pin the reserved slot
+    assert "b1" not in step(scheduler)
+    finish(scheduler, "b0")
+    assert "c0" in step(scheduler)  # the drained slot went to its waiter
+    assert scheduler.adapters.slots[reserved].key.startswith("t/c")
+    assert [r.request_id for r in scheduler.reserved.values()] == ["b1"]  # now t/b waits for a slot
+
+
+def test_the_slot_reserved_is_the_one_that_drains_soonest(make):
+    scheduler = make(num_slots=2)
+    scheduler.add(request("long", "t/a", max_tokens=100))
+    scheduler.add(request("short", "t/b", max_tokens=2))
+    step(scheduler)
+    scheduler.add(request("c0", "t/c"))
+    step(scheduler)
+    (index,) = scheduler.reserved
+    assert scheduler.adapters.slots[index].key.startswith("t/b")
+
+
+def test_a_free_slot_holding_a_wanted_adapter_is_reused_last(make):
+    scheduler = make(num_slots=2, max_num_seqs=2)
+    scheduler.add(request("a0", "t/a"))
+    step(scheduler)
+    scheduler.add(request("b0", "t/b"))
+    step(scheduler)
+    finish(scheduler, "a0", "b0")  # both slots free; t/b is the more recently used one
+    scheduler.add(request("c0", "t/c"))
+    scheduler.add(request("b1", "t/b"))
+    assert sorted(step(scheduler)) == ["b1", "c0"]
+    keys = sorted(slot.key.split("@")[0] for slot in scheduler.adapters.slots)
+    assert keys == ["t/b", "t/c"]  # t/a, least recently used but wanted by nobody, made room
+
+
+def test_every_request_completes_when_adapters_outnumber_slots(make):
+    scheduler = make(num_slots=2)
+    names = [f"r{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        scheduler.add(request(name, f"t/{'aab'[i % 3] if i % 4 else 'cdefgh'[i % 6]}", max_tokens=2))
+    done: list[str] = []
+    for _ in range(100):
+        step(scheduler)
+        ended = [r for r in scheduler.running if len(r.output_ids) >= r.params.max_tokens]
+        for r in ended:
+            scheduler.finish(r)
+            done.append(r.request_id)
+        if len(done) == len(names):
+            break
+    assert sorted(done) == sorted(names)
+    assert all(slot.pins == 0 for slot in scheduler.adapters.slots) and not scheduler.reserved
+
+
+def test_admissions_come_in_waves_while_requests_decode(make):
+    scheduler = make(num_slots=2, prefill_wave=3, max_prefill_delay=2)
+    scheduler.add(request("a0", "t/a", max_tokens=50))
+    assert step(scheduler) == ["a0"]  # nothing runs: no waiting for a wave
+    scheduler.add(request("a1", "t/a"))
+    scheduler.add(request("a2", "t/a"))
+    assert step(scheduler) == ["a0"]  # two of a wave of three: held while a0 decodes
+    scheduler.add(request("a3", "t/a"))
+    assert step(scheduler) == ["a0", "a1", "a2", "a3"]  # the wave is complete
+    scheduler.add(request("a4", "t/a"))
+    held, held_again, admitted = (step(scheduler) for _ in range(3))
+    assert "a4" not in held and "a4" not in held_again
+    assert admitted == ["a0", "a1", "a2", "a3", "a4"]  # alone, once it was held for 2 steps
