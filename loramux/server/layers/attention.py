@@ -7,8 +7,9 @@ side. New keys/values are written at their cache slots first, then each sequence
 gathered from its blocks. The gather is exact (no approximation), which is what the CPU and the parity tests need.
 
 A batch of decode tokens only (one new token per sequence, the common step) takes `paged_decode_attention`: padded
-block tables and context lengths as tensors, one gather and one SDPA call for the whole batch, no Python loop over
-sequences and no host synchronisation, so that the step can be captured in a CUDA graph. In other steps the decode
+block tables and context lengths as tensors, one call for the whole batch (on the GPU a Triton kernel reading the
+blocks in place; elsewhere one gather and one SDPA call), no Python loop over sequences and no host
+synchronisation, so that the step can be captured in a CUDA graph. In other steps the decode
 tokens take the same call, the prompts' first chunks one padded causal SDPA call (`PrefillBatch`), and only chunks
 that continue a prompt are attended one sequence at a time: the per-layer host work does not grow with the batch.
 """
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from loramux.server.layers.lora_kernels import Segments
+
+# Decode attention on the GPU through the Triton kernel of `attention_kernels` (False: the gather + SDPA path, the
+# one the CPU takes; benchmarks compare the two). Read when an engine starts: its CUDA graphs depend on it.
+TRITON_DECODE = True
 
 
 @dataclass
@@ -124,7 +129,25 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
 ) -> torch.Tensor:
     """One query per sequence: q (B, n_heads, hd) -> (B, n_heads, hd), sequence b attending over the first
-    context_lens[b] cache positions of its block table (B, max_blocks). Shapes depend only on B and max_blocks."""
+    context_lens[b] cache positions of its block table (B, max_blocks). Shapes depend only on B and max_blocks.
+
+    On the GPU (unless TRITON_DECODE is off) a Triton kernel reads the blocks in place; elsewhere the blocks are
+    gathered into a padded tensor for one SDPA call."""
+    if q.is_cuda and TRITON_DECODE:
+        from loramux.server.layers.attention_kernels import paged_decode_attention as triton_decode
+
+        return triton_decode(q.contiguous(), k_cache, v_cache, block_tables, context_lens)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens)
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """`paged_decode_attention` through a gather of each sequence's padded K/V and one SDPA call (any device)."""
     b, n_heads, hd = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
     k_flat = k_cache.view(-1, n_kv, hd)  # (num_blocks * block_size, n_kv, hd)

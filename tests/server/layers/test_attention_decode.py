@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
-from loramux.server.layers.attention import BatchContext, PrefillBatch, paged_attention, paged_decode_attention
+from loramux.server.layers.attention import (
+    BatchContext,
+    PrefillBatch,
+    paged_attention,
+    paged_decode_attention,
+    paged_decode_attention_torch,
+)
 
 
 def test_decode_attention_matches_per_sequence_attention_with_gqa_and_padding():
@@ -67,3 +74,28 @@ def test_a_mixed_step_batched_by_kind_matches_per_sequence_attention():
     )
     assert by_kind.prefill is not None and by_kind.prefill.tokens.shape == (2, 5)
     torch.testing.assert_close(paged_attention(q, k_cache, v_cache, by_kind, n_kv), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "hd", "block_size"),
+    [(32, 8, 128, 16), (8, 8, 64, 16), (12, 2, 64, 8), (16, 1, 128, 32), (9, 3, 32, 4)],
+)
+def test_the_triton_decode_kernel_matches_the_gather_path(n_heads, n_kv, hd, block_size):
+    from loramux.server.layers import attention_kernels
+
+    torch.manual_seed(n_heads + hd)
+    num_blocks, batch, width = 96, 37, 20
+    k_cache = torch.randn(num_blocks, block_size, n_kv, hd, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn(num_blocks, block_size, n_kv, hd, device="cuda", dtype=torch.bfloat16)
+    lens = torch.randint(1, width * block_size + 1, (batch,), device="cuda")
+    lens[:3] = torch.tensor([1, block_size, width * block_size])  # one position, one full block, the whole table
+    tables = torch.randint(0, num_blocks, (batch, width), device="cuda")
+    q = torch.randn(batch, n_heads, hd, device="cuda", dtype=torch.bfloat16)
+    expected = paged_decode_attention_torch(q, k_cache, v_cache, tables, lens)
+    got = attention_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    # entries of a table past a sequence's length are never read: scribbling over them changes nothing
+    used = (lens[:, None] + block_size - 1) // block_size > torch.arange(width, device="cuda")
+    scribbled = torch.where(used, tables, torch.full_like(tables, 10**9))
+    torch.testing.assert_close(attention_kernels.paged_decode_attention(q, k_cache, v_cache, scribbled, lens), got)
