@@ -46,6 +46,7 @@ from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAd
 from loramux.adapters.weights import base_shapes, load_lora
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
+from loramux.server.layers import attention
 from loramux.server.models.config import ModelConfig
 from loramux.server.models.llama import LINEAR_MODULES, LlamaForCausalLM
 from loramux.server.models.loader import BaseModel, compute_dtype_for
@@ -223,11 +224,24 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
         max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * n,
         adapter_cache_bytes=16 * 2**30,  # all 32 (84 MB each, bf16 in pinned memory) stay cached
     )  # fmt: skip
+    ids = prompts(n, plen, base.config.vocab_size, seed=1)
+    names = [f"bench/w1-{i % args.w1_adapters}" for i in range(n)]
+    if args.compare_attention:  # first with decode attention through the padded gather (the path before the kernel)
+        attention.TRITON_DECODE = False
+        engine = LLMEngine(base, source, config)
+        try:
+            engine.runner.warm_up()
+            run_batch(engine, ids, min(gen, 8), names)
+            results["w1_lora_gather"] = run_batch(engine, ids, gen, names)
+            results["w1_base_gather"] = run_batch(engine, ids, gen, [None] * n)
+        finally:
+            attention.TRITON_DECODE = True
+            engine.shutdown()
+            gc.collect()
     engine = LLMEngine(base, source, config)
     try:
-        ids = prompts(n, plen, base.config.vocab_size, seed=1)
-        names = [f"bench/w1-{i % args.w1_adapters}" for i in range(n)]
-        # warm-up: fills the slots, compiles the kernels, captures the graphs of the sizes the runs use
+        # warm-up: every decode graph, the slots filled, the kernels compiled
+        engine.runner.warm_up()
         run_batch(engine, ids, min(gen, 8), names)
         run_batch(engine, ids, min(gen, 8), [None] * n)
         results["w1_lora"] = run_batch(engine, ids, gen, names)
@@ -325,8 +339,19 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
     }  # fmt: skip
 
 
-def bench_w2(base: BaseModel, args, root: Path, results: dict) -> None:
+W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each beside the default
+    "no_split": {"split_mixed": False},  # mixed steps as one eager pass
+    "wave": {"prefill_wave": 16, "max_prefill_delay": 8},  # admissions grouped in waves
+    "slots128": {"num_slots": 128},  # twice the slots: what more resident adapters would give
+    "gather": {"triton_decode": False},  # decode attention through the padded gather + SDPA
+}
+
+
+def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | None = None) -> None:
     """Many adapters, Zipf popularity, Poisson arrivals above the serving rate: tokens/s and TTFT percentiles."""
+    changes = dict(W2_VARIANTS[variant]) if variant else {}
+    split_mixed = changes.pop("split_mixed", True)
+    attention.TRITON_DECODE = changes.pop("triton_decode", True)
     rng = random.Random(3)
     ranks = (8, 16, 32, 64)
     modules = ["q_proj", "v_proj"]
@@ -339,15 +364,26 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict) -> None:
     cache_bytes = int(args.w2_cpu_cache * statistics.mean(per_adapter.values()))
     n, plen, gen = args.w2_requests, args.prompt, args.gen
     blocks = args.w1_requests * math.ceil((plen + gen) / 16) + 64
-    config = EngineConfig(
+    settings = dict(
         num_slots=args.w2_slots, max_lora_rank=64, num_kv_blocks=blocks, max_num_seqs=args.w1_requests,
         max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * n, adapter_cache_bytes=cache_bytes,
     )  # fmt: skip
+    config = EngineConfig(**(settings | changes))
     weights = [1.0 / (k + 1) for k in range(args.w2_adapters)]  # Zipf, exponent 1
     chosen = rng.choices(range(args.w2_adapters), weights=weights, k=n)
     ids = prompts(n, plen, base.config.vocab_size, seed=4)
     rate = args.w2_rate  # requests/s, above what W1 sustains (W1 tokens/s / gen), so the queue never empties
+    gc_seconds, gc_began = [0.0], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:  # time spent in Python's garbage collector during the run
+        if phase == "start":
+            gc_began[0] = time.perf_counter()
+        else:
+            gc_seconds[0] += time.perf_counter() - gc_began[0]
+
+    gc.callbacks.append(on_gc)
     engine = LLMEngine(base, source, config)
+    engine.runner.split_mixed = split_mixed
     first: dict[int, float] = {}
     submitted: dict[int, float] = {}
     done = threading.Event()
@@ -355,6 +391,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict) -> None:
     lock = threading.Lock()
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
     try:
+        engine.runner.warm_up()
         run_batch(engine, ids[:4], 4, [f"bench/w2-{k}" for k in range(4)])  # warm-up
         arrivals, t = [], 0.0
         for _ in range(n):
@@ -384,18 +421,42 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict) -> None:
 
         feeder = threading.Thread(target=submit, daemon=True)
         feeder.start()
+        running: list[int] = []  # requests in each step's batch
+        kinds: dict[str, list[float]] = {"decode": [], "mixed": [], "prefill": []}  # step walls by kind
+        run_chunks, kind = engine.runner.run, ["decode"]
+
+        def run(chunks):
+            decode = sum(len(c.token_ids) == 1 for c in chunks)
+            kind[0] = "decode" if decode == len(chunks) else "mixed" if decode else "prefill"
+            return run_chunks(chunks)
+
+        engine.runner.run = run  # type: ignore[method-assign]
+        gc_seconds[0] = 0.0
         while not done.is_set():
-            if not engine.step():
+            begun = time.perf_counter()
+            if engine.step():
+                kinds[kind[0]].append(time.perf_counter() - begun)
+                running.append(len(engine.scheduler.running))
+            else:
                 engine.wait_for_work(0.01)
         seconds = time.perf_counter() - started
         ttft = sorted(first[i] - submitted[i] for i in range(n))
-        results["w2"] = {
+        key = f"w2_{variant}" if variant else "w2"
+        results[key] = {
             "requests": n, "adapters": args.w2_adapters, "distinct_used": len(set(chosen)), "slots": args.w2_slots,
             "cpu_cache_adapters": args.w2_cpu_cache, "arrival_rate_per_s": rate, "seconds": seconds,
             "tokens_per_s": n * gen / seconds, "ttft_p50_s": ttft[len(ttft) // 2],
-            "ttft_p99_s": ttft[min(n - 1, int(0.99 * n))], "stats": engine.stats(),
+            "ttft_p99_s": ttft[min(n - 1, int(0.99 * n))], "steps": len(running),
+            "running_mean": statistics.mean(running), "settings": W2_VARIANTS[variant] if variant else {},
+            "steps_by_kind": {k: {"steps": len(v), "seconds": sum(v),
+                                  "ms_median": 1e3 * statistics.median(v) if v else None} for k, v in kinds.items()},
+            "slowest_steps_ms": {k: sorted((round(1e3 * t, 1) for t in v), reverse=True)[:8] for k, v in kinds.items()},
+            "gc_seconds": gc_seconds[0], "stats": engine.stats(),
         }  # fmt: skip
+        print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
     finally:
+        attention.TRITON_DECODE = True
+        gc.callbacks.remove(on_gc)
         engine.shutdown()
         gc.collect()
 
@@ -476,10 +537,20 @@ def bench_baselines(raw: dict, args, device: torch.device, results: dict) -> Non
 
 
 def table(results: dict) -> str:
-    rows = [("loramux W1, 32 adapters", "w1_lora"), ("loramux W1, no adapters", "w1_base"),
-            ("transformers + PEFT mixed batch (32)", "peft_mixed"), ("transformers generate base only (32)", "hf_base"),
-            ("loramux one stream (adapter)", "stream"), ("loramux one stream (base)", "stream_base"),
-            ("loramux W2 (Zipf, Poisson)", "w2")]  # fmt: skip
+    rows = [
+        ("loramux W1, 32 adapters", "w1_lora"),
+        ("loramux W1, no adapters", "w1_base"),
+        ("transformers + PEFT mixed batch (32)", "peft_mixed"),
+        ("transformers generate base only (32)", "hf_base"),
+        ("loramux one stream (adapter)", "stream"),
+        ("loramux one stream (base)", "stream_base"),
+        ("loramux W2 (Zipf, Poisson)", "w2"),
+        ("W1, 32 adapters, gather attention", "w1_lora_gather"),
+        ("W1, no adapters, gather attention", "w1_base_gather"),
+    ]
+    rows += [
+        (f"loramux W2, {key[3:]}", key) for key in results if key.startswith("w2_") and "tokens_per_s" in results[key]
+    ]
     lines = [f"{'system':44} {'tokens/s':>10}", "-" * 56]
     for label, key in rows:
         if key in results:
@@ -489,6 +560,10 @@ def table(results: dict) -> str:
         lines.append(f"{'W1 adapters / no adapters':44} {ratio:10.3f}")
     if "w2" in results:
         w2 = results["w2"]
+        if "w1_lora" in results:
+            lines.append(
+                f"{'W2 / W1 (with adapters)':44} {w2['tokens_per_s'] / results['w1_lora']['tokens_per_s']:10.3f}"
+            )
         lines.append(f"{'W2 TTFT p50 / p99 (s)':44} {w2['ttft_p50_s']:.3f} / {w2['ttft_p99_s']:.3f}")
     if "load" in results:
         ld = results["load"]
@@ -520,6 +595,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--w2-slots", type=int, default=64)
     p.add_argument("--w2-cpu-cache", type=int, default=256, help="adapters the CPU cache holds (by mean size)")
     p.add_argument("--w2-rate", type=float, default=100.0, help="Poisson arrivals per second")
+    p.add_argument("--w2-variants", default="", help=f"W2 again with other settings: of {','.join(W2_VARIANTS)}")
+    p.add_argument(
+        "--compare-attention",
+        action="store_true",
+        help="W1 also with decode attention through the padded gather (the path before the kernel)",
+    )
     p.add_argument("--profile", action="store_true", help="profile a decode step of W1 (GPU)")
     args = p.parse_args(argv)
     if args.tiny:
@@ -530,6 +611,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    wrong = {x for x in args.w2_variants.split(",") if x} - set(W2_VARIANTS)
+    if wrong:
+        p.error(f"unknown W2 variants {sorted(wrong)}; choose from {','.join(W2_VARIANTS)}")
     return args
 
 
@@ -575,9 +659,13 @@ def run_parts(raw: dict, args: argparse.Namespace, device: torch.device, root: P
     if "w2" in args.parts:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        bench_w2(base, args, root, results)
+        bench_w2(base, args, root / "w2-default", results)
         if cuda:
             results["peak_gpu_memory_w2_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        for variant in filter(None, args.w2_variants.split(",")):
+            if cuda:
+                torch.cuda.empty_cache()
+            bench_w2(base, args, root / f"w2-{variant}", results, variant)
 
 
 if __name__ == "__main__":

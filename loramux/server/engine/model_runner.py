@@ -4,8 +4,10 @@ from the scheduled chunks, runs the forward pass, and returns the logits rows th
 On CUDA a step of decode tokens only (one new token per sequence) replays a CUDA graph: the batch is padded up to
 the next captured size, its inputs copied into static tensors (token ids, positions, cache slots, adapter slots,
 block tables, context lengths), and one replay runs every kernel of the step with no host synchronisation. Graphs
-are captured on first use, one per (batch size, block-table width, with or without LoRA). Padding rows compute on a
-scratch KV block that no sequence owns.
+are captured on first use, one per (batch size, with or without LoRA); with the gather path of attention (the
+Triton decode kernel off) also per block-table width. Padding rows compute on a
+scratch KV block that no sequence owns. A mixed step (prompt chunks beside decode tokens, the common step under
+steady load) replays the decode graph for its decode tokens and runs only the prompt chunks eagerly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters.weights import LoraWeights
+from loramux.server.layers import attention
 from loramux.server.layers.attention import BatchContext, PrefillBatch
 from loramux.server.models.llama import LlamaForCausalLM
 
@@ -34,8 +37,8 @@ class Chunk:
 
 # Batch sizes that decode graphs are captured for; a batch is padded up to the next one.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-# Decode graphs gather each sequence's K/V padded to the widest block table: above this many gathered positions
-# (batch x width) a step runs eagerly instead, so that the padded gather never takes much memory.
+# Without the in-place decode kernel, decode graphs gather each sequence's K/V padded to the widest block table:
+# above this many gathered positions (batch x width) a step runs eagerly instead, so that the gather stays small.
 GRAPH_MAX_GATHER = 256 * 512
 
 
@@ -49,18 +52,39 @@ class ModelRunner:
         self.lora_modules = model.lora_modules()
         # One block past those the block manager hands out: padding rows of a graph batch write their K/V there.
         model.allocate_kv_cache(num_blocks + 1, block_size)
+        self.scratch_block = num_blocks
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, block_size, scratch_block=num_blocks)
+        self.split_mixed = True  # mixed steps: decode tokens through a graph, prompt chunks eagerly
         self._upload_stream: torch.cuda.Stream | None = None
         self._upload_lock = threading.Lock()
         self._slot_scalars: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # slot -> scaling, rank views
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """One forward pass over all chunks -> per chunk its logits, (1, vocab) or (n, vocab) with all_logits."""
-        if self.graphs is not None and self.graphs.fits(chunks):
+        """The forward pass over all chunks -> per chunk its logits, (1, vocab) or (n, vocab) with all_logits."""
+        if self.graphs is None:
+            return self._eager(chunks)
+        if self.graphs.fits(chunks):
             return self.graphs.run(chunks)
+        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and not c.all_logits]
+        if not self.split_mixed or not decode or len(decode) == len(chunks):
+            return self._eager(chunks)
+        # A mixed step: its decode tokens replay a graph, the prompt chunks run eagerly beside them. Each sequence
+        # attends only to its own cache, so the split computes the same step as one eager pass.
+        graphed = [chunks[i] for i in decode]
+        if not self.graphs.fits(graphed):
+            return self._eager(chunks)
+        others = [i for i in range(len(chunks)) if i not in set(decode)]
+        out: list[torch.Tensor | None] = [None] * len(chunks)
+        for i, logits in zip(others, self._eager([chunks[i] for i in others]), strict=True):
+            out[i] = logits
+        for i, logits in zip(decode, self.graphs.run(graphed), strict=True):
+            out[i] = logits
+        return out  # type: ignore[return-value]
+
+    def _eager(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         ids, positions, kv_index, slots, ranges = [], [], [], [], []
         contexts: dict[int, torch.Tensor] = {}  # chunk -> flat cache index of its positions 0..end-1 (not decode)
         bs = self.block_size
@@ -123,6 +147,20 @@ class ModelRunner:
         ]
         logits = self.model.compute_logits(hidden[torch.cat(rows).to(self.device)])
         return list(logits.split([len(r) for r in rows]))
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """On the GPU, do now what a step would otherwise do the first time it meets a shape: compile each variant of
+        the Triton kernels that prompt chunks of every size take (a compile costs a step up to a second), then
+        capture the decode graph of every batch size. The forwards compute on the scratch block only."""
+        if self.device.type != "cuda":
+            return
+        slot = 0 if self.model.num_lora_slots else -1
+        for tokens in (16, 128, 512):  # the LoRA kernels' gather path, then their segment path's two block sizes
+            table = [self.scratch_block] * -(-tokens // self.block_size)
+            self._eager([Chunk([0] * tokens, 0, table, slot)])
+        if self.graphs is not None:
+            self.graphs.capture_all()
 
     @torch.inference_mode()
     def prepare_adapter(self, weights: LoraWeights) -> LoraWeights:
@@ -210,7 +248,8 @@ class DecodeGraphs:
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.max_batch = GRAPH_BATCH_SIZES[-1]
-        self.max_width = max(1, model.config.max_position_embeddings // block_size)
+        self.max_width = -(-model.config.max_position_embeddings // block_size)
+        self.in_place = attention.TRITON_DECODE  # decode attention reads blocks in place (else a padded gather)
         device = model.lm_head_weight.device
         # Static inputs, rows of (5, max_batch): token ids, positions, flat KV index, adapter slot, context length.
         self.vectors = torch.zeros(5, self.max_batch, dtype=torch.long, device=device)
@@ -219,8 +258,10 @@ class DecodeGraphs:
         self.pool = None
 
     def _shape(self, chunks: list[Chunk]) -> tuple[int, int]:
-        """(padded batch size, padded block-table width) for a batch of decode chunks."""
+        """(padded batch size, block-table width) for a batch of decode chunks."""
         size = next(s for s in GRAPH_BATCH_SIZES if s >= len(chunks))
+        if self.in_place:
+            return size, self.max_width  # the kernel reads each sequence's own blocks: one graph per size
         needed = max((c.start // self.block_size) + 1 for c in chunks)
         width = 1 << (needed - 1).bit_length()  # a power of two, so that few widths are ever captured
         return size, min(width, self.max_width)
@@ -231,7 +272,7 @@ class DecodeGraphs:
         if any(len(c.token_ids) != 1 or c.all_logits for c in chunks):
             return False
         size, width = self._shape(chunks)
-        return size * width * self.block_size <= GRAPH_MAX_GATHER
+        return self.in_place or size * width * self.block_size <= GRAPH_MAX_GATHER
 
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         n = len(chunks)
@@ -251,13 +292,16 @@ class DecodeGraphs:
                 [c.start + 1 for c in chunks],
             ]
         )
-        tables = torch.full((size, width), self.scratch_block, dtype=torch.long)
+        # only the columns some sequence uses are copied: a row's later entries are never read (its context length
+        # ends before them)
+        used_width = min(width, max((c.start // bs) + 1 for c in chunks))
+        tables = torch.full((size, used_width), self.scratch_block, dtype=torch.long)
         for i, c in enumerate(chunks):
-            used = c.block_table[:width]
+            used = c.block_table[:used_width]
             tables[i, : len(used)] = torch.tensor(used)
         lora = self.model.num_lora_slots > 0 and any(c.slot >= 0 for c in chunks)
         self.vectors[:, :size].copy_(vectors)
-        self.tables[:size, :width].copy_(tables)
+        self.tables[:size, :used_width].copy_(tables)
         key = (size, width, lora)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
@@ -265,6 +309,19 @@ class DecodeGraphs:
         graph.replay()
         # a copy: the next replay overwrites the graph's output
         return list(logits[:n].clone().split(1))
+
+    def capture_all(self) -> None:
+        """Capture the graph of every batch size ahead of use, with and without adapters (inputs: padding rows)."""
+        self.vectors.zero_()
+        self.vectors[2].fill_(self.scratch_block * self.block_size)
+        self.vectors[3].fill_(-1)
+        self.vectors[4].fill_(1)
+        self.tables.fill_(self.scratch_block)
+        width = self.max_width if self.in_place else 1
+        for lora in (False, True) if self.model.num_lora_slots else (False,):
+            for size in GRAPH_BATCH_SIZES:
+                if (size, width, lora) not in self.graphs:
+                    self.graphs[(size, width, lora)] = self._capture(size, width, lora)
 
     def _forward(self, size: int, width: int, lora: bool) -> torch.Tensor:
         v = self.vectors

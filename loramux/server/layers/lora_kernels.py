@@ -84,11 +84,11 @@ def _segment_block(pid, starts_ptr, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.conste
     return slot, start + row_in_segment, count - row_in_segment
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_gather_kernel(
     x_ptr, a_ptr, slots_ptr, ranks_ptr, h_ptr,
     K, R_MAX, stride_xt, stride_as, stride_ar, stride_ht, stride_rs, stride_rg,
-    HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K, HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid: (T, SPLIT_K, groups); h[t, g·r_max + r] = Σ_k x[t, k] · A[s, g·r_max + r, k]
     t = tl.program_id(0).to(tl.int64)
@@ -117,11 +117,11 @@ def _shrink_gather_kernel(
         tl.atomic_add(h_ptrs, out, mask=r_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_segment_kernel(
     x_ptr, a_ptr, order_ptr, starts_ptr, ranks_ptr, h_ptr,
     S, K, R_MAX, stride_xt, stride_as, stride_ar, stride_ht, stride_rs, stride_rg,
-    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLIT_K, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     # grid: (max blocks, SPLIT_K, groups); one program: (BLOCK_M tokens of one slot) x A[s, group g]ᵀ
@@ -350,7 +350,7 @@ def shrink(
         _shrink_gather_kernel[(tokens, split_k, groups)](
             x, a, token_slots, ranks if ranks is not None else token_slots, h,
             k, r_max, x.stride(0), a.stride(0), a.stride(1), h.stride(0), stride_rs, stride_rg,
-            HAS_RANKS=ranks is not None, SPLIT_K=split_k, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+            split_k, HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
         )  # fmt: skip
         return h
     if segments is None:
@@ -361,7 +361,7 @@ def shrink(
     _shrink_segment_kernel[(max_blocks, split_k, groups)](
         x, a, segments.order, segments.starts, ranks if ranks is not None else token_slots, h,
         num_slots, k, r_max, x.stride(0), a.stride(0), a.stride(1), h.stride(0), stride_rs, stride_rg,
-        HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), SPLIT_K=split_k, BLOCK_M=block_m,
+        split_k, HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), BLOCK_M=block_m,
         BLOCK_R=block_r, BLOCK_K=block_k,
         BLOCK_S=_pow2_at_least(num_slots, 16), num_warps=4,
     )  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 
 from loadtests.bench_engine import LocalSource, write_adapter
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
+from loramux.server.engine.model_runner import GRAPH_BATCH_SIZES
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models.loader import load_base
 
@@ -36,3 +37,35 @@ def test_graph_decode_matches_eager_decode_with_mixed_adapters(tiny_checkpoint, 
         engine.shutdown()
     assert outputs[True] == outputs[False]
     torch.cuda.synchronize()
+
+
+def test_mixed_steps_replay_the_decode_graph_beside_an_eager_prefill(tiny_checkpoint, tmp_path):
+    """Short prompts decode while long ones are still prefilled in chunks: the decode tokens of those mixed steps go
+    through a graph, the prompt chunks eagerly, and the tokens equal an all-eager run's."""
+    base = load_base(str(tiny_checkpoint("llama")), device="cuda")
+    source = LocalSource()
+    for i, rank in enumerate((4, 8)):
+        source.add(f"t/a{i}", write_adapter(tmp_path / f"a{i}", rank, ["q_proj", "v_proj"], base.config, seed=i))
+    prompts = [[3 + i, 11, 7] for i in range(3)] + [[(5 * i + j) % 200 + 1 for j in range(40)] for i in range(2)]
+    adapters = ["t/a0", None, "t/a1", "t/a1", "t/a0"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, block_size=16, max_num_batched_tokens=16)
+    outputs, split_steps = {}, []
+    for graphs in (False, True):
+        engine = LLMEngine(base, source, config)
+        if graphs:
+            engine.runner.warm_up()  # every batch size, ahead of use
+            assert len(engine.runner.graphs.graphs) == 2 * len(GRAPH_BATCH_SIZES)
+            replay = engine.runner.graphs.run
+
+            def counted(chunks, replay=replay):
+                split_steps.append(len(chunks))
+                return replay(chunks)
+
+            engine.runner.graphs.run = counted
+        else:
+            engine.runner.graphs = None
+        outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
+        engine.shutdown()
+    assert outputs[True] == outputs[False]
+    assert split_steps, "no decode tokens were replayed from a graph"
