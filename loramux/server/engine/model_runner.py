@@ -76,7 +76,8 @@ class ModelRunner:
         graphed = [chunks[i] for i in decode]
         if not self.graphs.fits(graphed):
             return self._eager(chunks)
-        others = [i for i in range(len(chunks)) if i not in set(decode)]
+        graphed_at = set(decode)
+        others = [i for i in range(len(chunks)) if i not in graphed_at]
         out: list[torch.Tensor | None] = [None] * len(chunks)
         for i, logits in zip(others, self._eager([chunks[i] for i in others]), strict=True):
             out[i] = logits

@@ -12,7 +12,8 @@ a reusable slot whose adapter no waiting request wants goes first, then the leas
 free, the request reserves the pinned slot whose requests end soonest (at most `max_reserved` slots are reserved at
 once): no new request pins a reserved slot, so it drains, and it goes to the request that reserved it. Hits on the
 other slots go on meanwhile: popular adapters keep the batch full while rare ones rotate through the slots, and
-every request completes. Requests for the base model need no slot and are never held back by this.
+every request completes. Requests for the base model need no slot and are never held back by this. Optionally
+(`prefill_wave`), while requests decode, new ones are admitted in groups, so that fewer steps carry a prefill.
 
 Fairness across tenants: waiting requests are considered tenant by tenant, least recently served tenant first,
 round-robin (each tenant's first request, then each one's second, ...), FIFO within a tenant. A tenant's burst
@@ -170,7 +171,7 @@ class Scheduler:
             self.reserved[min(left, key=left.__getitem__)] = request
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        admitted: list[Request] = []
+        admitted: ScheduledBatch = []  # (request, its prompt tokens computed this step)
         free, seqs = self.blocks.num_free, len(self.running)
         for request in self.fair_order():
             if budget == 0 or seqs >= self.max_num_seqs:
@@ -180,8 +181,9 @@ class Scheduler:
             need = self.blocks.blocks_for(request.num_tokens) - len(request.block_table)
             if need > free:
                 break  # first come first served for KV space: smaller requests do not overtake
-            admitted.append(request)
-            free, seqs, budget = free - need, seqs + 1, budget - min(request.num_tokens, budget)
+            n = min(request.num_tokens, budget)
+            admitted.append((request, n))
+            free, seqs, budget = free - need, seqs + 1, budget - n
         if not admitted:
             self._held = 0
             return
@@ -189,13 +191,10 @@ class Scheduler:
             self._held += 1  # decoding goes on; these join with the next wave
             return
         self._held = 0
-        budget = self.max_num_batched_tokens - sum(n for _, n in batch)
-        for request in admitted:
+        for request, n in admitted:
             self.blocks.grow(request, request.num_tokens)
             self.waiting[request.tenant].remove(request)
             self._last_served[request.tenant] = next(self._served)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            n = min(request.num_tokens, budget)
             batch.append((request, n))
-            budget -= n
