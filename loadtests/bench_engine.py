@@ -264,15 +264,23 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
 def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
     """A rank-16 all-module adapter into slot 0: from the CPU cache (weights already read) and from disk.
 
-    The CPU cache holds what `runner.prepare_adapter` makes (the slots' dtype, one pinned buffer); the same write
-    from the fp32 pageable tensors `load_lora` returns is timed too (what the cache held before)."""
+    The CPU cache holds what the engine's fetch reads: the slots' dtype, in a region of the page-locked arena; the
+    same write from the fp32 pageable tensors `load_lora` returns by default is timed too."""
     device = base.device
-    runner = engine.runner
+    runner, arena = engine.runner, engine.adapters.arena
     cpu, cpu_fp32, disk = [], [], []
     for _ in range(5):
+        regions = []
+
+        def allocate(nbytes: int, regions: list[int] = regions) -> torch.Tensor:
+            found = arena.allocate(nbytes) if arena is not None else None
+            if found is None:
+                return torch.empty(nbytes, dtype=torch.uint8)
+            regions.append(found[0])
+            return found[1]
+
         started = time.perf_counter()
-        raw = load_lora(adapter_dir, base.config)
-        weights = runner.prepare_adapter(raw)
+        weights = load_lora(adapter_dir, base.config, runner.adapter_dtype, allocate)
         runner.write_slot(0, weights)
         sync(device)
         disk.append(time.perf_counter() - started)
@@ -280,13 +288,17 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
         runner.write_slot(0, weights)
         sync(device)
         cpu.append(time.perf_counter() - started)
+        raw = load_lora(adapter_dir, base.config)
         started = time.perf_counter()
         runner.write_slot(0, raw)
         sync(device)
         cpu_fp32.append(time.perf_counter() - started)
+        for offset in regions:
+            arena.free(offset)
     return {"cpu_to_slot_ms": 1e3 * statistics.median(cpu), "disk_to_slot_ms": 1e3 * statistics.median(disk),
             "cpu_fp32_pageable_to_slot_ms": 1e3 * statistics.median(cpu_fp32),
-            "adapter_cached_mib": weights.nbytes() / 2**20, "adapter_fp32_mib": raw.nbytes() / 2**20}  # fmt: skip
+            "adapter_cached_mib": weights.nbytes() / 2**20, "adapter_fp32_mib": raw.nbytes() / 2**20,
+            "cached_in_arena": bool(regions)}  # fmt: skip
 
 
 def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | None]) -> dict:
@@ -339,11 +351,26 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
     }  # fmt: skip
 
 
+def triton_variants() -> int:
+    """Kernel variants Triton has compiled in this process for loramux's kernels (0 without Triton)."""
+    try:
+        from loramux.server.layers import attention_kernels, lora_kernels
+    except ImportError:
+        return 0
+    count = 0
+    for module in (lora_kernels, attention_kernels):
+        for fn in vars(module).values():
+            for caches in getattr(fn, "device_caches", {}).values():
+                count += len(caches[0])
+    return count
+
+
 W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each beside the default
     "no_split": {"split_mixed": False},  # mixed steps as one eager pass
     "wave": {"prefill_wave": 16, "max_prefill_delay": 8},  # admissions grouped in waves
     "slots128": {"num_slots": 128},  # twice the slots: what more resident adapters would give
     "gather": {"triton_decode": False},  # decode attention through the padded gather + SDPA
+    "repeat": {},  # the same again: what is left of first-time costs (compiles, allocations) shows as a difference
 }
 
 
@@ -360,7 +387,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     for i in range(args.w2_adapters):
         source.add(f"bench/w2-{i}", alias_adapter(root / "w2", f"a{i}", shared[ranks[i % len(ranks)]]))
     dtype = compute_dtype_for(base.device)  # the CPU cache holds adapters in the slots' dtype
-    per_adapter = {r: load_lora(shared[r]).packed(dtype).nbytes() for r in ranks}
+    per_adapter = {r: load_lora(shared[r], dtype=dtype).nbytes() for r in ranks}
     cache_bytes = int(args.w2_cpu_cache * statistics.mean(per_adapter.values()))
     n, plen, gen = args.w2_requests, args.prompt, args.gen
     blocks = args.w1_requests * math.ceil((plen + gen) / 16) + 64
@@ -425,17 +452,23 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
         kinds: dict[str, list[float]] = {"decode": [], "mixed": [], "prefill": []}  # step walls by kind
         run_chunks, kind = engine.runner.run, ["decode"]
 
+        shapes: list[tuple[int, int, int]] = []  # each step's (decode tokens, prompt tokens, distinct slots)
+
         def run(chunks):
             decode = sum(len(c.token_ids) == 1 for c in chunks)
             kind[0] = "decode" if decode == len(chunks) else "mixed" if decode else "prefill"
+            shapes.append((decode, sum(len(c.token_ids) for c in chunks) - decode, len({c.slot for c in chunks})))
             return run_chunks(chunks)
 
         engine.runner.run = run  # type: ignore[method-assign]
+        walls: list[tuple] = []
+        compiled = triton_variants()
         gc_seconds[0] = 0.0
         while not done.is_set():
             begun = time.perf_counter()
             if engine.step():
                 kinds[kind[0]].append(time.perf_counter() - begun)
+                walls.append((time.perf_counter() - begun, kind[0], *shapes[-1]))
                 running.append(len(engine.scheduler.running))
             else:
                 engine.wait_for_work(0.01)
@@ -452,6 +485,9 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
                                   "ms_median": 1e3 * statistics.median(v) if v else None} for k, v in kinds.items()},
             "slowest_steps_ms": {k: sorted((round(1e3 * t, 1) for t in v), reverse=True)[:8] for k, v in kinds.items()},
             "gc_seconds": gc_seconds[0], "stats": engine.stats(),
+            "triton_variants_compiled": triton_variants() - compiled,
+            "slowest_steps": [{"ms": round(1e3 * w, 1), "kind": k, "decode_tokens": d, "prompt_tokens": p, "slots": n}
+                              for w, k, d, p, n in sorted(walls, reverse=True)[:12]],
         }  # fmt: skip
         print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
     finally:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from loramux.adapters.config import (
     CONFIG_FILE,
@@ -18,7 +19,11 @@ from loramux.adapters.config import (
     AdapterConfigError,
     module_name_of,
 )
+from loramux.adapters.validate import TensorInfo, read_safetensors_header
 from loramux.server.models.config import ModelConfig
+
+_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 
@@ -81,10 +86,24 @@ def base_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def load_lora(directory: Path, base: ModelConfig | None = None) -> LoraWeights:
-    """Read `adapter_config.json` + `adapter_model.safetensors` (never pickle) as fp32 tensors on the CPU.
+def load_lora(
+    directory: Path,
+    base: ModelConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    allocate: Callable[[int], torch.Tensor] | None = None,
+) -> LoraWeights:
+    """Read `adapter_config.json` + `adapter_model.safetensors` (never pickle) as `dtype` tensors on the CPU.
 
     With `base`, every module must exist in it with matching shapes. Raises `AdapterConfigError` naming the problem.
+    Every A and B is a view of one buffer (`buffer`), module after module in name order, A then B, with no gaps:
+    the layout of `packed`. `allocate(nbytes)` gives that buffer as a uint8 tensor (e.g. a region of a pinned
+    arena); by default it is a new tensor.
+
+    The header is checked first (`read_safetensors_header`), then the tensor bytes are read with `readinto`, which
+    releases the GIL for the whole read, straight into the buffer when the file already holds `dtype` in this
+    layout, else into a scratch buffer converted with one copy per tensor. A step loop on another thread is
+    therefore not held up (safetensors' `load_file` keeps the GIL while it copies: with four threads loading, a loop
+    of 1,500 kernel launches took 28x as long; BENCHMARKS.md, fourth day).
     """
     directory = Path(directory)
     config = AdapterConfig.from_file(directory / CONFIG_FILE)
@@ -97,42 +116,97 @@ def load_lora(directory: Path, base: ModelConfig | None = None) -> LoraWeights:
             )
         raise AdapterConfigError(f"{WEIGHTS_FILE} is missing")
     try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterConfigError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+        infos = read_safetensors_header(weights_path)
+    except OSError as exc:
+        raise AdapterConfigError(f"{WEIGHTS_FILE} is not readable: {exc}") from exc
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+    pairs: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
+    for name, info in infos.items():
         parsed = module_name_of(name)
         if parsed is None:
             raise AdapterMismatchError(f"unexpected tensor {name!r}: only lora_A/lora_B weights are supported")
-        pairs.setdefault(parsed[0], {})[parsed[1]] = tensor
+        if info.dtype not in _TORCH_DTYPES:
+            raise AdapterMismatchError(f"tensor {name!r} is {info.dtype}; LoRA weights are floating point")
+        pairs.setdefault(parsed[0], {})[parsed[1]] = (name, info)
     if not pairs:
         raise AdapterMismatchError(f"{WEIGHTS_FILE} holds no LoRA tensors")
 
     shapes = base_shapes(base) if base is not None else None
-    modules: dict[str, LoraModule] = {}
+    order: list[TensorInfo] = []  # A, B of each module: the buffer's layout
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterMismatchError(f"{module} has lora_{next(iter(pair))} without its partner")
-        a, b = pair["A"].float(), pair["B"].float()
+        a, b = pair["A"][1].shape, pair["B"][1].shape
         rank = config.rank_for(module)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise AdapterMismatchError(
-                f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not match rank {rank}"
-            )
+        if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+            raise AdapterMismatchError(f"{module}: lora_A {a} and lora_B {b} do not match rank {rank}")
         if not config.targets(module):
             raise AdapterMismatchError(f"{module} has LoRA weights but is not in target_modules")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterMismatchError(f"{module} has NaN or infinite values")
         if shapes is not None:
             _check_fits_base(module, a, b, shapes, base)
-        modules[module] = LoraModule(a=a, b=b, scaling=config.scaling_for(module))
-    return LoraWeights(config=config, modules=modules)
+        order += [pair["A"][1], pair["B"][1]]
+
+    itemsize = dtype.itemsize
+    total = sum(info.numel for info in order)
+    buffer = allocate(total * itemsize) if allocate is not None else torch.empty(total * itemsize, dtype=torch.uint8)
+    flat = buffer.view(dtype)
+    try:
+        with open(weights_path, "rb") as f:
+            _read_tensors(f, order, flat)
+    except OSError as exc:
+        raise AdapterConfigError(f"{WEIGHTS_FILE} is not readable: {exc}") from exc
+    views = _views(flat, order)
+    modules = {
+        module: LoraModule(a=a, b=b, scaling=config.scaling_for(module))
+        for module, a, b in zip(sorted(pairs), views[0::2], views[1::2], strict=True)
+    }
+    if not torch.isfinite(flat).all():  # one pass over the buffer; the module is named only on failure
+        bad = next(name for name, m in modules.items() if not (torch.isfinite(m.a).all() and torch.isfinite(m.b).all()))
+        raise AdapterMismatchError(f"{bad} has NaN or infinite values")
+    return LoraWeights(config=config, modules=modules, buffer=flat)
+
+
+def _read_tensors(f: BinaryIO, order: list[TensorInfo], flat: torch.Tensor) -> None:
+    """Fill `flat` with the tensors of `order`, back to back, converted to its dtype."""
+    target = _SAFETENSORS_DTYPES.get(flat.dtype)
+    contiguous = all(x.end == y.start for x, y in itertools.pairwise(order))
+    if contiguous and all(info.dtype == target for info in order):
+        _read_into(f, order[0].start, flat.view(torch.uint8))  # the file holds the buffer as it is: one read
+        return
+    start, end = min(info.start for info in order), max(info.end for info in order)
+    scratch = torch.empty(end - start, dtype=torch.uint8)
+    _read_into(f, start, scratch)
+    offset = 0
+    for info in order:
+        source_dtype = _TORCH_DTYPES[info.dtype]
+        raw = scratch[info.start - start : info.end - start]
+        if (info.start - start) % source_dtype.itemsize:
+            raw = raw.clone()  # an unaligned tensor (a hand-made file): its own storage
+        flat[offset : offset + info.numel].copy_(raw.view(source_dtype))
+        offset += info.numel
+
+
+def _read_into(f: BinaryIO, position: int, target: torch.Tensor) -> None:
+    f.seek(position)
+    view = memoryview(target.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise AdapterMismatchError(f"{WEIGHTS_FILE} is truncated")
+        done += got
+
+
+def _views(flat: torch.Tensor, order: list[TensorInfo]) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for info in order:
+        views.append(flat[offset : offset + info.numel].view(info.shape))
+        offset += info.numel
+    return views
 
 
 def _check_fits_base(
-    module: str, a: torch.Tensor, b: torch.Tensor, shapes: dict[str, tuple[int, int]], base: ModelConfig
+    module: str, a: tuple[int, ...], b: tuple[int, ...], shapes: dict[str, tuple[int, int]], base: ModelConfig
 ) -> None:
     match = _MODULE.fullmatch(module)
     if match is None or match.group(3) not in LINEAR_MODULES:
@@ -140,8 +214,8 @@ def _check_fits_base(
     if int(match.group(1)) >= base.num_hidden_layers:
         raise AdapterMismatchError(f"{module}: the base has only {base.num_hidden_layers} layers")
     out_features, in_features = shapes[match.group(3)]
-    if a.shape[1] != in_features or b.shape[0] != out_features:
+    if a[1] != in_features or b[0] != out_features:
         raise AdapterMismatchError(
-            f"{module}: adapter maps {a.shape[1]} -> {b.shape[0]} features, the base layer {in_features} -> "
+            f"{module}: adapter maps {a[1]} -> {b[0]} features, the base layer {in_features} -> "
             f"{out_features}; was it trained on another base?"
         )

@@ -1,11 +1,16 @@
-"""LoRA weights as the engine's CPU cache keeps them."""
+"""Reading LoRA weights, and the form the engine's CPU cache keeps them in."""
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
-from loramux.adapters.config import AdapterConfig
-from loramux.adapters.weights import LoraModule, LoraWeights
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramux.adapters.config import AdapterConfig, AdapterConfigError
+from loramux.adapters.weights import LoraModule, LoraWeights, load_lora
 
 
 def test_packed_converts_every_matrix_into_one_buffer_and_keeps_the_values():
@@ -31,3 +36,73 @@ def test_packed_converts_every_matrix_into_one_buffer_and_keeps_the_values():
         storages.update({got.a.untyped_storage().data_ptr(), got.b.untyped_storage().data_ptr()})
     assert len(storages) == 1
     assert weights.modules["model.layers.0.self_attn.q_proj"].a.dtype == torch.float32  # the original is untouched
+
+
+def write_peft(directory: Path, tensors: dict[str, torch.Tensor], r: int = 4) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def lora_tensors(dtype_a: torch.dtype, dtype_b: torch.dtype, layers: int = 3) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(layers):
+        for module, out in (("q_proj", 16), ("v_proj", 8)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(4, 16, generator=gen).to(dtype_a)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, 4, generator=gen).to(dtype_b)
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("dtype_a", "dtype_b", "dtype"),
+    [
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # the file holds the buffer as it is: read in place
+        (torch.float32, torch.float32, torch.bfloat16),  # converted tensor by tensor
+        (torch.float32, torch.float16, torch.float32),  # A and B of other dtypes: the file is not in module order
+    ],
+)
+def test_load_lora_reads_every_matrix_into_one_buffer_in_the_dtype_asked(tmp_path, dtype_a, dtype_b, dtype):
+    tensors = lora_tensors(dtype_a, dtype_b)
+    directory = write_peft(tmp_path / "adapter", tensors)
+    given = []
+
+    def allocate(nbytes: int) -> torch.Tensor:
+        given.append(torch.zeros(nbytes + 7, dtype=torch.uint8)[:nbytes])
+        return given[-1]
+
+    weights = load_lora(directory, dtype=dtype, allocate=allocate)
+
+    assert len(weights.modules) == 6 and weights.max_rank == 4
+    assert weights.buffer is not None and weights.buffer.dtype == dtype
+    assert weights.buffer.data_ptr() == given[0].data_ptr()  # the buffer `allocate` gave
+    assert weights.nbytes() == given[0].numel()  # no gaps
+    expected = load_file(str(directory / "adapter_model.safetensors"))
+    offset = 0
+    for name, module in weights.modules.items():  # name order, A then B, back to back
+        for tensor, part in ((module.a, "A"), (module.b, "B")):
+            assert tensor.dtype == dtype
+            assert tensor.data_ptr() == weights.buffer.data_ptr() + offset * dtype.itemsize
+            offset += tensor.numel()
+            want = expected[f"base_model.model.{name}.lora_{part}.weight"].to(dtype)
+            torch.testing.assert_close(tensor, want, rtol=0, atol=0)
+        assert module.scaling == 2.0
+
+
+def test_load_lora_names_the_module_with_non_finite_values(tmp_path):
+    tensors = lora_tensors(torch.float32, torch.float32)
+    tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][2, 1] = float("nan")
+    directory = write_peft(tmp_path / "adapter", tensors)
+    with pytest.raises(AdapterConfigError, match=r"model\.layers\.1\.self_attn\.v_proj has NaN or infinite values"):
+        load_lora(directory, dtype=torch.bfloat16)
+
+
+def test_load_lora_refuses_a_truncated_file(tmp_path):
+    directory = write_peft(tmp_path / "adapter", lora_tensors(torch.float32, torch.float32))
+    path = directory / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(AdapterConfigError, match="truncated"):
+        load_lora(directory)

@@ -1,11 +1,13 @@
 """Adapter tiers: GPU slots (fixed number, allocated at start), a CPU cache bounded in bytes (LRU), the source.
 
 `fetch` (on a pool of fetch threads: several adapters are read at once, each only once) resolves a name for a tenant
-to an exact revision and reads it into the CPU cache, in the form the slots take (`prepare`); `claim` puts a cached
-adapter into a free slot on the loader thread (one write at a time), so the step loop never waits for a disk read or
-a host-to-device copy, and a slow read never holds up a slot write. A slot holds pins (requests that will run on
-it); only an unpinned slot is ever reused. A new revision of a repo replaces the old one: the old one leaves the CPU
-cache at once and its slot is the first to be reused once its last request ends.
+to an exact revision and reads it into the CPU cache, in the slots' dtype, as one buffer carved from a host arena
+(page-locked on a GPU, allocated once at start; `host_arena`); the reads release the GIL, so the step loop's kernel
+launches go on meanwhile (`load_lora`). `claim` puts a cached adapter into a free slot on the loader thread (one
+write at a time), so the step loop never waits for a disk read or a host-to-device copy, and a slow read never holds
+up a slot write. A slot holds pins (requests that will run on it); only an unpinned slot is ever reused. A new
+revision of a repo replaces the old one: the old one leaves the CPU cache at once and its slot is the first to be
+reused once its last request ends.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.adapters.weights import LoraWeights, load_lora
 from loramux.server.engine.errors import AdapterTooLargeError
+from loramux.server.engine.host_arena import HostArena
 from loramux.server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,8 @@ class AdapterCache:
         max_rank: int,
         cpu_cache_bytes: int,
         on_change: Callable[[], None] = lambda: None,
-        prepare: Callable[[LoraWeights], LoraWeights] = lambda weights: weights,
+        dtype: torch.dtype = torch.float32,
+        arena: HostArena | None = None,
     ) -> None:
         self.source = source
         self.base_config = base_config
@@ -56,7 +63,8 @@ class AdapterCache:
         self.max_rank = max_rank
         self.cpu_cache_bytes = cpu_cache_bytes
         self.on_change = on_change  # wakes the step loop when a load finished
-        self.prepare = prepare  # the form the CPU cache keeps (the slots' dtype, pinned on a GPU)
+        self.dtype = dtype  # the CPU cache keeps adapters in the slots' dtype ...
+        self.arena = arena  # ... carved from this arena (page-locked, on a GPU) where it has room
         self.slots = [Slot() for _ in range(num_slots)]
         self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()
         self._latest: dict[str, str] = {}  # repo -> newest commit seen
@@ -67,7 +75,7 @@ class AdapterCache:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
-        self.hits = self.misses = self.loads = self.slot_loads = 0
+        self.hits = self.misses = self.loads = self.slot_loads = self.outside_arena = 0
         self.load_seconds = 0.0
 
     # -- loader-thread side ------------------------------------------------------------------------------------
@@ -105,12 +113,26 @@ class AdapterCache:
                 return key, weights
             self.misses += 1
         started = time.perf_counter()
-        weights = load_lora(path, self.base_config)
+        regions: list[int] = []  # the arena offset the weights were read into, if any
+
+        def allocate(nbytes: int) -> torch.Tensor:
+            offset, region = self._allocate(nbytes)
+            if offset is not None:
+                regions.append(offset)
+            return region
+
+        try:
+            weights = load_lora(path, self.base_config, self.dtype, allocate)
+        except BaseException:
+            for offset in regions:
+                self.arena.free(offset)
+            raise
+        for offset in regions:  # back to the arena once nothing (cache, request, slot write) holds the weights
+            weakref.finalize(weights, self.arena.free, offset)
         if weights.max_rank > self.max_rank:
             raise AdapterTooLargeError(
                 f"adapter {repo} has rank {weights.max_rank}; this server serves ranks up to {self.max_rank}"
             )
-        weights = self.prepare(weights)
         elapsed = time.perf_counter() - started
         with self._lock:
             self.loads += 1
@@ -129,6 +151,22 @@ class AdapterCache:
                 if slot.key is not None and slot.key.startswith(prefix) and slot.key != f"{repo}@{commit}":
                     slot.stale = True
         self._latest[repo] = commit
+
+    def _allocate(self, nbytes: int) -> tuple[int | None, torch.Tensor]:
+        """A buffer for an adapter being read: a region of the arena, evicting the least recently used adapters
+        until one fits; a plain (pageable) tensor when there is no arena or nothing more to evict."""
+        if self.arena is not None and nbytes <= self.arena.capacity:
+            while True:
+                found = self.arena.allocate(nbytes)
+                if found is not None:
+                    return found
+                with self._lock:
+                    if not self._cpu:
+                        break
+                    self._cpu.popitem(last=False)  # its region is freed now, or when its last holder lets go
+            with self._lock:
+                self.outside_arena += 1
+        return None, torch.empty(nbytes, dtype=torch.uint8)
 
     def _evict_cpu(self) -> None:
         total = sum(w.nbytes() for w in self._cpu.values())
@@ -212,6 +250,7 @@ class AdapterCache:
                 "adapter_loads": self.loads,
                 "adapter_slot_loads": self.slot_loads,
                 "adapter_load_seconds": self.load_seconds,
+                "adapter_loads_outside_arena": self.outside_arena,
             }
 
     def shutdown(self) -> None:

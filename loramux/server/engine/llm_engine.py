@@ -18,6 +18,7 @@ from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.server.engine.adapter_cache import AdapterCache
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from loramux.server.engine.host_arena import HostArena
 from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
@@ -83,6 +84,11 @@ class LLMEngine:
             base.config.max_position_embeddings,
             num_blocks * config.block_size,
         )
+        # The CPU cache's memory is allocated here, once: page-locked on a GPU (page-locking while serving stalls the
+        # step loop); on the CPU a plain tensor whose pages the OS commits only as adapters fill them.
+        arena = None
+        if config.num_slots > 0 and source is not None:
+            arena = HostArena(config.adapter_cache_bytes, pin_memory=self.runner.device.type == "cuda")
         self.adapters = AdapterCache(
             source,
             base.config,
@@ -91,7 +97,8 @@ class LLMEngine:
             config.max_lora_rank,
             config.adapter_cache_bytes,
             on_change=self._wake,
-            prepare=self.runner.prepare_adapter,
+            dtype=self.runner.adapter_dtype,
+            arena=arena,
         )
         self.scheduler = Scheduler(
             self.blocks,

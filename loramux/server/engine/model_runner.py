@@ -163,14 +163,18 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture_all()
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype of the adapter slots (fp32 when the model has none)."""
+        return next(iter(self.lora_modules.values())).compute_dtype if self.lora_modules else torch.float32
+
     @torch.inference_mode()
     def prepare_adapter(self, weights: LoraWeights) -> LoraWeights:
         """The adapter as the CPU cache keeps it: in the slots' dtype (bf16 on a GPU: half the bytes of fp32) and,
         on a GPU, in one pinned buffer, so that `write_slot` is asynchronous copies with no conversion."""
         if not self.lora_modules:
             return weights
-        dtype = next(iter(self.lora_modules.values())).compute_dtype
-        return weights.packed(dtype, pin_memory=self.device.type == "cuda")
+        return weights.packed(self.adapter_dtype, pin_memory=self.device.type == "cuda")
 
     def write_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Load an adapter into `slot` of every decoder linear layer (zeros where it has no module).

@@ -159,6 +159,7 @@ class Scheduler:
                 del self.reserved[i]
             self.adapters.pin(index)
             request.slot = index
+            request.lora = None  # in the slot (or on its way): the CPU copy may leave the cache's arena
 
     def _reserve(self, request: Request) -> None:
         """Reserve for `request` the unreserved slot whose pinned requests all end soonest (tokens left)."""

@@ -1,0 +1,53 @@
+"""One block of host memory, allocated once, that the adapter CPU cache is carved from.
+
+On a GPU the block is page-locked, so that a slot write is one asynchronous copy. Page-locking memory while the
+engine serves stalls it: with one thread allocating 54 MB page-locked buffers (what each new adapter in the cache
+took before), a loop of kernel launches on another thread stalled for up to 6 s (BENCHMARKS.md, fourth day). The
+arena page-locks its whole capacity at start instead, and regions are handed out first-fit, at 256-byte alignment.
+A region returns to the arena when `free` is called; the adapter cache calls it when the last reference to the
+weights in it is gone (a request waiting for a slot, or a slot write in progress, keeps the region alive).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+import torch
+
+ALIGNMENT = 256
+
+
+class HostArena:
+    def __init__(self, capacity: int, pin_memory: bool) -> None:
+        self.capacity = capacity - capacity % ALIGNMENT
+        self.buffer = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin_memory)
+        self.pinned = pin_memory
+        self._starts: list[int] = []  # sorted start offsets of the regions in use
+        self._sizes: dict[int, int] = {}  # start -> size (rounded up to ALIGNMENT)
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def allocate(self, nbytes: int) -> tuple[int, torch.Tensor] | None:
+        """(offset, a uint8 tensor of `nbytes` bytes) from the first gap that holds it; None if none does."""
+        size = -(-max(nbytes, 1) // ALIGNMENT) * ALIGNMENT
+        with self._lock:
+            start = 0
+            for begin in self._starts:
+                if begin - start >= size:
+                    break
+                start = begin + self._sizes[begin]
+            if self.capacity - start < size:
+                return None
+            bisect.insort(self._starts, start)
+            self._sizes[start] = size
+        return start, self.buffer[start : start + nbytes]
+
+    def free(self, offset: int) -> None:
+        with self._lock:
+            del self._sizes[offset]
+            self._starts.remove(offset)

@@ -1,0 +1,89 @@
+"""The adapter CPU cache carved from a host arena: where adapters are read to, and what eviction frees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loramux.adapters.source import AdapterRef
+from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.host_arena import HostArena
+from loramux.server.models.config import ModelConfig
+
+CONFIG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2)  # fmt: skip
+ADAPTER_BYTES = 2 * 4 * (4 * 16 + 16 * 4 + 4 * 16 + 8 * 4)  # rank 4 on q_proj and v_proj of 2 layers, fp32
+
+
+def write_adapter(directory: Path, seed: int) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    )
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(2):
+        for module, out in (("q_proj", 16), ("v_proj", 8)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(4, 16, generator=gen)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, 4, generator=gen)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.fixture
+def cache(dir_source, tmp_path):
+    """A cache whose arena holds two adapters, over a source of three."""
+    for name in "abc":
+        dir_source.publish(f"t/{name}", write_adapter(tmp_path / name, seed=ord(name)))
+    arena = HostArena(2 * ADAPTER_BYTES, pin_memory=False)
+    cache = AdapterCache(dir_source, CONFIG, lambda *_: None, 2, 8, 10 * ADAPTER_BYTES, arena=arena)
+    yield cache
+    cache.shutdown()
+
+
+def fetch(cache: AdapterCache, name: str):
+    return cache.fetch(AdapterRef(f"t/{name}"), None)[1]
+
+
+def in_arena(cache: AdapterCache, weights) -> bool:
+    start = cache.arena.buffer.data_ptr()
+    return start <= weights.buffer.data_ptr() < start + cache.arena.capacity
+
+
+def values(weights) -> list[torch.Tensor]:
+    return [t.clone() for m in weights.modules.values() for t in (m.a, m.b)]
+
+
+def test_adapters_are_read_into_the_arena_and_the_least_recent_leaves_to_make_room(cache, dir_source):
+    a = fetch(cache, "a")
+    assert in_arena(cache, a) and a.nbytes() == ADAPTER_BYTES
+    assert fetch(cache, "b") is not a and fetch(cache, "a") is a  # a is now the most recently used
+    del a
+    c = fetch(cache, "c")  # the arena is full: b, least recently used and held by nothing, leaves
+    assert in_arena(cache, c)
+    stats = cache.stats()
+    assert stats["adapter_cache_entries"] == 2 and stats["adapter_loads_outside_arena"] == 0
+    assert stats["adapter_loads"] == 3 and stats["adapter_cache_hits"] == 1
+    assert fetch(cache, "a") is not None and cache.stats()["adapter_cache_hits"] == 2  # a stayed
+
+
+def test_an_evicted_adapter_that_is_still_held_keeps_its_bytes(cache):
+    a, b = fetch(cache, "a"), fetch(cache, "b")  # held, as by requests waiting for a slot
+    a_values, b_values = values(a), values(b)
+    c = fetch(cache, "c")  # a and b leave the cache, but their regions stay theirs
+    assert not in_arena(cache, c) and cache.stats()["adapter_loads_outside_arena"] == 1
+    for got, want in zip(values(a) + values(b), a_values + b_values, strict=True):
+        assert torch.equal(got, want)
+    c_values = values(c)
+    del b  # b's region returns to the arena: the next adapter read goes there
+    again = fetch(cache, "b")
+    assert in_arena(cache, again)
+    for got, want in zip(values(again), b_values, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(values(a) + values(c), a_values + c_values, strict=True):
+        assert torch.equal(got, want)
