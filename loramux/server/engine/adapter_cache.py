@@ -32,7 +32,10 @@ from loramux.server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-FETCH_THREADS = 4  # adapters read from the source at once
+# Adapters read from the source at once. Two, measured on an H100 host with 16 cores (BENCHMARKS.md, fourth day):
+# they read 128 adapters/s and slowed a loop of kernel launches on the step thread 2.6x; four read 77/s and slowed
+# it 3.6x (the readers and the step loop contend for the GIL between their torch calls).
+FETCH_THREADS = 2
 
 
 @dataclass
