@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter-cache-mb",
         type=int,
         default=2048,
-        help="CPU cache of adapter weights in MiB, in the compute dtype (bf16 and page-locked on a GPU; default 2048)",
+        help="CPU cache of adapter weights in MiB, in the compute dtype, allocated at start (bf16 and page-locked on "
+        "a GPU; default 2048)",
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the base's)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -42,7 +42,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size)
     max_model_len: int | None = None  # context length; None: the base's max_position_embeddings
     max_queue: int = 1024  # requests accepted beyond max_num_seqs before QueueFullError
-    adapter_cache_bytes: int = 2048 * MiB  # CPU cache of adapter weights
+    adapter_cache_bytes: int = 2048 * MiB  # CPU cache of adapter weights, allocated when the engine starts
     # While requests decode, new ones are admitted in waves of at least `prefill_wave` (or whatever can be admitted
     # once they have waited `max_prefill_delay` steps): fewer steps carry a prefill beside the decode batch.
     prefill_wave: int = 1
@@ -52,6 +52,8 @@ class EngineConfig:
         for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < (0 if name == "num_slots" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.adapter_cache_bytes < 0:
+            raise ValueError(f"adapter_cache_bytes must not be negative, got {self.adapter_cache_bytes}")
 
 
 def _kv_blocks_from_memory(base: BaseModel, config: EngineConfig) -> int:

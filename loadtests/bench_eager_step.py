@@ -1,0 +1,94 @@
+"""Wall time of one engine step by its make-up (prompts of 128 tokens run eagerly, decode tokens through a graph on a
+GPU), on the Llama-3-8B shape with 64 adapter slots loaded and nothing else running; then a cProfile of one mixed
+step, to show where its host time goes.
+
+    python loadtests/bench_eager_step.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from loadtests.bench_engine import LLAMA3_8B, TINY, build_base, write_adapter
+from loramux.adapters.weights import load_lora
+from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
+from loramux.server.engine.model_runner import Chunk, ModelRunner
+
+SHAPES = ((0, 128), (1, 0), (3, 0), (3, 100), (16, 100), (64, 0), (64, 100))  # (prompts, decode tokens)
+SLOTS, BLOCK = 64, 16
+
+
+def chunks(prompts: int, decodes: int, prompt_len: int) -> list[Chunk]:
+    """Prompts from position 0 and decode tokens at position 200, on distinct KV blocks (contents do not matter)."""
+    out, block = [], 0
+    for i in range(prompts + decodes):
+        prompt = i < prompts
+        n_blocks = -(-prompt_len // BLOCK) if prompt else 13
+        table = list(range(block, block + n_blocks))
+        block += n_blocks
+        out.append(Chunk([1] * prompt_len, 0, table, i % SLOTS) if prompt else Chunk([1], 200, table, i % SLOTS))
+    return out
+
+
+def wall(runner: ModelRunner, batch: list[Chunk], device: torch.device, reps: int = 3) -> float:
+    """The fastest of `reps` runs of the step, its first logits row read back (as sampling does)."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        runner.run(batch)[0].float().sum().item()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke test, any device)")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/loramux-bench-eager-step"), help="where adapters go")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = build_base(TINY if args.tiny else LLAMA3_8B, device)
+    prompt_len = 8 if args.tiny else 128
+    ranks = (8, 16, 32, 64)
+    adapters = {}
+    for rank in ranks:
+        path = write_adapter(args.root / f"r{rank}", rank, ["q_proj", "v_proj"], base.config, seed=rank)
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        adapters[rank] = path
+    blocks = max(p * -(-prompt_len // BLOCK) + d * 13 for p, d in SHAPES) + 64
+    config = EngineConfig(num_slots=SLOTS, max_lora_rank=64, num_kv_blocks=blocks, max_num_seqs=256,
+                          max_num_batched_tokens=8192)  # fmt: skip
+    engine = LLMEngine(base, None, config)
+    runner = engine.runner
+    runner.warm_up()
+    for slot in range(SLOTS):
+        runner.write_slot(slot, load_lora(adapters[ranks[slot % 4]], base.config, runner.adapter_dtype))
+    for prompts, decodes in SHAPES:
+        seconds = wall(runner, chunks(prompts, decodes, prompt_len), device)
+        print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}: {1e3 * seconds:8.1f} ms", flush=True)
+    profile = cProfile.Profile()
+    batch = chunks(3, 100, prompt_len)
+    profile.enable()
+    wall(runner, batch, device, reps=1)
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(15)
+    print(text.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
