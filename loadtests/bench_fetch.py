@@ -55,6 +55,7 @@ class Reader:
         self.mode, self.paths, self.config = mode, paths, config
         self.arena = HostArena(arena_bytes, pin_memory=pin) if mode == "arena" else None
         self.pin = pin
+        self.regions: list[int] = []  # arena: the offsets handed out
         self.kept: list[torch.Tensor] = []  # pin_new: buffers stay locked, as a cache filling up would keep them
         self.lock = threading.Lock()
 
@@ -77,10 +78,11 @@ class Reader:
         with self.lock:
             found = self.arena.allocate(nbytes)
             if found is None:  # full: start over, as a cache evicting everything would
-                for offset in list(self.arena._starts):
-                    self.arena.free(offset)
+                while self.regions:
+                    self.arena.free(self.regions.pop())
                 found = self.arena.allocate(nbytes)
-        assert found is not None
+            assert found is not None
+            self.regions.append(found[0])
         return found[1]
 
 
