@@ -1,0 +1,110 @@
+"""W2's scheduling on the CPU, without a model: the engine's own Scheduler and AdapterCache (slot writes do
+nothing) driven by W2's workload on a simulated clock, each step costed by a model fitted to the H100 runs
+(BENCHMARKS.md, fourth day): a decode step 24.5 ms + 0.04 ms a sequence (29 ms at W2's ~124, 35 ms at W1's 256); a
+step with prompt tokens adds an eager pass, 85 ms + 0.018 ms a prompt token. Prints steps, the mean running batch,
+simulated tokens/s and TTFT, so that scheduling policies can be compared in seconds, deterministically.
+
+    python loadtests/sim_scheduler.py [--slots 64] [--requests 512] [--adapters 1000] [--rate 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from loramux.adapters.source import AdapterRef
+from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.block_manager import BlockManager
+from loramux.server.engine.request import Request, SamplingParams
+from loramux.server.engine.scheduler import Scheduler
+
+BLOCK = 16
+
+
+def step_seconds(decode: int, prompt_tokens: int) -> float:
+    seconds = 0.0245 + 0.00004 * decode if decode else 0.0
+    if prompt_tokens:
+        seconds += 0.085 + 0.000018 * prompt_tokens
+    return seconds
+
+
+def simulate(args: argparse.Namespace) -> dict:
+    rng = random.Random(3)  # W2's seeds: the same adapters and arrival times as bench_engine.py
+    weights = [1.0 / (k + 1) for k in range(args.adapters)]
+    chosen = rng.choices(range(args.adapters), weights=weights, k=args.requests)
+    arrivals, t = [], 0.0
+    for _ in range(args.requests):
+        t += rng.expovariate(args.rate)
+        arrivals.append(t)
+    blocks = args.max_seqs * -(-(args.prompt + args.gen) // BLOCK) + 64
+    cache = AdapterCache(None, None, lambda index, weights: None, args.slots, max_rank=64, cpu_cache_bytes=1 << 30)
+    scheduler = Scheduler(BlockManager(blocks, BLOCK), cache, args.max_seqs, args.max_batched_tokens)
+    params = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
+    requests = []
+    for i, adapter in enumerate(chosen):
+        r = Request(str(i), [1] * args.prompt, params, AdapterRef(f"w2/{adapter}"), None, set(), lambda out: None)
+        r.adapter_key = f"w2/{adapter}@{'0' * 40}"
+        requests.append(r)
+    first: dict[int, float] = {}
+    now, added, done, steps, mixed, running = 0.0, 0, 0, 0, 0, []
+    try:
+        while done < len(requests):
+            while added < len(requests) and arrivals[added] <= now:
+                scheduler.add(requests[added])
+                added += 1
+            batch = scheduler.schedule()
+            cache._loader.submit(lambda: None).result()  # slot writes land before the next step, as on the GPU
+            if not batch:
+                now = arrivals[added] if added < len(requests) else now + 0.001
+                continue
+            decode = sum(n == 1 for _, n in batch)
+            prompt_tokens = sum(n for _, n in batch if n > 1)
+            now += step_seconds(decode, prompt_tokens)
+            steps += 1
+            mixed += bool(decode and prompt_tokens)
+            running.append(len(scheduler.running))
+            for r, n in batch:
+                r.num_computed += n
+                if r.num_computed >= r.num_tokens:
+                    r.output_ids.append(0)
+                    first.setdefault(int(r.request_id), now)
+                    if len(r.output_ids) == args.gen:
+                        scheduler.finish(r)
+                        done += 1
+    finally:
+        cache.shutdown()
+    ttft = sorted(first[i] - arrivals[i] for i in range(len(requests)))
+    return {
+        "slots": args.slots, "steps": steps, "mixed_steps": mixed, "running_mean": statistics.mean(running),
+        "seconds": now, "tokens_per_s": len(requests) * args.gen / now, "ttft_p50_s": ttft[len(ttft) // 2],
+        "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "slot_loads": scheduler.slot_misses,
+        "distinct_adapters": len(set(chosen)),
+    }  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument("--adapters", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=100.0, help="Poisson arrivals per second")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--max-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=8192)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(simulate(parse_args(argv)), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
