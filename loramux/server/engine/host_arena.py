@@ -5,13 +5,16 @@ engine serves stalls it: with one thread allocating 54 MB page-locked buffers (w
 took before), a loop of kernel launches on another thread stalled for up to 6 s (BENCHMARKS.md, fourth day). The
 arena page-locks its whole capacity at start instead, and regions are handed out first-fit, at 256-byte alignment.
 A region returns to the arena when `free` is called; the adapter cache calls it when the last reference to the
-weights in it is gone (a request waiting for a slot, or a slot write in progress, keeps the region alive).
+weights in it is gone (a request waiting for a slot, or a slot write in progress, keeps the region alive). That can
+happen in any thread at any moment, the garbage collector's included, even inside `allocate` on the same thread, so
+`free` takes no lock: it queues the offset, and the next `allocate` (or `used`) returns the queued regions first.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+from collections import deque
 
 import torch
 
@@ -26,16 +29,19 @@ class HostArena:
         self._starts: list[int] = []  # sorted start offsets of the regions in use
         self._sizes: dict[int, int] = {}  # start -> size (rounded up to ALIGNMENT)
         self._lock = threading.Lock()
+        self._freed: deque[int] = deque()  # offsets freed since the last allocate (appends are atomic)
 
     @property
     def used(self) -> int:
         with self._lock:
+            self._return_freed()
             return sum(self._sizes.values())
 
     def allocate(self, nbytes: int) -> tuple[int, torch.Tensor] | None:
         """(offset, a uint8 tensor of `nbytes` bytes) from the first gap that holds it; None if none does."""
         size = -(-max(nbytes, 1) // ALIGNMENT) * ALIGNMENT
         with self._lock:
+            self._return_freed()
             start = 0
             for begin in self._starts:
                 if begin - start >= size:
@@ -48,6 +54,11 @@ class HostArena:
         return start, self.buffer[start : start + nbytes]
 
     def free(self, offset: int) -> None:
-        with self._lock:
+        """Return the region at `offset` (it is reused from the next `allocate` on)."""
+        self._freed.append(offset)
+
+    def _return_freed(self) -> None:  # under self._lock
+        while self._freed:
+            offset = self._freed.popleft()
             del self._sizes[offset]
             self._starts.remove(offset)

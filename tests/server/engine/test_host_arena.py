@@ -29,3 +29,13 @@ def test_a_full_arena_refuses_and_a_freed_gap_is_reused_first_fit():
     assert offset == offsets[1]
     assert arena.allocate(ALIGNMENT) is None
     assert arena.allocate(5 * ALIGNMENT) is None  # larger than the arena
+
+
+def test_free_never_blocks_even_while_the_arena_is_busy_in_the_same_thread():
+    # The adapter cache frees from a finalizer, which the garbage collector may run inside `allocate` itself.
+    arena = HostArena(2 * ALIGNMENT, pin_memory=False)
+    offset, _ = arena.allocate(2 * ALIGNMENT)
+    with arena._lock:  # as if `allocate` were running on this thread
+        arena.free(offset)  # must not wait for the lock
+    assert arena.used == 0
+    assert arena.allocate(2 * ALIGNMENT)[0] == offset
