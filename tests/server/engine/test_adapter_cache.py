@@ -87,3 +87,29 @@ def test_an_evicted_adapter_that_is_still_held_keeps_its_bytes(cache):
         assert torch.equal(got, want)
     for got, want in zip(values(a) + values(c), a_values + c_values, strict=True):
         assert torch.equal(got, want)
+
+
+def test_concurrent_fetches_through_a_small_arena_never_mix_up_adapters(dir_source, tmp_path):
+    names = [f"n{i}" for i in range(12)]
+    expected = {}
+    for i, name in enumerate(names):
+        dir_source.publish(f"t/{name}", write_adapter(tmp_path / name, seed=i))
+    arena = HostArena(3 * ADAPTER_BYTES, pin_memory=False)  # room for 3 of the 12
+    cache = AdapterCache(dir_source, CONFIG, lambda *_: None, 2, 8, 10 * ADAPTER_BYTES, arena=arena)
+    try:
+        for name in names:
+            expected[name] = values(fetch(cache, name))
+        held = []  # (name, weights): as requests waiting for a slot would hold them, some for a while
+        for round_ in range(4):
+            futures = [(name, cache.fetch_async(AdapterRef(f"t/{name}"), None)) for name in names[round_:] + names]
+            for name, future in futures:
+                weights = future.result(timeout=30)[1]
+                held.append((name, weights))
+                if len(held) > 5:
+                    old_name, old = held.pop(0)
+                    assert all(torch.equal(a, b) for a, b in zip(values(old), expected[old_name], strict=True))
+        for name, weights in held:
+            assert all(torch.equal(a, b) for a, b in zip(values(weights), expected[name], strict=True))
+        assert cache.stats()["adapter_loads"] > 2 * len(names)  # adapters left the cache for room and were read again
+    finally:
+        cache.shutdown()
