@@ -4,9 +4,9 @@ from the scheduled chunks, runs the forward pass, and returns the logits rows th
 On CUDA a step of decode tokens only (one new token per sequence) replays a CUDA graph: the batch is padded up to
 the next captured size, its inputs copied into static tensors (token ids, positions, cache slots, adapter slots,
 block tables, context lengths), and one replay runs every kernel of the step with no host synchronisation. Graphs
-are captured on first use, one per (batch size, with or without LoRA); with the gather path of attention (the
-Triton decode kernel off) also per block-table width. Padding rows compute on a
-scratch KV block that no sequence owns. A mixed step (prompt chunks beside decode tokens, the common step under
+are captured by `warm_up` before serving (or on first use), one per (batch size, with or without LoRA); with the
+gather path of attention (the Triton decode kernel off) also per block-table width. Padding rows compute on a scratch
+KV block that no sequence owns. A mixed step (prompt chunks beside decode tokens, the common step under
 steady load) replays the decode graph for its decode tokens and runs only the prompt chunks eagerly.
 """
 
@@ -207,13 +207,13 @@ class ModelRunner:
                 done.synchronize()
 
     def _write_packed(self, slot: int, weights: LoraWeights) -> None:
-        """`write_slot` for an adapter from `prepare_adapter`: its one buffer goes to the device in one copy, then a
-        few multi-tensor kernels scatter it into the slot, zero stale rows and set every module's rank and scaling
-        (instead of several copies and launches per module: an 8B model has 224 of them)."""
+        """`write_slot` for an adapter in one buffer (as `load_lora` and `prepare_adapter` make it): the buffer goes
+        to the device in one copy, then a few multi-tensor kernels scatter it into the slot, zero stale rows and set
+        every module's rank and scaling (instead of several copies and launches per module: an 8B model has 224)."""
         buffer = weights.buffer
         assert buffer is not None
         staged = buffer.to(self.device, non_blocking=True)  # the buffer itself on the CPU
-        # `packed` lays A and B out module after module, in the adapter's order, with no gaps: one split of the
+        # the buffer holds A and B module after module, in the adapter's order, with no gaps: one split of the
         # staged buffer gives every matrix on the device
         tensors = [t for lora in weights.modules.values() for t in (lora.a, lora.b)]
         sizes = [t.numel() for t in tensors]
