@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from loramux import paths
@@ -15,6 +16,7 @@ from loramux.registry.names import InvalidNameError
 from loramux.registry.registry import Registry, RepoNotFoundError, RevisionNotFoundError
 
 COMPLETE = ".complete"  # written last: a directory without it is an interrupted copy and is made again
+_PUBLISH = threading.Lock()  # one publish at a time in this process (see `_publish`)
 
 
 class RegistrySource:
@@ -94,12 +96,26 @@ def _materialize(target: Path, files: dict[str, tuple[Path, str | None]]) -> Non
             if expected is not None and _digest(dest, expected) != expected:
                 raise OSError(f"{rel}: downloaded content does not match its checksum {expected}")
         (tmp / COMPLETE).write_text("")
-        if target.exists():
-            shutil.rmtree(target)  # an interrupted earlier copy (no COMPLETE marker)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished copy `tmp` to `target`. Two resolvers of one commit (the engine reads several adapters at
+    once) may both find it missing and both copy it: the first copy published stays, since a reader may already be
+    in it, and the later one is dropped. Only an interrupted copy (no COMPLETE marker) is replaced."""
+    with _PUBLISH:
+        if (target / COMPLETE).exists():
+            return  # published meanwhile; the caller removes `tmp`
+        if target.exists():
+            shutil.rmtree(target)  # an interrupted earlier copy
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / COMPLETE).exists():  # not another process publishing the same commit first
+                raise
 
 
 def _digest(path: Path, expected: str) -> str:

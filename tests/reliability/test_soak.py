@@ -86,7 +86,8 @@ def test_soak_on_smollm2_no_failures_flat_memory_everything_freed(default_base_d
         )
         # Warm-up: every model once, so that loading adapters and first allocations happen before measuring.
         warm = LoadConfig(server.url, workload, concurrency=CONCURRENCY, requests=12, timeout_s=120)
-        assert asyncio.run(run_load(warm))["requests"]["failed"] == 0
+        warm_report = asyncio.run(run_load(warm))
+        assert warm_report["requests"]["failed"] == 0, warm_report["error_examples"]
 
         sampler = RssSampler(server.process.pid)
         sampler.start()
