@@ -1,7 +1,8 @@
 """Triton kernels for batched multi-adapter LoRA on the GPU: shrink (`h = x·Aᵀ`) and expand (`y += s·h·Bᵀ`).
 
-Each target module holds stacked adapter slots, `A: (S, r_max, in)` and `B: (S, out, r_max)`, and a batch carries one
-slot per token (-1: no adapter). These kernels compute what `loramux.server.layers.lora` computes with gather + bmm,
+Each target module holds adapter slots, `A: (S, r_max, in)` and `B: (S, out, r_max)`, any strides but the last (the
+paged slot memory of `lora.py` gives views whose neighbouring slots overlap), and a batch carries one slot per token
+(-1: no adapter). These kernels compute what `loramux.server.layers.lora` computes with gather + bmm,
 through one of two paths:
 
 - gather (decode): one program per token, reading that token's own slot's A rows / B columns. No sorting; best when
@@ -9,11 +10,12 @@ through one of two paths:
 - segment (prefill): tokens grouped by slot (`plan_segments`, once per batch), each program taking up to BLOCK_M
   tokens of one slot through the tensor cores, so a slot's A and B are read once per block of tokens.
 
-A slot's rows past its true rank are padding: every load is masked by the slot's rank, so padded A rows / B columns are
-never read and expand's loop stops at the rank (compute and bytes bounded by each adapter's real rank).
+A slot's rows past its true rank are never read: every load is masked by the slot's rank, and expand's loop stops at
+the rank (compute and bytes bounded by each adapter's real rank; the rows past it may be another slot's).
 
-Groups fuse q/k/v (or gate/up): A concatenated along rank, `(S, G·r_max, in)`, gives `h: (T, G·r_max)` in one shrink,
-and `expand_fused` writes group g's columns of h through its own B into its own output, in one launch.
+Groups fuse q/k/v (or gate/up): A of the G modules as `(S, G, r_max, in)` (or concatenated along rank, `(S, G·r_max,
+in)`) gives `h: (T, G·r_max)` in one shrink, and `expand_fused` writes group g's columns of h through its own B into
+its own output, in one launch.
 
 Every launch takes only device tensors and shapes, so a step that calls them is CUDA-graph capturable (no host sync,
 no data-dependent Python); Triton compiles on first use, so warm up before capturing.
@@ -87,21 +89,21 @@ def _segment_block(pid, starts_ptr, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.conste
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_gather_kernel(
     x_ptr, a_ptr, slots_ptr, ranks_ptr, h_ptr,
-    K, R_MAX, stride_xt, stride_as, stride_ar, stride_ht, stride_rs, stride_rg,
+    K, R_MAX, stride_xt, stride_as, stride_ag, stride_ar, stride_ht, stride_rs, stride_rg,
     SPLIT_K, HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # grid: (T, SPLIT_K, groups); h[t, g·r_max + r] = Σ_k x[t, k] · A[s, g·r_max + r, k]
+    # grid: (T, SPLIT_K, groups); h[t, g·r_max + r] = Σ_k x[t, k] · A[s, g, r, k]
     t = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2).to(tl.int64)
     s = tl.load(slots_ptr + t).to(tl.int64)
     if s < 0:
         return
     rank = _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    rows = g * R_MAX + offs_r
-    a_rows = a_ptr + s * stride_as + rows[:, None] * stride_ar  # (BLOCK_R, 1)
+    rows = g * R_MAX + offs_r  # columns of h
+    a_rows = a_ptr + s * stride_as + g * stride_ag + offs_r[:, None] * stride_ar  # (BLOCK_R, 1)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -120,13 +122,13 @@ def _shrink_gather_kernel(
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_segment_kernel(
     x_ptr, a_ptr, order_ptr, starts_ptr, ranks_ptr, h_ptr,
-    S, K, R_MAX, stride_xt, stride_as, stride_ar, stride_ht, stride_rs, stride_rg,
+    S, K, R_MAX, stride_xt, stride_as, stride_ag, stride_ar, stride_ht, stride_rs, stride_rg,
     SPLIT_K, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    # grid: (max blocks, SPLIT_K, groups); one program: (BLOCK_M tokens of one slot) x A[s, group g]ᵀ
+    # grid: (max blocks, SPLIT_K, groups); one program: (BLOCK_M tokens of one slot) x A[s, g]ᵀ
     pid_k = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2).to(tl.int64)
     s, row0, rows_left = _segment_block(tl.program_id(0), starts_ptr, S, BLOCK_M, BLOCK_S)
     if s >= S:
         return
@@ -139,9 +141,9 @@ def _shrink_segment_kernel(
     tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    rows = g * R_MAX + offs_r
+    rows = g * R_MAX + offs_r  # columns of h
     x_rows = x_ptr + tokens[:, None] * stride_xt  # (BLOCK_M, 1)
-    a_cols = a_ptr + s * stride_as + rows[None, :] * stride_ar  # (1, BLOCK_R): A read transposed
+    a_cols = a_ptr + s * stride_as + g * stride_ag + offs_r[None, :] * stride_ar  # (1, BLOCK_R): A read transposed
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -324,20 +326,32 @@ def shrink(
     """h = x · A[slot]ᵀ per token, in float32; rows of tokens with slot -1 are zero.
 
     x: (T, in) bf16/fp16/fp32 activations. a: (S, groups·r_max, in), for groups > 1 the A stacks of the fused modules
-    (q, k, v) concatenated along rank. token_slots: (T,) int32/int64, -1 = no adapter. ranks: (S,) or (S, groups)
-    int32, each slot's true rank (None: r_max); columns past it are zero. segments: from `plan_segments`, forces the
-    segment path and saves the sort. Returns h: (T, groups·r_max) float32.
+    (q, k, v) concatenated along rank, or (S, groups, r_max, in) with any strides but the last (the paged slot
+    memory's view: neighbouring slots' rows may overlap, each slot's rows past its rank are never read).
+    token_slots: (T,) int32/int64, -1 = no adapter. ranks: (S,) or (S, groups) int32, each slot's true rank (None:
+    r_max); columns of h past it are zero. segments: from `plan_segments`, forces the segment path and saves the
+    sort. Returns h: (T, groups·r_max) float32.
     """
-    if x.dim() != 2 or a.dim() != 3 or a.shape[2] != x.shape[1]:
-        raise ValueError(f"shrink needs x (T, in) and a (S, r, in), got {tuple(x.shape)} and {tuple(a.shape)}")
-    if groups not in (1, 2, 3) or a.shape[1] % groups:
-        raise ValueError(f"groups must be 1, 2 or 3 and divide A's rank dimension {a.shape[1]}, got {groups}")
+    if a.dim() == 4:
+        if groups not in (1, a.shape[1]):
+            raise ValueError(f"a 4-D A has its groups in dimension 1 ({a.shape[1]}), got groups={groups}")
+        groups = a.shape[1]
+    elif a.dim() == 3:
+        if groups not in (1, 2, 3) or a.shape[1] % groups:
+            raise ValueError(f"groups must be 1, 2 or 3 and divide A's rank dimension {a.shape[1]}, got {groups}")
+        a = (a if a.stride(2) == 1 else a.contiguous()).unflatten(1, (groups, a.shape[1] // groups))
+    if x.dim() != 2 or a.dim() != 4 or a.shape[3] != x.shape[1] or groups not in (1, 2, 3):
+        raise ValueError(
+            f"shrink needs x (T, in) and a (S, r, in) or (S, groups <= 3, r, in), got {tuple(x.shape)} and "
+            f"{tuple(a.shape)}"
+        )
+    if a.stride(3) != 1:
+        raise ValueError("shrink needs A's rows contiguous (stride 1 along the last dimension)")
     tokens, k = x.shape
-    num_slots, r_max = a.shape[0], a.shape[1] // groups
+    num_slots, r_max = a.shape[0], a.shape[2]
     _check_slots(token_slots, tokens, x.device)
     stride_rs, stride_rg = _per_slot(ranks, "ranks", num_slots, groups)
     x = x if x.stride(1) == 1 else x.contiguous()
-    a = a if a.stride(2) == 1 else a.contiguous()
     h = torch.zeros(tokens, groups * r_max, device=x.device, dtype=torch.float32)
     if tokens == 0:
         return h
@@ -349,7 +363,7 @@ def shrink(
         split_k = _split_k(_programs_wanted(x.device), tokens * groups, triton.cdiv(k, block_k))
         _shrink_gather_kernel[(tokens, split_k, groups)](
             x, a, token_slots, ranks if ranks is not None else token_slots, h,
-            k, r_max, x.stride(0), a.stride(0), a.stride(1), h.stride(0), stride_rs, stride_rg,
+            k, r_max, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), stride_rs, stride_rg,
             split_k, HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
         )  # fmt: skip
         return h
@@ -360,7 +374,7 @@ def shrink(
     split_k = _split_k(_programs_wanted(x.device), max_blocks * groups, triton.cdiv(k, block_k))
     _shrink_segment_kernel[(max_blocks, split_k, groups)](
         x, a, segments.order, segments.starts, ranks if ranks is not None else token_slots, h,
-        num_slots, k, r_max, x.stride(0), a.stride(0), a.stride(1), h.stride(0), stride_rs, stride_rg,
+        num_slots, k, r_max, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), stride_rs, stride_rg,
         split_k, HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), BLOCK_M=block_m,
         BLOCK_R=block_r, BLOCK_K=block_k,
         BLOCK_S=_pow2_at_least(num_slots, 16), num_warps=4,
