@@ -25,7 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve adapters from this remote hub (loramux or huggingface.co) instead of the local registry",
     )
     parser.add_argument("--hub-token", default=None, help="token for --hub (default: $LORAMUX_TOKEN, then $HF_TOKEN)")
-    parser.add_argument("--slots", type=int, default=4, help="adapters resident at once on the device (default 4)")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=4,
+        help="adapter slot memory on the device: this many adapters of --max-lora-rank at once, more of lower rank "
+        "(paged by rank 8: eight rank-8 adapters take one rank-64 slot; default 4)",
+    )
     parser.add_argument("--max-lora-rank", type=int, default=64, help="highest adapter rank served (default 64)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded in one batch (default 32)")
     parser.add_argument(

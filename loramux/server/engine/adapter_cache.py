@@ -1,4 +1,4 @@
-"""Adapter tiers: GPU slots (fixed number, allocated at start), a CPU cache bounded in bytes (LRU), the source.
+"""Adapter tiers: GPU slot memory (allocated at start, paged by rank), a CPU cache bounded in bytes (LRU), the source.
 
 `fetch` (on a pool of fetch threads: several adapters are read at once, each only once) resolves a name for a tenant
 to an exact revision and reads it into the CPU cache, in the slots' dtype, as one buffer carved from a host arena
@@ -8,6 +8,11 @@ write at a time), so the step loop never waits for a disk read or a host-to-devi
 up a slot write. A slot holds pins (requests that will run on it); only an unpinned slot is ever reused. A new
 revision of a repo replaces the old one: the old one leaves the CPU cache at once and its slot is the first to be
 reused once its last request ends.
+
+Slots are runs of pages of the slot memory (`slots.SlotLayout`): an adapter takes the power of two of pages its rank
+needs, aligned to that size (a buddy layout, so a run never straddles two runs of its size), and its slot index is
+its first page. `claim` takes the best aligned run whose adapters may all leave: an empty one first, then one whose
+adapters are stale, not wanted by waiting requests, and least recently used.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.adapters.weights import LoraWeights, load_lora
 from loramux.server.engine.errors import AdapterTooLargeError
 from loramux.server.engine.host_arena import HostArena
+from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -40,11 +46,14 @@ FETCH_THREADS = 2
 
 @dataclass
 class Slot:
+    """The state of a run of pages, kept at its first page (a page inside a run, or free, has the default)."""
+
     key: str | None = None  # repo@commit it holds (or is loading)
     ready: bool = False  # False while loading
     pins: int = 0  # requests assigned to it that have not finished
     last_used: int = 0
     stale: bool = False  # a newer revision of its repo exists
+    pages: int = 0  # pages of the run
 
 
 class AdapterCache:
@@ -59,16 +68,20 @@ class AdapterCache:
         on_change: Callable[[], None] = lambda: None,
         dtype: torch.dtype = torch.float32,
         arena: HostArena | None = None,
+        page_rank: int | None = None,
     ) -> None:
         self.source = source
         self.base_config = base_config
         self.write_slot = write_slot
         self.max_rank = max_rank
+        self.layout = SlotLayout.of(num_slots, max_rank, page_rank)  # as the model's slot memory is allocated
         self.cpu_cache_bytes = cpu_cache_bytes
         self.on_change = on_change  # wakes the step loop when a load finished
         self.dtype = dtype  # the CPU cache keeps adapters in the slots' dtype ...
         self.arena = arena  # ... carved from this arena (page-locked, on a GPU) where it has room
-        self.slots = [Slot() for _ in range(num_slots)]
+        self.slots = [Slot() for _ in range(self.layout.pages)]  # by page; a run's state at its first page
+        self._run_of = [-1] * self.layout.pages  # page -> first page of the slot holding it, -1 = free
+        self._heads: set[int] = set()  # first pages of the slots in use
         self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()
         self._latest: dict[str, str] = {}  # repo -> newest commit seen
         self._lock = threading.Lock()
@@ -184,7 +197,7 @@ class AdapterCache:
         except Exception:
             log.exception("writing adapter %s into slot %d failed", key, index)
             with self._lock:
-                self.slots[index] = Slot()
+                self._release(index)
             self.on_change()
             raise
         with self._lock:
@@ -209,26 +222,58 @@ class AdapterCache:
     def claim(
         self, key: str, weights: LoraWeights, exclude: Collection[int] = (), keep: Collection[str] = ()
     ) -> int | None:
-        """Start loading `key` into a reusable slot, not one of `exclude`; None if there is none.
+        """Start loading `key` into a run of pages its rank needs, holding no page of `exclude`, and return the slot
+        (its first page); None if no such run is free or may be emptied (every adapter in it unpinned, loaded).
 
-        Preference: an empty slot, then one holding a stale revision, then one holding an adapter not in `keep`
-        (adapters that waiting requests want), then the least recently used.
+        Preference: an empty run, then one whose adapters are stale revisions, then one holding no adapter in `keep`
+        (adapters that waiting requests want), then the one whose adapters were used least recently, then fewest.
         """
+        size = self.layout.pages_for(weights.max_rank)
         with self._lock:
-            free = [
-                i for i, s in enumerate(self.slots) if s.pins == 0 and (s.ready or s.key is None) and i not in exclude
-            ]
-            if not free:
-                return None
-
-            def order(i: int) -> tuple[bool, bool, bool, int]:
-                slot = self.slots[i]
-                return slot.key is not None, not slot.stale, slot.key in keep, slot.last_used
-
-            index = min(free, key=order)
-            self.slots[index] = Slot(key=key, ready=False)
+            # Runs are aligned to their size, so a slot lies inside a candidate run of `size` pages or covers it:
+            # one pass over the slots gives every candidate's occupants (runs with none are empty).
+            occupied: dict[int, list] = {}  # candidate -> [blocked, any fresh, any kept, latest use, count]
+            for page in exclude:  # reserved pages: no candidate may take them
+                occupied.setdefault(page // size, [False, False, False, 0, 0])[0] = True
+            for head in self._heads:
+                slot = self.slots[head]
+                blocked = slot.pins > 0 or not slot.ready
+                for run in range(head // size, (head + slot.pages - 1) // size + 1):
+                    state = occupied.setdefault(run, [False, False, False, 0, 0])
+                    if blocked:
+                        state[0] = True
+                        continue
+                    state[1] |= not slot.stale
+                    state[2] |= slot.key in keep
+                    state[3] = max(state[3], slot.last_used)
+                    state[4] += 1
+            runs = len(self.slots) // size
+            if len(occupied) < runs:
+                index = next(run for run in range(runs) if run not in occupied) * size
+            else:
+                candidates = [(tuple(state[1:]), run) for run, state in occupied.items() if not state[0]]
+                if not candidates:
+                    return None
+                index = min(candidates)[1] * size
+                for head in {self._run_of[p] for p in range(index, index + size)}:
+                    self._release(head)
+            self.slots[index] = Slot(key=key, ready=False, pages=size)
+            self._run_of[index : index + size] = [index] * size
+            self._heads.add(index)
         self._loader.submit(self._load_into_slot, index, key, weights)
         return index
+
+    def slots_within(self, start: int, pages: int) -> list[int]:
+        """The slots (first pages) that hold any of the pages start .. start + pages - 1."""
+        with self._lock:
+            return sorted({self._run_of[p] for p in range(start, start + pages)} - {-1})
+
+    def _release(self, index: int) -> None:
+        """Free the slot starting at page `index` (under the lock)."""
+        pages = max(1, self.slots[index].pages)
+        self._run_of[index : index + pages] = [-1] * pages
+        self.slots[index] = Slot()
+        self._heads.discard(index)
 
     def pin(self, index: int) -> None:
         with self._lock:
@@ -243,9 +288,11 @@ class AdapterCache:
     def stats(self) -> dict[str, float]:
         with self._lock:
             return {
-                "slots_total": len(self.slots),
-                "slots_used": sum(1 for s in self.slots if s.pins > 0),
-                "slots_loaded": sum(1 for s in self.slots if s.ready),
+                "slots_total": self.layout.num_slots,  # slots of the highest rank the memory holds
+                "slots_used": sum(1 for s in self.slots if s.pins > 0),  # adapters that requests hold
+                "slots_loaded": sum(1 for s in self.slots if s.ready),  # adapters resident
+                "slot_pages_total": self.layout.pages,
+                "slot_pages_used": sum(s.pages for s in self.slots if s.key is not None),
                 "adapter_cache_hits": self.hits,
                 "adapter_cache_misses": self.misses,
                 "adapter_cache_entries": len(self._cpu),

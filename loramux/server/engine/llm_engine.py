@@ -23,6 +23,7 @@ from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
 from loramux.server.layers.sampler import sample_tokens
+from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import BaseModel
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,11 @@ MiB = 1 << 20
 
 @dataclass
 class EngineConfig:
-    num_slots: int = 4  # adapters resident at once (distinct adapters in one batch)
+    num_slots: int = 4  # slot memory: this many adapters of max_lora_rank resident at once, more of lower rank
     max_lora_rank: int = 64  # r_max of the slots; adapters of higher rank are refused
+    # Rows of one page of slot memory (None: 8 where max_lora_rank is a multiple of 8; max_lora_rank: no paging, one
+    # adapter per slot whatever its rank). An adapter of rank r holds the power of two of pages that covers r.
+    slot_page_rank: int | None = None
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from free memory at start
     gpu_memory_fraction: float = 0.85  # of the free GPU memory, after weights and slots, given to the KV cache
@@ -54,6 +58,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.adapter_cache_bytes < 0:
             raise ValueError(f"adapter_cache_bytes must not be negative, got {self.adapter_cache_bytes}")
+        SlotLayout.of(self.num_slots, self.max_lora_rank, self.slot_page_rank)  # raises for a page rank unfit
 
 
 def _kv_blocks_from_memory(base: BaseModel, config: EngineConfig) -> int:
@@ -76,7 +81,7 @@ class LLMEngine:
         self.base = base
         self.config = config = config or EngineConfig()
         if config.num_slots:  # slots first, so that the KV cache is sized from the memory that remains
-            base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank)
+            base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank, config.slot_page_rank)
         num_blocks = config.num_kv_blocks or _kv_blocks_from_memory(base, config)
         self.runner = ModelRunner(base.model, config.block_size, num_blocks)
         self.blocks = BlockManager(num_blocks, config.block_size)
@@ -101,6 +106,7 @@ class LLMEngine:
             on_change=self._wake,
             dtype=self.runner.adapter_dtype,
             arena=arena,
+            page_rank=config.slot_page_rank,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -117,11 +123,12 @@ class LLMEngine:
         self._accepted_lock = threading.Lock()
         self._base_stop_ids = base.stop_token_ids()
         log.info(
-            "engine: %d KV blocks of %d tokens, %d adapter slots of rank %d",
+            "engine: %d KV blocks of %d tokens, %d adapter slots of rank %d in pages of rank %d",
             num_blocks,
             config.block_size,
             config.num_slots,
             config.max_lora_rank,
+            self.adapters.layout.page_rank,
         )
 
     # -- requests in ---------------------------------------------------------------------------------------------

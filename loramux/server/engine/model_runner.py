@@ -177,7 +177,7 @@ class ModelRunner:
         return weights.packed(self.adapter_dtype, pin_memory=self.device.type == "cuda")
 
     def write_slot(self, slot: int, weights: LoraWeights | None) -> None:
-        """Load an adapter into `slot` of every decoder linear layer (zeros where it has no module).
+        """Load an adapter into `slot` of every decoder linear layer (rank 0 where it has no module).
 
         Called on the adapter loader thread while steps run: the slot is not in use by any request. On the GPU the
         copies go on a stream of their own, so they overlap the step's kernels; that stream first waits for the work
@@ -208,8 +208,8 @@ class ModelRunner:
 
     def _write_packed(self, slot: int, weights: LoraWeights) -> None:
         """`write_slot` for an adapter in one buffer (as `load_lora` and `prepare_adapter` make it): the buffer goes
-        to the device in one copy, then a few multi-tensor kernels scatter it into the slot, zero stale rows and set
-        every module's rank and scaling (instead of several copies and launches per module: an 8B model has 224)."""
+        to the device in one copy, then a few multi-tensor kernels scatter it into the slot and set every module's
+        rank and scaling (instead of several copies and launches per module: an 8B model has 224)."""
         buffer = weights.buffer
         assert buffer is not None
         staged = buffer.to(self.device, non_blocking=True)  # the buffer itself on the CPU
@@ -220,21 +220,17 @@ class ModelRunner:
         assert sum(sizes) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
         pieces = [piece.view(t.shape) for piece, t in zip(staged.split(sizes), tensors, strict=True)]
         on_device = dict(zip(weights.modules, zip(pieces[0::2], pieces[1::2], strict=True), strict=True))
-        fills, sources, zeros, scalings, ranks = [], [], [], [], []
+        fills, sources, scalings, ranks = [], [], [], []
         for name, module in self.lora_modules.items():
             lora = weights.modules.get(name)
             rank = 0 if lora is None else lora.rank
-            fill, zero = module.slot_writes(slot, rank)
             if lora is not None:
-                fills += fill
+                fills += module.slot_writes(slot, rank)
                 sources += on_device[name]
-            zeros += zero
             scalings.append(0.0 if lora is None else lora.scaling)
             ranks.append(rank)
         if fills:
             torch._foreach_copy_(fills, sources)
-        if zeros:
-            torch._foreach_zero_(zeros)
         scalars = self._slot_scalars.get(slot)
         if scalars is None:
             layers = self.lora_modules.values()

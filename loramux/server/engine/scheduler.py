@@ -9,11 +9,14 @@ running request is preempted: its blocks are freed and it is recomputed later fr
 Adapter slots: a waiting request for an adapter is assigned a slot before it may run, a slot that already holds its
 adapter (a hit: any number of requests share it) or a reusable one, unpinned, that starts loading off the step loop;
 a reusable slot whose adapter no waiting request wants goes first, then the least recently used. When no slot is
-free, the request reserves the pinned slot whose requests end soonest (at most `max_reserved` slots are reserved at
-once): no new request pins a reserved slot, so it drains, and it goes to the request that reserved it. Hits on the
-other slots go on meanwhile: popular adapters keep the batch full while rare ones rotate through the slots, and
-every request completes. Requests for the base model need no slot and are never held back by this. Optionally
-(`prefill_wave`), while requests decode, new ones are admitted in groups, so that fewer steps carry a prefill.
+free, the request reserves the run of slot memory of its size whose pinned requests end soonest (at most
+`max_reserved` runs are reserved at once, one per 16 slots): no new request pins a slot in a reserved run, so it
+drains, and it goes to the request that reserved it. Hits on the other slots go on meanwhile: popular adapters keep
+the batch full while rare ones rotate through the slots, and every request completes. Requests for the base model
+need no slot and are never held back by this. A slot is a run of pages of slot memory sized by the adapter's rank
+(`adapter_cache`): when no run of some size is free, requests needing that size or more wait while smaller adapters
+may still find room. Optionally (`prefill_wave`), while requests decode, new ones are admitted in groups, so that
+fewer steps carry a prefill.
 
 Fairness across tenants: waiting requests are considered tenant by tenant, least recently served tenant first,
 round-robin (each tenant's first request, then each one's second, ...), FIFO within a tenant. A tenant's burst
@@ -51,8 +54,10 @@ class Scheduler:
         self._held = 0  # steps that admissible requests have been held back for a wave
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, FIFO
         self.running: list[Request] = []
-        self.reserved: dict[int, Request] = {}  # slot -> the waiting request it drains for
-        self.max_reserved = max(1, len(adapters.slots) // 16)
+        # first page of a run of slot memory -> the waiting request it drains for (pages: the run's length)
+        self.reserved: dict[int, Request] = {}
+        self._reserved_pages: dict[int, int] = {}
+        self.max_reserved = max(1, adapters.layout.num_slots // 16)
         self._served = itertools.count()
         self._last_served: dict[str, int] = {}
         self.slot_hits = self.slot_misses = self.preemptions = 0
@@ -77,7 +82,7 @@ class Scheduler:
             self.adapters.unpin(request.slot)
             request.slot = -1
         for index in [i for i, r in self.reserved.items() if r is request]:
-            del self.reserved[index]
+            self._unreserve(index)
         request.status = RequestStatus.FINISHED
 
     def fair_order(self) -> list[Request]:
@@ -130,46 +135,68 @@ class Scheduler:
             return
         wanted = {r.adapter_key for r in waiting}  # a free slot holding one of these is reused last
         resident = self.adapters.resident()
-        unreserved_free = True  # until a claim finds no free slot outside the reserved ones
+        no_room: int | None = None  # pages of the smallest run a claim found no room for (outside reservations)
         for request in waiting:
             key = request.adapter_key
             owned = [i for i, r in self.reserved.items() if r is request]
             index = resident.get(key)
             if index is not None:
-                if self.reserved.get(index, request) is not request:
+                if self._reserved_for_another(index, self.adapters.slots[index].pages, request):
                     continue  # its slot drains for another request; it gets a slot of its own later
                 self.slot_hits += 1
             else:
-                if not (unreserved_free or owned):
+                size = self.adapters.layout.pages_for(request.lora.max_rank)
+                if not owned and no_room is not None and size >= no_room:
                     if len(self.reserved) < self.max_reserved:
-                        self._reserve(request)
+                        self._reserve(request, size)
                     continue
-                taken = {i for i, r in self.reserved.items() if r is not request}
+                taken = {
+                    page
+                    for start, r in self.reserved.items()
+                    if r is not request
+                    for page in range(start, start + self._reserved_pages[start])
+                }
                 index = self.adapters.claim(key, request.lora, exclude=taken, keep=wanted)
                 if index is None:
-                    unreserved_free = False
+                    no_room = size if no_room is None else min(no_room, size)
                     if not owned and len(self.reserved) < self.max_reserved:
-                        self._reserve(request)
+                        self._reserve(request, size)
                     continue
-                for old in [k for k, i in resident.items() if i == index]:
-                    del resident[old]
+                resident = {k: i for k, i in resident.items() if self.adapters.slots[i].key == k}  # less evicted
                 resident[key] = index
                 self.slot_misses += 1
             for i in owned:
-                del self.reserved[i]
+                self._unreserve(i)
             self.adapters.pin(index)
             request.slot = index
             request.lora = None  # in the slot (or on its way): the CPU copy may leave the cache's arena
 
-    def _reserve(self, request: Request) -> None:
-        """Reserve for `request` the unreserved slot whose pinned requests all end soonest (tokens left)."""
-        left: dict[int, int] = {}
+    def _reserved_for_another(self, start: int, pages: int, request: Request) -> bool:
+        """Whether pages start .. start + pages - 1 overlap a run reserved for a request other than `request`."""
+        return any(
+            r is not request and begin < start + pages and start < begin + self._reserved_pages[begin]
+            for begin, r in self.reserved.items()
+        )
+
+    def _reserve(self, request: Request, pages: int) -> None:
+        """Reserve for `request` the run of `pages` pages (aligned to its length, as slots are) whose pinned
+        requests all end soonest (tokens left), among the runs no other request has reserved."""
+        left: dict[int, int] = {}  # run -> tokens left of its longest pinned request
         for other in itertools.chain(self.running, *self.waiting.values()):
-            if other.slot >= 0 and other.slot not in self.reserved:
+            if other.slot >= 0:
                 to_go = len(other.prompt_ids) + other.params.max_tokens - other.num_computed
-                left[other.slot] = max(left.get(other.slot, 0), to_go)
-        if left:
-            self.reserved[min(left, key=left.__getitem__)] = request
+                slot_pages = max(1, self.adapters.slots[other.slot].pages)
+                for run in range(other.slot // pages, (other.slot + slot_pages - 1) // pages + 1):
+                    left[run] = max(left.get(run, 0), to_go)
+        free = [run for run in left if not self._reserved_for_another(run * pages, pages, request)]
+        if free:
+            start = min(free, key=left.__getitem__) * pages
+            self.reserved[start] = request
+            self._reserved_pages[start] = pages
+
+    def _unreserve(self, start: int) -> None:
+        del self.reserved[start]
+        del self._reserved_pages[start]
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         admitted: ScheduledBatch = []  # (request, its prompt tokens computed this step)

@@ -1,13 +1,22 @@
-"""Multi-adapter LoRA: every target module holds stacked adapter slots and a batch carries one slot per token.
+"""Multi-adapter LoRA: every target module holds the adapters' A and B in slot memory paged by rank, and a batch
+carries one slot per token.
 
-Each `LoraLinear` holds `A [slots, r_max, in]`, `B [slots, out, r_max]` and a scaling per slot. An adapter whose
-rank is below `r_max` has zero-padded A rows / B columns, and a module an adapter does not target has zero A/B in
-that slot, so the padded math is exact. `shrink` and `expand` are the two halves of `y += s·(x·Aᵀ)·Bᵀ`; the torch
-versions here are the reference that runs anywhere. On CUDA they dispatch to the Triton kernels of
-`lora_kernels.py` (same signatures) when that module imports.
+Slot memory: `--slots N` at `--max-lora-rank R` gives every module N·R rows of A (and N·R columns of B), cut into
+pages of `page_rank` rows (8 where R is a multiple of 8, else R: one page per slot). An adapter of rank r holds a
+run of pages (a power of two of them, aligned, enough for r: a buddy layout, see `SlotLayout`) and is addressed by
+its first page, the slot index a batch carries. So the memory of one rank-64 slot holds one rank-64 adapter, two of
+rank 32, or eight of rank 8 (how S-LoRA pages its unified memory, here at rank granularity). `LoraLinear.lora_a`
+is a `(pages, R, in)` view of that memory whose page p starts at row p·page_rank (the views of neighbouring pages
+overlap), `lora_b` likewise `(pages, out, R)`, with a true rank and scaling per page. Every read of a slot is
+bounded by its true rank, on the CPU and on the GPU, so rows past it (a neighbour's, or stale) are never read and
+a slot write never zeroes anything; a module an adapter does not target has rank 0 in that slot.
 
-Modules that read the same input (q/k/v, gate/up) can share one `LoraGroup`: their A stacks are views into one
-`(S, G·r_max, in)` tensor, so on the GPU one shrink reads x once for all of them and one launch expands into every
+`shrink` and `expand` are the two halves of `y += s·(x·Aᵀ)·Bᵀ`; the torch versions here are the reference that
+runs anywhere. On CUDA they dispatch to the Triton kernels of `lora_kernels.py` (same signatures) when that module
+imports.
+
+Modules that read the same input (q/k/v, gate/up) can share one `LoraGroup`: their A memories are one tensor with a
+`(pages, G, R, in)` view, so on the GPU one shrink reads x once for all of them and one launch expands into every
 output (`lora_kernels.expand_fused`). On the CPU a group runs module by module through the reference.
 """
 
@@ -20,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.layers.slots import SlotLayout
 
 if TYPE_CHECKING:
     from loramux.server.layers.lora_kernels import Segments
@@ -44,6 +54,20 @@ def plan_step(token_slots: torch.Tensor | None, num_slots: int) -> Segments | No
     return kernels.plan_segments(token_slots, num_slots)
 
 
+def _page_views(memory: torch.Tensor, layout: SlotLayout, groups: int) -> torch.Tensor:
+    """The `(pages, groups, max_rank, in)` view of A memory `(groups·rows, in)`: page p, group g starts at row
+    g·rows + p·page_rank."""
+    width = memory.shape[1]
+    return memory.as_strided(
+        (layout.pages, groups, layout.max_rank, width), (layout.page_rank * width, layout.rows * width, width, 1)
+    )
+
+
+def _b_views(memory: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+    """The `(pages, out, max_rank)` view of B memory `(out, rows)`: page p starts at column p·page_rank."""
+    return memory.as_strided((layout.pages, memory.shape[0], layout.max_rank), (layout.page_rank, layout.rows, 1))
+
+
 def _slot_groups(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """(slot, row indices) for every slot >= 0 present in `token_slots` (T,)."""
     groups = []
@@ -53,42 +77,68 @@ def _slot_groups(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return groups
 
 
-def shrink_torch(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """x (T, in), a (S, r_max, in), token_slots (T,) -> h (T, r_max); rows with slot -1 are zero."""
+def _rank(ranks: list[int] | None, slot: int, r_max: int) -> int:
+    return r_max if ranks is None else min(ranks[slot], r_max)
+
+
+def shrink_torch(
+    x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (T, in), a (S, r_max, in), token_slots (T,) -> h (T, r_max); rows with slot -1 are zero. ranks (S,): each
+    slot's true rank (None: r_max); rows of A past it are not read and h is zero there."""
     h = x.new_zeros(x.shape[0], a.shape[1])
+    rank_list = None if ranks is None else ranks.tolist()
     # Grouped by slot: one matmul per adapter present, instead of a (T, r_max, in) gather of A per token.
     for slot, rows in _slot_groups(token_slots):
-        h[rows] = x[rows] @ a[slot].T
+        rank = _rank(rank_list, slot, a.shape[1])
+        if rank:
+            h[rows, :rank] = x[rows] @ a[slot, :rank].T
     return h
 
 
 def expand_torch(
-    y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor, scalings: torch.Tensor
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    token_slots: torch.Tensor,
+    scalings: torch.Tensor,
+    ranks: torch.Tensor | None = None,
 ) -> None:
-    """y (T, out) += scalings[slot] · h (T, r_max) @ b[slot]ᵀ for tokens with slot >= 0; b (S, out, r_max)."""
+    """y (T, out) += scalings[slot] · h (T, r_max) @ b[slot]ᵀ for tokens with slot >= 0; b (S, out, r_max). ranks:
+    as in `shrink_torch` (columns of B past a slot's rank are not read)."""
+    rank_list = None if ranks is None else ranks.tolist()
     for slot, rows in _slot_groups(token_slots):
-        y[rows] += (h[rows] @ b[slot].T) * scalings[slot].to(y.dtype)  # rows are distinct: a plain scatter
+        rank = _rank(rank_list, slot, b.shape[2])
+        if rank:  # rows are distinct: a plain scatter
+            y[rows] += (h[rows, :rank] @ b[slot, :, :rank].T) * scalings[slot].to(y.dtype)
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+def shrink(
+    x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor | None = None
+) -> torch.Tensor:
     kernels = _kernels() if x.is_cuda else None
     if kernels is not None:
-        return kernels.shrink(x, a, token_slots)
-    return shrink_torch(x, a, token_slots)
+        return kernels.shrink(x, a, token_slots, ranks=ranks)
+    return shrink_torch(x, a, token_slots, ranks)
 
 
 def expand(
-    y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor, scalings: torch.Tensor
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    token_slots: torch.Tensor,
+    scalings: torch.Tensor,
+    ranks: torch.Tensor | None = None,
 ) -> None:
     kernels = _kernels() if y.is_cuda else None
     if kernels is not None:
-        kernels.expand(y, h, b, token_slots, scalings)
+        kernels.expand(y, h, b, token_slots, scalings, ranks=ranks)
     else:
-        expand_torch(y, h, b, token_slots, scalings)
+        expand_torch(y, h, b, token_slots, scalings, ranks)
 
 
 class LoraLinear(NF4Linear):
-    """An NF4 linear layer with stacked LoRA slots. Without slots allocated it is the plain NF4 layer."""
+    """An NF4 linear layer with LoRA slot memory. Without slots allocated it is the plain NF4 layer."""
 
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
@@ -96,52 +146,52 @@ class LoraLinear(NF4Linear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
         super().__init__(weight, bias, compute_dtype)
-        self.register_buffer("lora_a", None, persistent=False)
-        self.register_buffer("lora_b", None, persistent=False)
-        self.register_buffer("scalings", None, persistent=False)
-        self.register_buffer("ranks", None, persistent=False)  # (S,) int32 true rank per slot, 0 = not targeted
-        self._written: list[int] = []  # per slot, the rows of A and B that may be non-zero (host-side)
+        self.register_buffer("lora_a", None, persistent=False)  # (pages, r_max, in) view of the A memory
+        self.register_buffer("lora_b", None, persistent=False)  # (pages, out, r_max) view of the B memory
+        self.register_buffer("scalings", None, persistent=False)  # (pages,) float32
+        self.register_buffer("ranks", None, persistent=False)  # (pages,) int32 true rank, 0 = not targeted
+        self.layout: SlotLayout | None = None
         self._fill_views: dict[int, tuple[int, list[torch.Tensor]]] = {}  # slot -> (rank, views of A and B)
 
-    def allocate_slots(self, num_slots: int, max_rank: int) -> None:
+    def allocate_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
+        layout = SlotLayout.of(num_slots, max_rank, page_rank)
         device, dtype = self.packed.device, self.compute_dtype
-        self.lora_a = torch.zeros(num_slots, max_rank, self.in_features, device=device, dtype=dtype)
-        self.lora_b = torch.zeros(num_slots, self.out_features, max_rank, device=device, dtype=dtype)
-        self.scalings = torch.zeros(num_slots, device=device, dtype=torch.float32)
-        self.ranks = torch.zeros(num_slots, device=device, dtype=torch.int32)
-        self._written = [0] * num_slots
+        a = torch.zeros(layout.rows, self.in_features, device=device, dtype=dtype)
+        self.lora_a = _page_views(a, layout, 1)[:, 0]
+        self.lora_b = _b_views(torch.zeros(self.out_features, layout.rows, device=device, dtype=dtype), layout)
+        self.scalings = torch.zeros(layout.pages, device=device, dtype=torch.float32)
+        self.ranks = torch.zeros(layout.pages, device=device, dtype=torch.int32)
+        self.layout = layout
         self._fill_views = {}
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
-        """Put one adapter's (r, in) A and (out, r) B into `slot`, zero-padded to r_max; None clears the slot.
+        """Put one adapter's (r, in) A and (out, r) B into the slot starting at page `slot`; None clears it (rank 0).
 
+        The slot must hold pages enough for r (`SlotLayout.pages_for`): the rows past them belong to the next slot.
         Every operation is enqueued without a host synchronisation (from pinned memory on a GPU, the copies are
-        asynchronous); the padding is zeroed only where the slot's previous adapter wrote rows.
+        asynchronous).
         """
         rank = 0 if a is None or b is None else a.shape[0]
-        fill, zero = self.slot_writes(slot, rank)
-        for view, source in zip(fill, (a, b), strict=False):
+        for view, source in zip(self.slot_writes(slot, rank), (a, b), strict=False):
             view.copy_(source, non_blocking=True)
-        for view in zero:
-            view.zero_()
         self.scalings[slot].fill_(scaling if rank else 0.0)
         self.ranks[slot].fill_(rank)
 
-    def slot_writes(self, slot: int, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """For an adapter of `rank` going into `slot`: the views its A and B fill, and the rows to zero (those the
-        slot's previous adapter wrote beyond `rank`). The caller must then fill them (as `write_slot` does); the
-        slot counts as holding `rank` rows from here on."""
-        written = self._written[slot]
+    def slot_writes(self, slot: int, rank: int) -> list[torch.Tensor]:
+        """The views of A and B an adapter of `rank` fills in the slot at page `slot` (none for rank 0). The caller
+        fills them and sets the slot's rank and scaling (as `write_slot` does)."""
+        if self.lora_a is None or self.layout is None:
+            raise RuntimeError("allocate_slots first")
+        if not 0 <= rank <= self.layout.max_rank:
+            raise ValueError(f"rank {rank} is outside 0..{self.layout.max_rank}, the slot memory's rank")
+        if not rank:
+            return []
         # the views of the slot's last rank are kept: making them on every load costs more than the copies
         kept_rank, fill = self._fill_views.get(slot, (0, []))
-        if rank and kept_rank != rank:
+        if kept_rank != rank:
             fill = [self.lora_a[slot, :rank], self.lora_b[slot, :, :rank]]
             self._fill_views[slot] = (rank, fill)
-        elif not rank:
-            fill = []
-        zero = [self.lora_a[slot, rank:written], self.lora_b[slot, :, rank:written]] if rank < written else []
-        self._written[slot] = rank
-        return fill, zero
+        return fill
 
     def lora_delta(
         self, x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, segments: Segments | None = None
@@ -152,8 +202,8 @@ class LoraLinear(NF4Linear):
             h = kernels.shrink(x, self.lora_a, token_slots, ranks=self.ranks, segments=segments)
             kernels.expand(y, h, self.lora_b, token_slots, self.scalings, ranks=self.ranks, segments=segments)
         else:
-            h = shrink_torch(x, self.lora_a, token_slots)
-            expand_torch(y, h, self.lora_b, token_slots, self.scalings)
+            h = shrink_torch(x, self.lora_a, token_slots, self.ranks)
+            expand_torch(y, h, self.lora_b, token_slots, self.scalings, self.ranks)
 
     def forward(
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None
@@ -165,10 +215,11 @@ class LoraLinear(NF4Linear):
 
 
 class LoraGroup:
-    """LoRA layers that read the same input (q/k/v or gate/up), with their A stacks in one tensor.
+    """LoRA layers that read the same input (q/k/v or gate/up), with their A memories in one tensor.
 
-    `allocate_slots` gives every member views into shared `A (S, G·r_max, in)`, `ranks (S, G)` and
-    `scalings (S, G)`, so each member still reads and writes its own slots as a plain `LoraLinear`.
+    `allocate_slots` gives the group a `(pages, G, r_max, in)` view of A and every member its own `(pages, r_max,
+    in)` view of its part, with `ranks (pages, G)` and `scalings (pages, G)` shared the same way, so each member
+    still reads and writes its own slots as a plain `LoraLinear`.
     """
 
     def __init__(self, layers: list[LoraLinear]) -> None:
@@ -179,18 +230,21 @@ class LoraGroup:
         self.ranks: torch.Tensor | None = None
         self.scalings: torch.Tensor | None = None
 
-    def allocate_slots(self, num_slots: int, max_rank: int) -> None:
+    def allocate_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
+        layout = SlotLayout.of(num_slots, max_rank, page_rank)
         first, g = self.layers[0], len(self.layers)
         device, dtype = first.packed.device, first.compute_dtype
-        self.lora_a = torch.zeros(num_slots, g * max_rank, first.in_features, device=device, dtype=dtype)
-        self.ranks = torch.zeros(num_slots, g, device=device, dtype=torch.int32)
-        self.scalings = torch.zeros(num_slots, g, device=device, dtype=torch.float32)
+        memory = torch.zeros(g * layout.rows, first.in_features, device=device, dtype=dtype)
+        self.lora_a = _page_views(memory, layout, g)
+        self.ranks = torch.zeros(layout.pages, g, device=device, dtype=torch.int32)
+        self.scalings = torch.zeros(layout.pages, g, device=device, dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            layer.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, device=device, dtype=dtype)
-            layer.lora_a = self.lora_a[:, i * max_rank : (i + 1) * max_rank]  # (S, r_max, in), a view
+            b = torch.zeros(layer.out_features, layout.rows, device=device, dtype=dtype)
+            layer.lora_a = self.lora_a[:, i]  # (pages, r_max, in), a view
+            layer.lora_b = _b_views(b, layout)
             layer.ranks = self.ranks[:, i]
             layer.scalings = self.scalings[:, i]
-            layer._written = [0] * num_slots
+            layer.layout = layout
             layer._fill_views = {}
 
     def __call__(
@@ -206,8 +260,7 @@ class LoraGroup:
                 layer.lora_delta(x, y, token_slots)
             return ys
         # One shrink reads x once for all members: h (T, G·r_max); one launch writes every member's output.
-        g = len(self.layers)
-        h = kernels.shrink(x, self.lora_a, token_slots, ranks=self.ranks, groups=g, segments=segments)
+        h = kernels.shrink(x, self.lora_a, token_slots, ranks=self.ranks, segments=segments)
         bs = [layer.lora_b for layer in self.layers]
         kernels.expand_fused(ys, h, bs, token_slots, self.scalings, ranks=self.ranks, segments=segments)
         return ys

@@ -25,6 +25,7 @@ from loramux.server.layers.attention import BatchContext, paged_attention, store
 from loramux.server.layers.lora import LoraGroup, LoraLinear, plan_step
 from loramux.server.layers.norm import RMSNorm
 from loramux.server.layers.rotary import RotaryEmbedding, apply_rotary
+from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.config import ModelConfig
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -177,13 +178,15 @@ class LlamaForCausalLM(nn.Module):
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
 
-    def allocate_lora_slots(self, num_slots: int, max_rank: int) -> None:
+    def allocate_lora_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
+        """Slot memory for `num_slots` adapters of `max_rank` in every decoder linear layer, paged by `page_rank`
+        (`slots.SlotLayout`): `num_lora_slots` slot indices (pages) from here on."""
         for layer in self.model.layers:
-            layer.self_attn.qkv.allocate_slots(num_slots, max_rank)
-            layer.self_attn.o_proj.allocate_slots(num_slots, max_rank)
-            layer.mlp.gate_up.allocate_slots(num_slots, max_rank)
-            layer.mlp.down_proj.allocate_slots(num_slots, max_rank)
-        self.num_lora_slots = num_slots
+            layer.self_attn.qkv.allocate_slots(num_slots, max_rank, page_rank)
+            layer.self_attn.o_proj.allocate_slots(num_slots, max_rank, page_rank)
+            layer.mlp.gate_up.allocate_slots(num_slots, max_rank, page_rank)
+            layer.mlp.down_proj.allocate_slots(num_slots, max_rank, page_rank)
+        self.num_lora_slots = SlotLayout.of(num_slots, max_rank, page_rank).pages
 
 
 def _required(take: Callable[[str], torch.Tensor | None], name: str) -> torch.Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,5 +113,68 @@ def test_concurrent_fetches_through_a_small_arena_never_mix_up_adapters(dir_sour
         for name, weights in held:
             assert all(torch.equal(a, b) for a, b in zip(values(weights), expected[name], strict=True))
         assert cache.stats()["adapter_loads"] > 2 * len(names)  # adapters left the cache for room and were read again
+    finally:
+        cache.shutdown()
+
+
+def settle(cache: AdapterCache, *slots: int) -> None:
+    """Wait until the slot writes of `slots` landed (the loader thread marks them ready)."""
+    for _ in range(400):
+        if all(cache.is_ready(i) for i in slots):
+            return
+        time.sleep(0.005)
+    raise AssertionError("slot writes never finished")
+
+
+def test_slot_memory_is_paged_by_rank_and_runs_are_taken_whole():
+    written = []
+    # one slot of rank 32: four pages of rank 8
+    cache = AdapterCache(None, CONFIG, lambda i, w: written.append((i, w.max_rank)), 1, 32, cpu_cache_bytes=0)
+    try:
+        a, b, c = (cache.claim(key, SimpleNamespace(max_rank=r)) for key, r in (("a", 8), ("b", 16), ("c", 3)))
+        assert (a, b, c) == (0, 2, 1)  # b needs an aligned pair of pages; c fits the page left beside a
+        settle(cache, a, b, c)
+        assert sorted(written) == [(0, 8), (1, 3), (2, 16)]
+        for index in (a, b, c):
+            cache.pin(index)
+        assert cache.claim("d", SimpleNamespace(max_rank=8)) is None  # every page is held
+        cache.unpin(c)
+        assert cache.claim("d", SimpleNamespace(max_rank=16)) is None  # each pair still holds a pinned adapter
+        assert cache.claim("d", SimpleNamespace(max_rank=8), exclude={c}) is None  # c's page is reserved
+        d = cache.claim("d", SimpleNamespace(max_rank=8))
+        assert d == c and cache.resident() == {"a": 0, "d": 1, "b": 2}
+        settle(cache, d)
+        cache.unpin(a)
+        cache.unpin(b)
+        cache.pin(d)
+        assert cache.claim("e", SimpleNamespace(max_rank=16)) == 2  # pages 0-1 hold d, pinned: b's pair goes
+        settle(cache, 2)
+        cache.unpin(d)
+        assert cache.claim("f", SimpleNamespace(max_rank=32), keep={"e"}) == 0  # the whole slot: a, d and e leave
+        assert cache.resident() == {"f": 0}
+        stats = cache.stats()
+        assert (stats["slots_total"], stats["slot_pages_total"], stats["slot_pages_used"]) == (1, 4, 4)
+    finally:
+        cache.shutdown()
+
+
+def test_a_run_whose_adapters_were_used_least_recently_is_emptied_first():
+    cache = AdapterCache(None, CONFIG, lambda i, w: None, 1, 32, cpu_cache_bytes=0)
+    try:
+        slots = [cache.claim(key, SimpleNamespace(max_rank=8)) for key in "wxyz"]
+        settle(cache, *slots)
+        for index in (0, 1, 3, 2):  # pages 0-1 used first, then page 3, then page 2 last
+            cache.pin(index)
+            cache.unpin(index)
+        assert cache.claim("pair", SimpleNamespace(max_rank=16)) == 0
+        assert cache.resident() == {"pair": 0, "y": 2, "z": 3}
+        settle(cache, 0)
+        cache.pin(0)  # pair is now the most recent
+        cache.unpin(0)
+        assert cache.claim("one", SimpleNamespace(max_rank=8), keep={"z"}) == 2  # z is wanted: y goes, not z
+        settle(cache, 2)
+        cache.pin(2)
+        cache.unpin(2)
+        assert cache.claim("two", SimpleNamespace(max_rank=8)) == 3  # z was used before pair and one
     finally:
         cache.shutdown()

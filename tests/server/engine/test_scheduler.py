@@ -4,6 +4,7 @@ waiting for a slot, a reserved slot drains for its waiter, free slots holding wa
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,6 +33,7 @@ def request(name: str, adapter: str, max_tokens: int = 4) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     r = Request(name, [1, 2, 3], params, AdapterRef(adapter), None, set(), lambda out: None)
     r.adapter_key = f"{adapter}@{'0' * 40}"
+    r.lora = SimpleNamespace(max_rank=8)  # as fetched: a slot's worth of rank (the slot writes here are no-ops)
     return r
 
 

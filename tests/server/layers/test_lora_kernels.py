@@ -266,3 +266,42 @@ def test_bad_shapes_are_refused():
         lk.expand(y, h, b, slots, torch.ones(5, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         lk.expand(y.t().contiguous().t(), h, b, slots, torch.ones(2, device=DEVICE))
+
+
+@pytest.mark.parametrize("tokens", [24, 300])  # the gather path, the segment path
+def test_paged_slot_memory_reads_only_each_adapters_own_rows(tokens):
+    """Adapters of ranks 5 to 64 side by side in the paged slot memory of `LoraGroup` (q/k/v) and one `LoraLinear`;
+    the rest of the memory is NaN, so a kernel reading past any adapter's rank (into a neighbour) would show."""
+    from loramux.server.layers.lora import LoraGroup, LoraLinear, expand_torch, shrink_torch
+    from loramux.server.layers.nf4_linear import NF4Linear
+
+    gen = torch.Generator().manual_seed(tokens)
+    d_in, outs = 256, (256, 64, 64)
+    layers = [LoraLinear(torch.randn(n, d_in, generator=gen).to(DEVICE), None, torch.bfloat16) for n in outs]
+    group = LoraGroup(layers)
+    group.allocate_slots(num_slots=2, max_rank=64)  # 16 pages of rank 8
+    for view in (group.lora_a, *(layer.lora_b for layer in layers)):
+        view.as_strided((view.untyped_storage().nbytes() // view.element_size(),), (1,), 0).fill_(float("nan"))
+    placements = {0: 8, 1: 5, 2: 16, 4: 32, 8: 64}  # first page -> rank (each run aligned to its size)
+    for page, rank in placements.items():
+        for g, layer in enumerate(layers):
+            if (page, g) == (1, 2):
+                layer.write_slot(page, None, None, 0.0)  # this adapter does not target v
+                continue
+            a = torch.randn(rank, d_in, generator=gen) / d_in**0.5
+            b = torch.randn(layer.out_features, rank, generator=gen)
+            layer.write_slot(page, a.to(DEVICE, torch.bfloat16), b.to(DEVICE, torch.bfloat16), 0.5 + page / 8)
+    choices = torch.tensor([-1, *placements])
+    slots = choices[torch.randint(0, len(choices), (tokens,), generator=gen)].to(DEVICE)
+    x = torch.randn(tokens, d_in, generator=gen).to(DEVICE, torch.bfloat16)
+
+    ys = group(x, slots)
+    for layer, y in zip(layers, ys, strict=True):
+        want = NF4Linear.forward(layer, x).float()
+        h = shrink_torch(x.float(), layer.lora_a.float(), slots, layer.ranks)
+        expand_torch(want, h, layer.lora_b.float(), slots, layer.scalings, layer.ranks)
+        assert not torch.isnan(y).any() and rel_err(y, want) < TOLERANCE[torch.bfloat16]
+    single = layers[1]  # the same memory through the one-module path
+    y = NF4Linear.forward(single, x)
+    single.lora_delta(x, y, slots)
+    assert rel_err(y, ys[1]) < TOLERANCE[torch.bfloat16]
