@@ -14,7 +14,8 @@ depend on the weights' values. Parts (`--only`):
   (bitsandbytes NF4 base). Measured on `--baseline-batches` batches of `--baseline-gen` tokens: a rate in tokens/s.
 - stream: 1 request, 128 prompt tokens, 512 generated.
 - w2: distinct adapters of ranks 8 to 64 on q_proj and v_proj, Zipf popularity (exponent 1), Poisson arrivals at a
-  rate above what the engine serves, 64 slots and a CPU cache of 256 adapters: tokens/s, time to first token.
+  rate above what the engine serves, 64 slots (the memory of 64 rank-64 adapters, paged by rank 8: it holds more
+  adapters of lower rank) and a CPU cache of 256 adapters: tokens/s, time to first token.
 - load: time to move a rank-16 all-module adapter from the CPU cache into a slot, and from disk into a slot.
 
 Peak GPU memory is that of the loramux parts. A table goes to stdout, all figures to `--json`.
@@ -370,6 +371,7 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "wave": {"prefill_wave": 16, "max_prefill_delay": 8},  # admissions grouped in waves
     "slots128": {"num_slots": 128},  # twice the slots: what more resident adapters would give
     "gather": {"triton_decode": False},  # decode attention through the padded gather + SDPA
+    "unpaged": {"slot_page_rank": 64},  # one adapter per slot whatever its rank (slot memory not paged by rank)
     "repeat": {},  # the same again: what is left of first-time costs (compiles, allocations) shows as a difference
 }
 

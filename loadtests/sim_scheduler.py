@@ -4,7 +4,10 @@ nothing) driven by W2's workload on a simulated clock, each step costed by a mod
 step with prompt tokens adds an eager pass, 85 ms + 0.018 ms a prompt token. Prints steps, the mean running batch,
 simulated tokens/s and TTFT, so that scheduling policies can be compared in seconds, deterministically.
 
-    python loadtests/sim_scheduler.py [--slots 64] [--requests 512] [--adapters 1000] [--rate 100]
+    python loadtests/sim_scheduler.py [--slots 64] [--requests 512] [--adapters 1000] [--rate 100] [--page-rank 8]
+
+Adapter i has rank 8, 16, 32 or 64 (i mod 4), as in bench_engine.py; `--page-rank 64` gives one adapter per slot
+whatever its rank (slot memory not paged).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import random
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -25,6 +29,7 @@ from loramux.server.engine.request import Request, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
 
 BLOCK = 16
+RANKS = (8, 16, 32, 64)  # adapter i has rank RANKS[i % 4] (bench_engine.py's W2)
 
 
 def step_seconds(decode: int, prompt_tokens: int) -> float:
@@ -43,13 +48,17 @@ def simulate(args: argparse.Namespace) -> dict:
         t += rng.expovariate(args.rate)
         arrivals.append(t)
     blocks = args.max_seqs * -(-(args.prompt + args.gen) // BLOCK) + 64
-    cache = AdapterCache(None, None, lambda index, weights: None, args.slots, max_rank=64, cpu_cache_bytes=1 << 30)
+    cache = AdapterCache(
+        None, None, lambda index, weights: None, args.slots, max_rank=64, cpu_cache_bytes=1 << 30,
+        page_rank=args.page_rank,
+    )  # fmt: skip
     scheduler = Scheduler(BlockManager(blocks, BLOCK), cache, args.max_seqs, args.max_batched_tokens)
     params = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
     requests = []
     for i, adapter in enumerate(chosen):
         r = Request(str(i), [1] * args.prompt, params, AdapterRef(f"w2/{adapter}"), None, set(), lambda out: None)
         r.adapter_key = f"w2/{adapter}@{'0' * 40}"
+        r.lora = SimpleNamespace(max_rank=RANKS[adapter % len(RANKS)])  # what the claim reads of the weights
         requests.append(r)
     first: dict[int, float] = {}
     now, added, done, steps, mixed, running = 0.0, 0, 0, 0, 0, []
@@ -81,7 +90,8 @@ def simulate(args: argparse.Namespace) -> dict:
         cache.shutdown()
     ttft = sorted(first[i] - arrivals[i] for i in range(len(requests)))
     return {
-        "slots": args.slots, "steps": steps, "mixed_steps": mixed, "running_mean": statistics.mean(running),
+        "slots": args.slots, "page_rank": cache.layout.page_rank, "steps": steps, "mixed_steps": mixed,
+        "running_mean": statistics.mean(running),
         "seconds": now, "tokens_per_s": len(requests) * args.gen / now, "ttft_p50_s": ttft[len(ttft) // 2],
         "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "slot_loads": scheduler.slot_misses,
         "distinct_adapters": len(set(chosen)),
@@ -98,6 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--max-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=8192)
+    p.add_argument("--page-rank", type=int, default=None, help="rows of a page of slot memory (default 8)")
     return p.parse_args(argv)
 
 
