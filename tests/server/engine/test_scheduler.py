@@ -19,8 +19,8 @@ from loramux.server.engine.scheduler import Scheduler
 def make():
     caches: list[AdapterCache] = []
 
-    def build(num_slots: int, max_num_seqs: int = 64, **waves) -> Scheduler:
-        cache = AdapterCache(None, None, lambda index, weights: None, num_slots, max_rank=8, cpu_cache_bytes=1 << 20)
+    def build(num_slots: int, max_num_seqs: int = 64, max_rank: int = 8, **waves) -> Scheduler:
+        cache = AdapterCache(None, None, lambda index, weights: None, num_slots, max_rank, cpu_cache_bytes=1 << 20)
         caches.append(cache)
         return Scheduler(BlockManager(256, 4), cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, **waves)
 
@@ -29,11 +29,11 @@ def make():
         cache.shutdown()
 
 
-def request(name: str, adapter: str, max_tokens: int = 4) -> Request:
+def request(name: str, adapter: str, max_tokens: int = 4, rank: int = 8) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     r = Request(name, [1, 2, 3], params, AdapterRef(adapter), None, set(), lambda out: None)
     r.adapter_key = f"{adapter}@{'0' * 40}"
-    r.lora = SimpleNamespace(max_rank=8)  # as fetched: a slot's worth of rank (the slot writes here are no-ops)
+    r.lora = SimpleNamespace(max_rank=rank)  # as fetched: what the claim reads (the slot writes here are no-ops)
     return r
 
 
@@ -87,6 +87,25 @@ def test_the_slot_reserved_is_the_one_that_drains_soonest(make):
     step(scheduler)
     (index,) = scheduler.reserved
     assert scheduler.adapters.slots[index].key.startswith("t/b")
+
+
+def test_adapters_of_lower_rank_share_slot_memory_and_a_larger_one_reserves_a_whole_run(make):
+    scheduler = make(num_slots=1, max_rank=16)  # two pages of rank 8
+    scheduler.add(request("a0", "t/a", max_tokens=6))
+    scheduler.add(request("b0", "t/b", max_tokens=2))
+    assert sorted(step(scheduler)) == ["a0", "b0"]  # two rank-8 adapters side by side
+    scheduler.add(request("c0", "t/c", rank=16))  # needs both pages: it reserves them
+    step(scheduler)
+    assert list(scheduler.reserved) == [0] and scheduler._reserved_pages[0] == 2
+    scheduler.add(request("a1", "t/a"))  # hits on either page of the reserved run are held back: it drains
+    scheduler.add(request("b1", "t/b"))
+    assert not {"a1", "b1"} & set(step(scheduler))
+    finish(scheduler, "b0")
+    assert not {"a1", "b1", "c0"} & set(step(scheduler))  # a0 still runs on page 0
+    finish(scheduler, "a0")
+    assert "c0" in step(scheduler)
+    assert scheduler.adapters.resident() == {f"t/c@{'0' * 40}": 0}
+    assert sorted(r.request_id for r in scheduler.reserved.values()) == ["a1"]  # next in line for the run
 
 
 def test_a_free_slot_holding_a_wanted_adapter_is_reused_last(make):
