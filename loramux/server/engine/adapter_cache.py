@@ -263,11 +263,6 @@ class AdapterCache:
         self._loader.submit(self._load_into_slot, index, key, weights)
         return index
 
-    def slots_within(self, start: int, pages: int) -> list[int]:
-        """The slots (first pages) that hold any of the pages start .. start + pages - 1."""
-        with self._lock:
-            return sorted({self._run_of[p] for p in range(start, start + pages)} - {-1})
-
     def _release(self, index: int) -> None:
         """Free the slot starting at page `index` (under the lock)."""
         pages = max(1, self.slots[index].pages)

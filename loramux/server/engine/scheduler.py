@@ -162,7 +162,7 @@ class Scheduler:
                     if not owned and len(self.reserved) < self.max_reserved:
                         self._reserve(request, size)
                     continue
-                resident = {k: i for k, i in resident.items() if self.adapters.slots[i].key == k}  # less evicted
+                resident = {k: i for k, i in resident.items() if self.adapters.slots[i].key == k}  # less the evicted
                 resident[key] = index
                 self.slot_misses += 1
             for i in owned:
