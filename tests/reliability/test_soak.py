@@ -60,10 +60,11 @@ def test_soak_on_smollm2_no_failures_flat_memory_everything_freed(default_base_d
         keys[tenant] = registry.create_key(tenant)[1]
     server = launch(
         tmp_path / "home", "--base", str(default_base_dir), "--data-dir", str(tmp_path / "data"),
-        "--slots", "2", "--max-lora-rank", "16", "--max-num-seqs", "8",
+        "--slots", "1", "--max-lora-rank", "16", "--max-num-seqs", "8",
     )  # fmt: skip
     try:
-        adapters = {  # 3 adapters for 2 slots: the slots rotate under load
+        # One rank-16 slot (two pages of rank 8) holds acme/legal, or the two others side by side: they rotate.
+        adapters = {
             "acme/support": ("acme", dict(r=8, targets=("q_proj", "v_proj"))),
             "acme/legal": ("acme", dict(r=16, targets=("q_proj", "v_proj", "o_proj", "down_proj"))),
             "globex/chat": ("globex", dict(r=4, targets=("v_proj", "down_proj"))),
@@ -112,8 +113,8 @@ def test_soak_on_smollm2_no_failures_flat_memory_everything_freed(default_base_d
         text = httpx.get(f"{server.url}/metrics").text
         for gauge in ("requests_running", "requests_waiting", "requests_resolving", "kv_blocks_used", "slots_used"):
             assert metric(text, f"loramux_{gauge}") == 0, gauge
-        assert metric(text, "loramux_kv_blocks_total") > 0 and metric(text, "loramux_slots_total") == 2
-        assert metric(text, "loramux_adapter_slot_loads") >= 3  # the rotation really happened
+        assert metric(text, "loramux_kv_blocks_total") > 0 and metric(text, "loramux_slots_total") == 1
+        assert metric(text, "loramux_adapter_slot_loads") > 3  # the rotation really happened
         assert server.process.poll() is None
     finally:
         assert server.stop() == 0, server.output()
