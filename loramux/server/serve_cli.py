@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=4,
         help="adapter slot memory on the device: this many adapters of --max-lora-rank at once, more of lower rank "
-        "(paged by rank 8: eight rank-8 adapters take one rank-64 slot; default 4)",
+        "(paged by rank 8 where --max-lora-rank is a multiple of 8: eight rank-8 adapters take one rank-64 slot; "
+        "default 4)",
     )
     parser.add_argument("--max-lora-rank", type=int, default=64, help="highest adapter rank served (default 64)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded in one batch (default 32)")
