@@ -73,7 +73,6 @@ class AdapterCache:
         self.source = source
         self.base_config = base_config
         self.write_slot = write_slot
-        self.max_rank = max_rank
         self.layout = SlotLayout.of(num_slots, max_rank, page_rank)  # as the model's slot memory is allocated
         self.cpu_cache_bytes = cpu_cache_bytes
         self.on_change = on_change  # wakes the step loop when a load finished
@@ -145,9 +144,9 @@ class AdapterCache:
             raise
         for offset in regions:  # back to the arena once nothing (cache, request, slot write) holds the weights
             weakref.finalize(weights, self.arena.free, offset)
-        if weights.max_rank > self.max_rank:
+        if weights.max_rank > self.layout.max_rank:
             raise AdapterTooLargeError(
-                f"adapter {repo} has rank {weights.max_rank}; this server serves ranks up to {self.max_rank}"
+                f"adapter {repo} has rank {weights.max_rank}; this server serves ranks up to {self.layout.max_rank}"
             )
         elapsed = time.perf_counter() - started
         with self._lock:
