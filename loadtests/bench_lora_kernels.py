@@ -66,7 +66,26 @@ def adapter_ranks(mix: str) -> tuple[int, list[int]]:
     return max(MIXED_RANKS), [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(NUM_ADAPTERS)]
 
 
-def make_stacks(copies: int, k: int, outs: list[int], r_max: int, ranks: list[int], device: str):
+# How B's memory is laid out: "slot" (S, out, r_max) contiguous; "out-major" one (out, S·r_max) memory with slot s
+# at column s·r_max (the engine's paged memory before 2026-11-23's change); "rank-major" one (S·r_max, out) memory
+# with slot s at row s·r_max (the engine's paged memory since).
+B_LAYOUTS = ("slot", "out-major", "rank-major")
+
+
+def b_stack(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """`values` (S, out, r_max) in a memory of `layout`, as an (S, out, r_max) view."""
+    slots, n, r_max = values.shape
+    if layout == "slot":
+        return values.contiguous()
+    if layout == "out-major":
+        view = values.new_empty(n, slots * r_max).as_strided(values.shape, (r_max, slots * r_max, 1))
+    else:
+        view = values.new_empty(slots * r_max, n).as_strided(values.shape, (r_max * n, 1, n))
+    view.copy_(values)
+    return view
+
+
+def make_stacks(copies: int, k: int, outs: list[int], r_max: int, ranks: list[int], device: str, layout: str):
     """`copies` sets of (A (S, G·r_max, in), [B_g (S, out_g, r_max)]), zero past each slot's rank."""
     g = len(outs)
     valid = torch.arange(r_max, device=device)[None, :] < torch.tensor(ranks, device=device)[:, None]  # (S, r_max)
@@ -74,7 +93,10 @@ def make_stacks(copies: int, k: int, outs: list[int], r_max: int, ranks: list[in
     for _ in range(copies):
         a = torch.randn(NUM_ADAPTERS, g * r_max, k, device=device, dtype=DTYPE) / k**0.5
         a *= valid.repeat(1, g)[:, :, None]
-        bs = [torch.randn(NUM_ADAPTERS, n, r_max, device=device, dtype=DTYPE) * valid[:, None, :] for n in outs]
+        bs = [
+            b_stack(torch.randn(NUM_ADAPTERS, n, r_max, device=device, dtype=DTYPE) * valid[:, None, :], layout)
+            for n in outs
+        ]
         sets.append((a, bs))
     return sets
 
@@ -127,14 +149,16 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-def bench_case(case: str, module: str, k: int, outs: list[int], batch: str, mix: str, fused: bool) -> list[Row]:
+def bench_case(
+    case: str, module: str, k: int, outs: list[int], batch: str, mix: str, fused: bool, layout: str
+) -> list[Row]:
     device = "cuda"
     tokens = BATCHES[batch]
     r_max, ranks = adapter_ranks(mix)
     elem = torch.finfo(DTYPE).bits // 8
     set_bytes = NUM_ADAPTERS * r_max * (len(outs) * k + sum(outs)) * elem
     copies = max(1, min(16, -(-L2_FLUSH_BYTES // set_bytes)))
-    sets = make_stacks(copies, k, outs, r_max, ranks, device)
+    sets = make_stacks(copies, k, outs, r_max, ranks, device, layout)
     slots = token_slots(batch, tokens, device)
     rank_t = torch.tensor(ranks, device=device, dtype=torch.int32)
     scalings = torch.rand(NUM_ADAPTERS, device=device) + 0.5
@@ -187,7 +211,7 @@ def bench_case(case: str, module: str, k: int, outs: list[int], batch: str, mix:
     return rows
 
 
-def bench_separate(case: str, module: str, k: int, outs: list[int], batch: str, mix: str) -> list[Row]:
+def bench_separate(case: str, module: str, k: int, outs: list[int], batch: str, mix: str, layout: str) -> list[Row]:
     """The same fused modules as separate per-module calls (each through the path `auto` picks)."""
     device = "cuda"
     tokens = BATCHES[batch]
@@ -195,7 +219,7 @@ def bench_separate(case: str, module: str, k: int, outs: list[int], batch: str, 
     elem = torch.finfo(DTYPE).bits // 8
     set_bytes = NUM_ADAPTERS * r_max * (len(outs) * k + sum(outs)) * elem
     copies = max(1, min(16, -(-L2_FLUSH_BYTES // set_bytes)))
-    sets = make_stacks(copies, k, outs, r_max, ranks, device)
+    sets = make_stacks(copies, k, outs, r_max, ranks, device, layout)
     slots = token_slots(batch, tokens, device)
     rank_t = torch.tensor(ranks, device=device, dtype=torch.int32)
     scalings = torch.rand(NUM_ADAPTERS, device=device) + 0.5
@@ -224,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--batches", nargs="*", default=list(BATCHES), choices=list(BATCHES))
+    parser.add_argument(
+        "--b-layout", default="rank-major", choices=B_LAYOUTS, help="how B is stored (default: as the engine does)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lora_kernels: error: needs a CUDA device", file=sys.stderr)
@@ -234,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_plan(batch))
         for mix in ("r16", "mixed"):
             for module, (k, n) in MODULES.items():
-                rows += bench_case("single", module, k, [n], batch, mix, fused=False)
+                rows += bench_case("single", module, k, [n], batch, mix, fused=False, layout=args.b_layout)
             for module, (k, outs) in {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336])}.items():
-                rows += bench_case("fused", module, k, outs, batch, mix, fused=True)
-                rows += bench_separate("fused", module, k, outs, batch, mix)
+                rows += bench_case("fused", module, k, outs, batch, mix, fused=True, layout=args.b_layout)
+                rows += bench_separate("fused", module, k, outs, batch, mix, args.b_layout)
             torch.cuda.empty_cache()
     print(f"{'module':10} {'batch':13} {'adapters':8} {'impl':17} {'us':>9} {'GB/s':>7} {'rel err':>8}")
     for r in rows:
@@ -252,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "triton": __import__("triton").__version__,
             "python": platform.python_version(),
             "gather_max_tokens": lk.GATHER_MAX_TOKENS,
+            "b_layout": args.b_layout,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
     bad = [r for r in rows if r.rel_err is not None and not r.rel_err < 2e-2]

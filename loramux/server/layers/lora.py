@@ -1,13 +1,14 @@
 """Multi-adapter LoRA: every target module holds the adapters' A and B in slot memory paged by rank, and a batch
 carries one slot per token.
 
-Slot memory: `--slots N` at `--max-lora-rank R` gives every module N·R rows of A (and N·R columns of B), cut into
+Slot memory: `--slots N` at `--max-lora-rank R` gives every module N·R rows of A (and N·R rows of Bᵀ), cut into
 pages of `page_rank` rows (8 where R is a multiple of 8, else R: one page per slot). An adapter of rank r holds a
 run of pages (a power of two of them, aligned, enough for r: a buddy layout, see `SlotLayout`) and is addressed by
 its first page, the slot index a batch carries. So the memory of one rank-64 slot holds one rank-64 adapter, two of
 rank 32, or eight of rank 8 (how S-LoRA pages its unified memory, here at rank granularity). `LoraLinear.lora_a`
 is a `(pages, R, in)` view of that memory whose page p starts at row p·page_rank (the views of neighbouring pages
-overlap), `lora_b` likewise `(pages, out, R)`, with a true rank and scaling per page. Every read of a slot is
+overlap), `lora_b` likewise `(pages, out, R)` over B's memory kept rank-major, `(rows, out)`, so that the kernels
+read a slot's B in whole rows of `out` values; with a true rank and scaling per page. Every read of a slot is
 bounded by its true rank, on the CPU and on the GPU, so rows past it (a neighbour's, or stale) are never read and
 a slot write never zeroes anything; a module an adapter does not target has rank 0 in that slot.
 
@@ -64,8 +65,10 @@ def _page_views(memory: torch.Tensor, layout: SlotLayout, groups: int) -> torch.
 
 
 def _b_views(memory: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-    """The `(pages, out, max_rank)` view of B memory `(out, rows)`: page p starts at column p·page_rank."""
-    return memory.as_strided((layout.pages, memory.shape[0], layout.max_rank), (layout.page_rank, layout.rows, 1))
+    """The `(pages, out, max_rank)` view of B memory `(rows, out)` (rank-major: Bᵀ): page p starts at row
+    p·page_rank."""
+    width = memory.shape[1]
+    return memory.as_strided((layout.pages, width, layout.max_rank), (layout.page_rank * width, 1, width))
 
 
 def _slot_groups(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -147,7 +150,7 @@ class LoraLinear(NF4Linear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
         super().__init__(weight, bias, compute_dtype)
         self.register_buffer("lora_a", None, persistent=False)  # (pages, r_max, in) view of the A memory
-        self.register_buffer("lora_b", None, persistent=False)  # (pages, out, r_max) view of the B memory
+        self.register_buffer("lora_b", None, persistent=False)  # (pages, out, r_max) view of the Bᵀ memory
         self.register_buffer("scalings", None, persistent=False)  # (pages,) float32
         self.register_buffer("ranks", None, persistent=False)  # (pages,) int32 true rank, 0 = not targeted
         self.layout: SlotLayout | None = None
@@ -158,7 +161,7 @@ class LoraLinear(NF4Linear):
         device, dtype = self.packed.device, self.compute_dtype
         a = torch.zeros(layout.rows, self.in_features, device=device, dtype=dtype)
         self.lora_a = _page_views(a, layout, 1)[:, 0]
-        self.lora_b = _b_views(torch.zeros(self.out_features, layout.rows, device=device, dtype=dtype), layout)
+        self.lora_b = _b_views(torch.zeros(layout.rows, self.out_features, device=device, dtype=dtype), layout)
         self.scalings = torch.zeros(layout.pages, device=device, dtype=torch.float32)
         self.ranks = torch.zeros(layout.pages, device=device, dtype=torch.int32)
         self.layout = layout
@@ -239,7 +242,7 @@ class LoraGroup:
         self.ranks = torch.zeros(layout.pages, g, device=device, dtype=torch.int32)
         self.scalings = torch.zeros(layout.pages, g, device=device, dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            b = torch.zeros(layer.out_features, layout.rows, device=device, dtype=dtype)
+            b = torch.zeros(layout.rows, layer.out_features, device=device, dtype=dtype)
             layer.lora_a = self.lora_a[:, i]  # (pages, r_max, in), a view
             layer.lora_b = _b_views(b, layout)
             layer.ranks = self.ranks[:, i]

@@ -1,8 +1,9 @@
 """Triton kernels for batched multi-adapter LoRA on the GPU: shrink (`h = x·Aᵀ`) and expand (`y += s·h·Bᵀ`).
 
-Each target module holds adapter slots, `A: (S, r_max, in)` and `B: (S, out, r_max)`, any strides but the last (the
-paged slot memory of `lora.py` gives views whose neighbouring slots overlap), and a batch carries one slot per token
-(-1: no adapter). These kernels compute what `loramux.server.layers.lora` computes with gather + bmm,
+Each target module holds adapter slots, `A: (S, r_max, in)` with any strides but the last and `B: (S, out, r_max)`
+with any strides (the paged slot memory of `lora.py` gives views whose neighbouring slots overlap, and keeps B
+rank-major, `(R, out)` per slot, so that a slot's B is read along `out`, in whole rows), and a batch carries one slot
+per token (-1: no adapter). These kernels compute what `loramux.server.layers.lora` computes with gather + bmm,
 through one of two paths:
 
 - gather (decode): one program per token, reading that token's own slot's A rows / B columns. No sorting; best when
@@ -160,8 +161,10 @@ def _shrink_segment_kernel(
 
 
 @triton.jit
-def _group_target(g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2):
-    """Group g's output and B: (y pointer, B pointer, out features, y row stride, B slot stride, B row stride)."""
+def _group_target(
+    g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2
+):  # fmt: skip
+    """Group g's output and B: (y pointer, B pointer, out features, y row stride, B's slot, out and rank strides)."""
     y_ptr = y0
     b_ptr = b0
     if g == 1:
@@ -174,13 +177,14 @@ def _group_target(g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0,
     syt = tl.where(g == 0, syt0, tl.where(g == 1, syt1, syt2))
     sbs = tl.where(g == 0, sbs0, tl.where(g == 1, sbs1, sbs2))
     sbn = tl.where(g == 0, sbn0, tl.where(g == 1, sbn1, sbn2))
-    return y_ptr, b_ptr, n, syt.to(tl.int64), sbs.to(tl.int64), sbn.to(tl.int64)
+    sbr = tl.where(g == 0, sbr0, tl.where(g == 1, sbr1, sbr2))
+    return y_ptr, b_ptr, n, syt.to(tl.int64), sbs.to(tl.int64), sbn.to(tl.int64), sbr.to(tl.int64)
 
 
 @triton.jit
 def _expand_gather_kernel(
     h_ptr, slots_ptr, ranks_ptr, scalings_ptr,
-    y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2,
+    y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2,
     R_MAX, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
     HAS_RANKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -191,8 +195,8 @@ def _expand_gather_kernel(
     s = tl.load(slots_ptr + t).to(tl.int64)
     if s < 0:
         return
-    y_ptr, b_ptr, n_out, syt, sbs, sbn = _group_target(
-        g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2
+    y_ptr, b_ptr, n_out, syt, sbs, sbn, sbr = _group_target(
+        g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2
     )
     if pid_n * BLOCK_N >= n_out:
         return
@@ -204,7 +208,7 @@ def _expand_gather_kernel(
     hv = tl.load(h_ptr + t * stride_ht + g * R_MAX + offs_r, mask=r_mask, other=0.0).to(tl.float32)  # (BLOCK_R,)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
-    b_ptrs = b_ptr + s * sbs + offs_n[:, None] * sbn + offs_r[None, :]
+    b_ptrs = b_ptr + s * sbs + offs_n[:, None] * sbn + offs_r[None, :] * sbr
     bt = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
     scaling = tl.load(scalings_ptr + s * stride_cs + g * stride_cg).to(tl.float32)
     delta = tl.sum(bt.to(tl.float32) * hv[None, :], axis=1) * scaling  # (BLOCK_N,)
@@ -216,7 +220,7 @@ def _expand_gather_kernel(
 @triton.jit
 def _expand_segment_kernel(
     h_ptr, order_ptr, starts_ptr, ranks_ptr, scalings_ptr,
-    y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2,
+    y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2,
     S, R_MAX, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
     HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -228,8 +232,8 @@ def _expand_segment_kernel(
     if s >= S:
         return
     s = s.to(tl.int64)
-    y_ptr, b_ptr, n_out, syt, sbs, sbn = _group_target(
-        g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2
+    y_ptr, b_ptr, n_out, syt, sbs, sbn, sbr = _group_target(
+        g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2
     )
     if pid_n * BLOCK_N >= n_out:
         return
@@ -249,7 +253,7 @@ def _expand_segment_kernel(
         offs_r = r0 + tl.arange(0, 16)
         r_mask = offs_r < rank
         ht = tl.load(h_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, 16)
-        bt = tl.load(b_cols + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (16, BLOCK_N)
+        bt = tl.load(b_cols + offs_r[:, None] * sbr, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (16, BLOCK_N)
         # h is fp32: tf32 keeps 10 mantissa bits of it (bf16/fp16 B is exact in tf32).
         acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
     scaling = tl.load(scalings_ptr + s * stride_cs + g * stride_cg).to(tl.float32)
@@ -403,7 +407,8 @@ def expand(
     """y[t] += scalings[s] · h[t] · B[s]ᵀ in place, for every token t whose slot s = token_slots[t] >= 0.
 
     y: (T, out), rows may be strided (a view into a wider output) but each row contiguous. h: (T, r_max), float32
-    from `shrink` (or y's dtype). b: (S, out, r_max). scalings: (S,) float32. ranks, segments, path: as in `shrink`.
+    from `shrink` (or y's dtype). b: (S, out, r_max), any strides. scalings: (S,) float32. ranks, segments, path:
+    as in `shrink`.
     """
     expand_fused([y], h, [b], token_slots, scalings, ranks=ranks, segments=segments, path=path)
 
@@ -436,8 +441,8 @@ def expand_fused(
         if y.dim() != 2 or b.dim() != 3 or y.shape[0] != tokens or tuple(b.shape) != (num_slots, y.shape[1], r_max):
             raise ValueError(f"expand needs y ({tokens}, out) and b ({num_slots}, out, {r_max}) per group, "
                              f"got {tuple(y.shape)} and {tuple(b.shape)}")  # fmt: skip
-        if y.stride(1) != 1 or b.stride(2) != 1:
-            raise ValueError("expand needs y's rows and B's rows contiguous (stride 1 along the last dimension)")
+        if y.stride(1) != 1:
+            raise ValueError("expand needs y's rows contiguous (stride 1 along the last dimension)")
         if y.device != h.device or b.device != h.device:
             raise ValueError("y, h and B must be on one device")
     _check_slots(token_slots, tokens, h.device)
@@ -450,7 +455,7 @@ def expand_fused(
     ys3, bs3 = [*ys, *[ys[0]] * pad], [*bs, *[bs[0]] * pad]
     targets = (
         *ys3, *bs3, *(y.shape[1] for y in ys3), *(y.stride(0) for y in ys3),
-        *(b.stride(0) for b in bs3), *(b.stride(1) for b in bs3),
+        *(b.stride(0) for b in bs3), *(b.stride(1) for b in bs3), *(b.stride(2) for b in bs3),
     )  # fmt: skip
     widest = max(y.shape[1] for y in ys)
     rank_arg = ranks if ranks is not None else token_slots
