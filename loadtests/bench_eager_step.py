@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     runner = engine.runner
     runner.warm_up()
     for slot in range(SLOTS):
-        runner.write_slot(slot, load_lora(adapters[ranks[slot % 4]], base.config, runner.adapter_dtype))
+        runner.write_slot(
+            slot, load_lora(adapters[ranks[slot % 4]], base.config, runner.adapter_dtype, b_rank_major=True)
+        )
     for prompts, decodes in SHAPES:
         seconds = wall(runner, chunks(prompts, decodes, prompt_len), device)
         print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}: {1e3 * seconds:8.1f} ms", flush=True)

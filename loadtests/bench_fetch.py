@@ -66,7 +66,7 @@ class Reader:
         elif self.mode == "load_lora":
             load_lora(path, self.config)
         elif self.mode == "arena":
-            load_lora(path, self.config, torch.bfloat16, self._allocate)
+            load_lora(path, self.config, torch.bfloat16, self._allocate, b_rank_major=True)
         else:
             buffer = torch.empty(27_000_000, dtype=torch.bfloat16, pin_memory=self.pin)
             with self.lock:

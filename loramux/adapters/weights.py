@@ -56,14 +56,15 @@ class LoraWeights:
     def nbytes(self) -> int:
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
 
-    def packed(self, dtype: torch.dtype, pin_memory: bool = False) -> LoraWeights:
+    def packed(self, dtype: torch.dtype, pin_memory: bool = False, b_rank_major: bool = False) -> LoraWeights:
         """A copy with every A and B in `dtype`, as views of one contiguous CPU buffer (page-locked with
-        `pin_memory`, so that copies from it to a GPU are asynchronous)."""
+        `pin_memory`, so that copies from it to a GPU are asynchronous). With `b_rank_major` each B's part of the
+        buffer holds Bᵀ, `(r, out)`, as the serving slots keep it (`b` is still `(out, r)`: a transposed view)."""
         tensors = [t for m in self.modules.values() for t in (m.a, m.b)]
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=pin_memory)
         views, offset = [], 0
-        for t in tensors:
-            view = flat[offset : offset + t.numel()].view(t.shape)
+        for i, t in enumerate(tensors):
+            view = _view(flat[offset : offset + t.numel()], t.shape, b_rank_major and i % 2 == 1)
             view.copy_(t)
             views.append(view)
             offset += t.numel()
@@ -91,13 +92,15 @@ def load_lora(
     base: ModelConfig | None = None,
     dtype: torch.dtype = torch.float32,
     allocate: Callable[[int], torch.Tensor] | None = None,
+    b_rank_major: bool = False,
 ) -> LoraWeights:
     """Read `adapter_config.json` + `adapter_model.safetensors` (never pickle) as `dtype` tensors on the CPU.
 
     With `base`, every module must exist in it with matching shapes. Raises `AdapterConfigError` naming the problem.
     Every A and B is a view of one buffer (`buffer`), module after module in name order, A then B, with no gaps:
     the layout of `packed`. `allocate(nbytes)` gives that buffer as a uint8 tensor (e.g. a region of a pinned
-    arena); by default it is a new tensor.
+    arena); by default it is a new tensor. With `b_rank_major` each B's part of the buffer holds Bᵀ, `(r, out)`, the
+    layout of the serving slots (so that a slot write is a copy of whole blocks); `b` is then a transposed view.
 
     The header is checked first (`read_safetensors_header`), then the tensor bytes are read with `readinto`, which
     releases the GIL for the whole read, straight into the buffer when the file already holds `dtype` in this
@@ -152,10 +155,10 @@ def load_lora(
     flat = buffer.view(dtype)
     try:
         with open(weights_path, "rb") as f:
-            _read_tensors(f, order, flat)
+            _read_tensors(f, order, flat, [m.rsplit(".", 1)[-1] for m in sorted(pairs)] if b_rank_major else None)
     except OSError as exc:
         raise AdapterConfigError(f"{WEIGHTS_FILE} is not readable: {exc}") from exc
-    views = _views(flat, order)
+    views = _views(flat, order, b_rank_major)
     modules = {
         module: LoraModule(a=a, b=b, scaling=config.scaling_for(module))
         for module, a, b in zip(sorted(pairs), views[0::2], views[1::2], strict=True)
@@ -166,24 +169,61 @@ def load_lora(
     return LoraWeights(config=config, modules=modules, buffer=flat)
 
 
-def _read_tensors(f: BinaryIO, order: list[TensorInfo], flat: torch.Tensor) -> None:
-    """Fill `flat` with the tensors of `order`, back to back, converted to its dtype."""
+def _read_tensors(f: BinaryIO, order: list[TensorInfo], flat: torch.Tensor, b_kinds: list[str] | None) -> None:
+    """Fill `flat` with the tensors of `order` (A, B, A, B, ...), back to back, converted to its dtype; with
+    `b_kinds` (each module's projection name) every B transposed."""
+    b_rank_major = b_kinds is not None
     target = _SAFETENSORS_DTYPES.get(flat.dtype)
     contiguous = all(x.end == y.start for x, y in itertools.pairwise(order))
     if contiguous and all(info.dtype == target for info in order):
         _read_into(f, order[0].start, flat.view(torch.uint8))  # the file holds the buffer as it is: one read
+        if b_kinds is not None:
+            _transpose_b_in_place(flat, order, b_kinds)
         return
     start, end = min(info.start for info in order), max(info.end for info in order)
     scratch = torch.empty(end - start, dtype=torch.uint8)
     _read_into(f, start, scratch)
     offset = 0
-    for info in order:
+    for i, info in enumerate(order):
         source_dtype = _TORCH_DTYPES[info.dtype]
         raw = scratch[info.start - start : info.end - start]
         if (info.start - start) % source_dtype.itemsize:
             raw = raw.clone()  # an unaligned tensor (a hand-made file): its own storage
-        flat[offset : offset + info.numel].copy_(raw.view(source_dtype))
+        dest = _view(flat[offset : offset + info.numel], info.shape, b_rank_major and i % 2 == 1)
+        dest.copy_(raw.view(source_dtype).view(info.shape))
         offset += info.numel
+
+
+def _transpose_b_in_place(flat: torch.Tensor, order: list[TensorInfo], kinds: list[str]) -> None:
+    """Turn every B of `flat` (laid out as `order`: A, B, A, B, ...; `kinds`: each module's projection) into its
+    transpose, in place.
+
+    The B of one projection has one shape in every layer and, where the layers hold the same modules, lies at one
+    stride from the last: each such run is turned with one copy out and one copy back, a few torch calls for the
+    whole adapter instead of a few per module (the fetch thread then seldom takes the GIL from the step loop)."""
+    offsets = list(itertools.accumulate((info.numel for info in order), initial=0))
+    runs: list[tuple[tuple[int, ...], int, int, int]] = []  # (shape, first offset, stride, count)
+    open_runs: dict[tuple[str, tuple[int, ...]], list[int]] = {}  # (kind, shape) -> [first, stride, count]
+    for kind, info, offset in zip(kinds, order[1::2], offsets[1::2], strict=True):
+        run = open_runs.get((kind, info.shape))
+        if run is not None and run[2] == 1:
+            run[1:] = [offset - run[0], 2]
+        elif run is not None and offset == run[0] + run[1] * run[2]:
+            run[2] += 1
+        else:
+            if run is not None:
+                runs.append((info.shape, *run))
+            open_runs[(kind, info.shape)] = [offset, 0, 1]
+    runs += [(shape, *run) for (_, shape), run in open_runs.items()]
+    base = flat.storage_offset()
+    for (out, rank), first, stride, count in runs:
+        rows = flat.as_strided((count, out, rank), (stride, rank, 1), base + first)
+        flat.as_strided((count, out, rank), (stride, 1, out), base + first).copy_(rows.clone())
+
+
+def _view(region: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
+    """A 1-D `region` as a `shape` (out, r) tensor: row-major, or (`transposed`) holding its transpose (r, out)."""
+    return region.view(shape[1], shape[0]).t() if transposed else region.view(shape)
 
 
 def _read_into(f: BinaryIO, position: int, target: torch.Tensor) -> None:
@@ -197,9 +237,11 @@ def _read_into(f: BinaryIO, position: int, target: torch.Tensor) -> None:
         done += got
 
 
-def _views(flat: torch.Tensor, order: list[TensorInfo]) -> list[torch.Tensor]:
+def _views(flat: torch.Tensor, order: list[TensorInfo], b_rank_major: bool) -> list[torch.Tensor]:
     pieces = flat.split([info.numel for info in order])  # one call for all: fewer GIL hand-overs than a slice each
-    return [piece.view(info.shape) for piece, info in zip(pieces, order, strict=True)]
+    return [
+        _view(p, info.shape, b_rank_major and i % 2 == 1) for i, (p, info) in enumerate(zip(pieces, order, strict=True))
+    ]
 
 
 def _check_fits_base(

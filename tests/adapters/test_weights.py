@@ -37,6 +37,16 @@ def test_packed_converts_every_matrix_into_one_buffer_and_keeps_the_values():
     assert len(storages) == 1
     assert weights.modules["model.layers.0.self_attn.q_proj"].a.dtype == torch.float32  # the original is untouched
 
+    rank_major = weights.packed(torch.bfloat16, b_rank_major=True)  # B's part of the buffer holds Bᵀ
+    assert rank_major.buffer is not None and rank_major.nbytes() == packed.nbytes()
+    offset = 0
+    for name, module in rank_major.modules.items():
+        torch.testing.assert_close(module.a, packed.modules[name].a, rtol=0, atol=0)
+        torch.testing.assert_close(module.b, packed.modules[name].b, rtol=0, atol=0)
+        assert module.b.shape == packed.modules[name].b.shape and module.b.t().is_contiguous()
+        assert module.b.data_ptr() == rank_major.buffer.data_ptr() + (offset + module.a.numel()) * 2
+        offset += module.a.numel() + module.b.numel()
+
 
 def write_peft(directory: Path, tensors: dict[str, torch.Tensor], r: int = 4) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,6 +67,7 @@ def lora_tensors(dtype_a: torch.dtype, dtype_b: torch.dtype, layers: int = 3) ->
     return tensors
 
 
+@pytest.mark.parametrize("b_rank_major", [False, True])
 @pytest.mark.parametrize(
     ("dtype_a", "dtype_b", "dtype"),
     [
@@ -65,7 +76,9 @@ def lora_tensors(dtype_a: torch.dtype, dtype_b: torch.dtype, layers: int = 3) ->
         (torch.float32, torch.float16, torch.float32),  # A and B of other dtypes: the file is not in module order
     ],
 )
-def test_load_lora_reads_every_matrix_into_one_buffer_in_the_dtype_asked(tmp_path, dtype_a, dtype_b, dtype):
+def test_load_lora_reads_every_matrix_into_one_buffer_in_the_dtype_asked(
+    tmp_path, dtype_a, dtype_b, dtype, b_rank_major
+):
     tensors = lora_tensors(dtype_a, dtype_b)
     directory = write_peft(tmp_path / "adapter", tensors)
     given = []
@@ -74,7 +87,7 @@ def test_load_lora_reads_every_matrix_into_one_buffer_in_the_dtype_asked(tmp_pat
         given.append(torch.zeros(nbytes + 7, dtype=torch.uint8)[:nbytes])
         return given[-1]
 
-    weights = load_lora(directory, dtype=dtype, allocate=allocate)
+    weights = load_lora(directory, dtype=dtype, allocate=allocate, b_rank_major=b_rank_major)
 
     assert len(weights.modules) == 6 and weights.max_rank == 4
     assert weights.buffer is not None and weights.buffer.dtype == dtype
@@ -89,7 +102,26 @@ def test_load_lora_reads_every_matrix_into_one_buffer_in_the_dtype_asked(tmp_pat
             offset += tensor.numel()
             want = expected[f"base_model.model.{name}.lora_{part}.weight"].to(dtype)
             torch.testing.assert_close(tensor, want, rtol=0, atol=0)
+            # the buffer holds B, or with b_rank_major its transpose, back to back with the rest
+            assert (tensor.t() if part == "B" and b_rank_major else tensor).is_contiguous()
         assert module.scaling == 2.0
+
+
+def test_load_lora_turns_b_rank_major_where_layers_differ(tmp_path):
+    """B is turned in runs of one projection across layers; a layer without v_proj breaks q_proj's run in two."""
+    tensors = lora_tensors(torch.bfloat16, torch.bfloat16, layers=5)
+    for part in ("A", "B"):
+        del tensors[f"base_model.model.model.layers.2.self_attn.v_proj.lora_{part}.weight"]
+    directory = write_peft(tmp_path / "adapter", tensors)
+
+    rows = load_lora(directory, dtype=torch.bfloat16)
+    turned = load_lora(directory, dtype=torch.bfloat16, b_rank_major=True)
+
+    assert len(turned.modules) == 9 and turned.modules.keys() == rows.modules.keys()
+    for name, module in turned.modules.items():
+        torch.testing.assert_close(module.a, rows.modules[name].a, rtol=0, atol=0)
+        torch.testing.assert_close(module.b, rows.modules[name].b, rtol=0, atol=0)
+        assert module.b.t().is_contiguous() and module.b.data_ptr() == module.a.data_ptr() + module.a.numel() * 2
 
 
 def test_load_lora_names_the_module_with_non_finite_values(tmp_path):

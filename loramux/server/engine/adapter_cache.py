@@ -137,7 +137,7 @@ class AdapterCache:
             return region
 
         try:
-            weights = load_lora(path, self.base_config, self.dtype, allocate)
+            weights = load_lora(path, self.base_config, self.dtype, allocate, b_rank_major=True)
         except BaseException:
             for offset in regions:
                 self.arena.free(offset)

@@ -171,10 +171,11 @@ class ModelRunner:
     @torch.inference_mode()
     def prepare_adapter(self, weights: LoraWeights) -> LoraWeights:
         """The adapter as the CPU cache keeps it: in the slots' dtype (bf16 on a GPU: half the bytes of fp32) and,
-        on a GPU, in one pinned buffer, so that `write_slot` is asynchronous copies with no conversion."""
+        on a GPU, in one pinned buffer, with B rank-major as the slots hold it, so that `write_slot` is
+        asynchronous copies of whole blocks with no conversion."""
         if not self.lora_modules:
             return weights
-        return weights.packed(self.adapter_dtype, pin_memory=self.device.type == "cuda")
+        return weights.packed(self.adapter_dtype, pin_memory=self.device.type == "cuda", b_rank_major=True)
 
     def write_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Load an adapter into `slot` of every decoder linear layer (rank 0 where it has no module).
@@ -213,12 +214,13 @@ class ModelRunner:
         buffer = weights.buffer
         assert buffer is not None
         staged = buffer.to(self.device, non_blocking=True)  # the buffer itself on the CPU
-        # the buffer holds A and B module after module, in the adapter's order, with no gaps: one split of the
-        # staged buffer gives every matrix on the device
+        # the buffer holds A and B module after module, in the adapter's order, with no gaps: every matrix on the
+        # device is the staged buffer seen with that matrix's own offset and strides (B rank-major where the
+        # buffer holds it so, as the slots do: then every copy below is of whole blocks, in a few launches)
         tensors = [t for lora in weights.modules.values() for t in (lora.a, lora.b)]
-        sizes = [t.numel() for t in tensors]
-        assert sum(sizes) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
-        pieces = [piece.view(t.shape) for piece, t in zip(staged.split(sizes), tensors, strict=True)]
+        assert sum(t.numel() for t in tensors) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
+        shift = staged.storage_offset() - buffer.storage_offset()
+        pieces = [staged.as_strided(t.shape, t.stride(), t.storage_offset() + shift) for t in tensors]
         on_device = dict(zip(weights.modules, zip(pieces[0::2], pieces[1::2], strict=True), strict=True))
         fills, sources, scalings, ranks = [], [], [], []
         for name, module in self.lora_modules.items():

@@ -53,13 +53,16 @@ def test_packed_writes_fill_a_used_slot_exactly_as_per_module_writes(tiny_checkp
     assert all(int(m.ranks[1]) == 0 and float(m.scalings[1]) == 0 for m in runner.lora_modules.values())
 
     for weights, want in zip((first, second), expected, strict=True):
-        packed = runner.prepare_adapter(weights)
+        packed = runner.prepare_adapter(weights)  # B rank-major, as the slots hold it
         assert packed.buffer is not None and packed.buffer.is_pinned() == (device == "cuda")
-        runner.write_slot(1, packed)
-        got = slot_state(runner, 1)
-        for name in names:
-            for g, w in zip(got[name], want[name], strict=True):
-                torch.testing.assert_close(g, w)
+        row_major = weights.packed(runner.adapter_dtype)  # a buffer of B as PEFT stores it: written all the same
+        for buffered in (packed, row_major):
+            runner.write_slot(1, None)
+            runner.write_slot(1, buffered)
+            got = slot_state(runner, 1)
+            for name in names:
+                for g, w in zip(got[name], want[name], strict=True):
+                    torch.testing.assert_close(g, w)
     m = runner.lora_modules[next(n for n in names if n not in second.modules)]  # not in the second one: cleared
     assert m.ranks[1] == 0 and m.scalings[1] == 0
     assert runner.lora_modules[names[-1]].ranks[1] == 3 and names[-1] in second.modules
