@@ -104,7 +104,8 @@ def load_lora(
 
     The header is checked first (`read_safetensors_header`), then the tensor bytes are read with `readinto`, which
     releases the GIL for the whole read, straight into the buffer when the file already holds `dtype` in this
-    layout, else into a scratch buffer converted with one copy per tensor. A step loop on another thread is
+    layout (with `b_rank_major`, each B is then turned in place, a projection's B of every layer at once), else into
+    a scratch buffer converted with one copy per tensor (B transposed as it is copied). A step loop on another thread is
     therefore not held up (safetensors' `load_file` keeps the GIL while it copies: with four threads loading, a loop
     of 1,500 kernel launches took 28x as long; BENCHMARKS.md, fourth day).
     """
