@@ -42,21 +42,48 @@ Path = Literal["auto", "gather", "segment"]
 
 @dataclass(frozen=True)
 class Segments:
-    """Tokens grouped by slot: slot s's tokens are `order[starts[s]:starts[s + 1]]`.
+    """Tokens grouped by slot: slot s's tokens are `order[starts[s]:starts[s + 1]]`, cut into blocks of `block_m`.
 
     order: (T,) int64 token indices sorted by slot (tokens with no adapter first, where no segment reads them).
     starts: (S + 1,) int64 segment boundaries in `order`.
+    blocks: (max blocks, 3) int32, one row per segment kernel program: (slot, first row in `order`, rows left in the
+    segment from there), numbered slot after slot; slot S marks a row with no block (the grid is sized for the most
+    blocks T tokens over S slots can need).
     """
 
     order: torch.Tensor
     starts: torch.Tensor
+    blocks: torch.Tensor
+    block_m: int
+
+
+def _segment_block_m(tokens: int) -> int:
+    # Decode-sized batches spread few tokens over each slot: a smaller block wastes fewer masked rows.
+    return 16 if tokens <= 256 else 64
+
+
+def _max_blocks(tokens: int, num_slots: int, block_m: int) -> int:
+    return triton.cdiv(tokens, block_m) + min(num_slots, tokens)
 
 
 def plan_segments(token_slots: torch.Tensor, num_slots: int) -> Segments:
-    """Group a batch's tokens by slot, on the device. Build once per batch and pass to every layer's calls."""
+    """Group a batch's tokens by slot and cut the groups into the segment kernels' blocks, on the device (no host
+    synchronisation). Build once per batch and pass to every layer's calls: each program then reads its block's
+    three numbers instead of working them out from every slot's bounds."""
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+    tokens, device = token_slots.shape[0], token_slots.device
     sorted_slots, order = torch.sort(token_slots, stable=True)
-    bounds = torch.arange(num_slots + 1, device=token_slots.device, dtype=sorted_slots.dtype)
-    return Segments(order=order, starts=torch.searchsorted(sorted_slots, bounds))
+    starts = torch.searchsorted(sorted_slots, torch.arange(num_slots + 1, device=device, dtype=sorted_slots.dtype))
+    block_m = _segment_block_m(tokens)
+    per_slot = (starts[1:] - starts[:-1] + block_m - 1) // block_m  # (S,) blocks of each slot
+    ends = torch.cumsum(per_slot, 0)  # blocks of slots 0..s
+    ids = torch.arange(_max_blocks(tokens, num_slots, block_m), device=device, dtype=ends.dtype)
+    slot = torch.searchsorted(ends, ids, right=True)  # S past the last block
+    held = slot.clamp(max=num_slots - 1)
+    row0 = starts[held] + (ids - ends[held] + per_slot[held]) * block_m
+    blocks = torch.stack((slot, row0, starts[held + 1] - row0), dim=1).to(torch.int32)
+    return Segments(order=order, starts=starts, blocks=blocks, block_m=block_m)
 
 
 @triton.jit
@@ -68,23 +95,11 @@ def _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS: tl.constex
 
 
 @triton.jit
-def _segment_block(pid, starts_ptr, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Which slot's segment, and which BLOCK_M rows of it, program `pid` takes.
-
-    Segments are cut into blocks of BLOCK_M tokens and the blocks numbered slot after slot; returns (slot, first row
-    in `order`, rows left in the segment from there). slot == S: no block left for this program.
-    """
-    offs = tl.arange(0, BLOCK_S)
-    lo = tl.load(starts_ptr + offs, mask=offs < S, other=0)
-    hi = tl.load(starts_ptr + offs + 1, mask=offs < S, other=0)
-    blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M  # (BLOCK_S,) blocks per slot
-    ends = tl.cumsum(blocks, axis=0)  # inclusive: blocks of slots 0..s
-    slot = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    first_block = tl.sum(tl.where(offs == slot, ends - blocks, 0), axis=0)
-    row_in_segment = (pid - first_block) * BLOCK_M
-    start = tl.sum(tl.where(offs == slot, lo, 0), axis=0)
-    count = tl.sum(tl.where(offs == slot, hi - lo, 0), axis=0)
-    return slot, start + row_in_segment, count - row_in_segment
+def _segment_block(pid, blocks_ptr):
+    """Which slot's segment, and which rows of it, program `pid` takes (from `Segments.blocks`): (slot, first row
+    in `order`, rows left in the segment from there). slot == S: no block for this program."""
+    row = blocks_ptr + pid * 3
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
@@ -122,15 +137,15 @@ def _shrink_gather_kernel(
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_segment_kernel(
-    x_ptr, a_ptr, order_ptr, starts_ptr, ranks_ptr, h_ptr,
+    x_ptr, a_ptr, order_ptr, blocks_ptr, ranks_ptr, h_ptr,
     S, K, R_MAX, stride_xt, stride_as, stride_ag, stride_ar, stride_ht, stride_rs, stride_rg,
     SPLIT_K, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid: (max blocks, SPLIT_K, groups); one program: (BLOCK_M tokens of one slot) x A[s, g]ᵀ
     pid_k = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
-    s, row0, rows_left = _segment_block(tl.program_id(0), starts_ptr, S, BLOCK_M, BLOCK_S)
+    s, row0, rows_left = _segment_block(tl.program_id(0), blocks_ptr)
     if s >= S:
         return
     s = s.to(tl.int64)
@@ -219,16 +234,15 @@ def _expand_gather_kernel(
 
 @triton.jit
 def _expand_segment_kernel(
-    h_ptr, order_ptr, starts_ptr, ranks_ptr, scalings_ptr,
+    h_ptr, order_ptr, blocks_ptr, ranks_ptr, scalings_ptr,
     y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2,
     S, R_MAX, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
     HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     # grid: (max blocks, blocks of the widest output, groups); (BLOCK_M tokens of one slot) x B_g[s]ᵀ, rank in 16s
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
-    s, row0, rows_left = _segment_block(tl.program_id(0), starts_ptr, S, BLOCK_M, BLOCK_S)
+    s, row0, rows_left = _segment_block(tl.program_id(0), blocks_ptr)
     if s >= S:
         return
     s = s.to(tl.int64)
@@ -312,11 +326,6 @@ def _choose_path(path: Path, segments: Segments | None, tokens: int) -> str:
     return path
 
 
-def _segment_block_m(tokens: int) -> int:
-    # Decode-sized batches spread few tokens over each slot: a smaller block wastes fewer masked rows.
-    return 16 if tokens <= 256 else 64
-
-
 def shrink(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -371,19 +380,30 @@ def shrink(
             split_k, HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
         )  # fmt: skip
         return h
-    if segments is None:
-        segments = plan_segments(token_slots, num_slots)
-    block_m, block_k = _segment_block_m(tokens), 128 if block_r <= 32 else 64
-    max_blocks = triton.cdiv(tokens, block_m) + min(num_slots, tokens)
+    segments = _checked_plan(segments, token_slots, num_slots)
+    block_k = 128 if block_r <= 32 else 64
+    max_blocks = segments.blocks.shape[0]
     split_k = _split_k(_programs_wanted(x.device), max_blocks * groups, triton.cdiv(k, block_k))
     _shrink_segment_kernel[(max_blocks, split_k, groups)](
-        x, a, segments.order, segments.starts, ranks if ranks is not None else token_slots, h,
+        x, a, segments.order, segments.blocks, ranks if ranks is not None else token_slots, h,
         num_slots, k, r_max, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), stride_rs, stride_rg,
-        split_k, HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), BLOCK_M=block_m,
-        BLOCK_R=block_r, BLOCK_K=block_k,
-        BLOCK_S=_pow2_at_least(num_slots, 16), num_warps=4,
+        split_k, HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), BLOCK_M=segments.block_m,
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
     return h
+
+
+def _checked_plan(segments: Segments | None, token_slots: torch.Tensor, num_slots: int) -> Segments:
+    """The batch's plan (made here when the caller has none), checked to be for this many tokens and slots."""
+    if segments is None:
+        return plan_segments(token_slots, num_slots)
+    tokens = token_slots.shape[0]
+    if segments.starts.shape[0] != num_slots + 1 or segments.order.shape[0] != tokens:
+        raise ValueError(
+            f"segments were planned for {segments.order.shape[0]} tokens over {segments.starts.shape[0] - 1} slots, "
+            f"the call has {tokens} over {num_slots}"
+        )
+    return segments
 
 
 def _split_k(wanted: int, programs: int, k_blocks: int) -> int:
@@ -469,13 +489,11 @@ def expand_fused(
             HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
         )  # fmt: skip
         return
-    if segments is None:
-        segments = plan_segments(token_slots, num_slots)
-    block_m, block_n = _segment_block_m(tokens), 128
-    max_blocks = triton.cdiv(tokens, block_m) + min(num_slots, tokens)
-    _expand_segment_kernel[(max_blocks, triton.cdiv(widest, block_n), groups)](
-        h, segments.order, segments.starts, rank_arg, scalings, *targets,
+    segments = _checked_plan(segments, token_slots, num_slots)
+    block_n = 128
+    _expand_segment_kernel[(segments.blocks.shape[0], triton.cdiv(widest, block_n), groups)](
+        h, segments.order, segments.blocks, rank_arg, scalings, *targets,
         num_slots, r_max, h.stride(0), stride_rs, stride_rg, stride_cs, stride_cg,
-        HAS_RANKS=ranks is not None, PRECISION=_precision(bs[0].dtype), BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_S=_pow2_at_least(num_slots, 16), num_warps=4,
+        HAS_RANKS=ranks is not None, PRECISION=_precision(bs[0].dtype), BLOCK_M=segments.block_m,
+        BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip

@@ -186,6 +186,25 @@ def test_split_reduction_over_long_inputs():
         assert rel_err(h, ref_shrink(x, a, slots, rank_mask(None, num_slots, r_max, 1))) < 1e-2
 
 
+@pytest.mark.parametrize(("tokens", "num_slots"), [(100, 3), (256, 512), (300, 40), (2048, 7)])
+def test_segment_plan_cuts_each_slots_tokens_into_blocks(tokens, num_slots):
+    gen = torch.Generator().manual_seed(tokens + num_slots)
+    slots = random_slots(tokens, num_slots, "mixed", gen)
+    plan = lk.plan_segments(slots, num_slots)
+    order, blocks = plan.order.cpu(), plan.blocks.cpu().long()
+    covered = []
+    for slot, row0, rows in blocks.tolist():
+        if slot == num_slots:  # a program with no block
+            continue
+        taken = min(rows, plan.block_m)
+        assert taken > 0 and row0 + taken <= tokens
+        block = order[row0 : row0 + taken]
+        assert (slots.cpu()[block] == slot).all()
+        covered += block.tolist()
+    assert sorted(covered) == (slots.cpu() >= 0).nonzero().flatten().tolist()  # every token once, none without a slot
+    assert blocks[:, 0].tolist() == sorted(blocks[:, 0].tolist())  # numbered slot after slot
+
+
 def test_segments_planned_once_serve_every_call():
     gen = torch.Generator().manual_seed(11)
     tokens, k, n, num_slots, r_max = 500, 128, 96, 12, 16
