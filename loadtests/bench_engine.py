@@ -231,7 +231,7 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
         attention.TRITON_DECODE = False
         engine = LLMEngine(base, source, config)
         try:
-            engine.runner.warm_up()
+            engine.warm_up()
             run_batch(engine, ids, min(gen, 8), names)
             results["w1_lora_gather"] = run_batch(engine, ids, gen, names)
             results["w1_base_gather"] = run_batch(engine, ids, gen, [None] * n)
@@ -242,7 +242,7 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
     engine = LLMEngine(base, source, config)
     try:
         # warm-up: every decode graph, the slots filled, the kernels compiled
-        engine.runner.warm_up()
+        engine.warm_up()
         run_batch(engine, ids, min(gen, 8), names)
         run_batch(engine, ids, min(gen, 8), [None] * n)
         results["w1_lora"] = run_batch(engine, ids, gen, names)
@@ -422,7 +422,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     lock = threading.Lock()
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
     try:
-        engine.runner.warm_up()
+        engine.warm_up()
         run_batch(engine, ids[:4], 4, [f"bench/w2-{k}" for k in range(4)])  # warm-up
         if cpu_cache_warm:  # the least popular first, so that the most popular are the last evicted if any are
             for k in sorted(set(chosen), reverse=True):
@@ -460,12 +460,27 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
         run_chunks, kind = engine.runner.run, ["decode"]
 
         shapes: list[tuple[int, int, int]] = []  # each step's (decode tokens, prompt tokens, distinct slots)
+        # each step's forward: host seconds until it returned, its CUDA events (GPU time, read after the run), and the
+        # adapter reads and slot writes under way when it began (what competes with the step thread for the GIL)
+        forwards: list[tuple[float, tuple | None, int, int]] = []
+        cache = engine.adapters
 
         def run(chunks):
             decode = sum(len(c.token_ids) == 1 for c in chunks)
             kind[0] = "decode" if decode == len(chunks) else "mixed" if decode else "prefill"
             shapes.append((decode, sum(len(c.token_ids) for c in chunks) - decode, len({c.slot for c in chunks})))
-            return run_chunks(chunks)
+            reads, writes = len(cache._reading), cache._loader._work_queue.qsize()
+            events = None
+            if base.device.type == "cuda":
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
+            begun = time.perf_counter()
+            out = run_chunks(chunks)
+            host = time.perf_counter() - begun
+            if events is not None:
+                events[1].record()
+            forwards.append((host, events, reads, writes))
+            return out
 
         engine.runner.run = run  # type: ignore[method-assign]
         walls: list[tuple] = []
@@ -480,6 +495,14 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
             else:
                 engine.wait_for_work(0.01)
         seconds = time.perf_counter() - started
+        sync(base.device)
+        gpu_ms = [ev[0].elapsed_time(ev[1]) if ev is not None else None for _, ev, _, _ in forwards]
+        steps_detail = [
+            {"ms": round(1e3 * w, 1), "kind": k, "decode_tokens": d, "prompt_tokens": p, "slots": s,
+             "forward_host_ms": round(1e3 * f[0], 1), "forward_gpu_ms": None if g is None else round(g, 1),
+             "reads_under_way": f[2], "slot_writes_queued": f[3]}
+            for (w, k, d, p, s), f, g in zip(walls, forwards, gpu_ms, strict=True)
+        ]  # fmt: skip
         ttft = sorted(first[i] - submitted[i] for i in range(n))
         key = f"w2_{variant}" if variant else "w2"
         results[key] = {
@@ -493,8 +516,12 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
             "slowest_steps_ms": {k: sorted((round(1e3 * t, 1) for t in v), reverse=True)[:8] for k, v in kinds.items()},
             "gc_seconds": gc_seconds[0], "stats": engine.stats(),
             "triton_variants_compiled": triton_variants() - compiled,
-            "slowest_steps": [{"ms": round(1e3 * w, 1), "kind": k, "decode_tokens": d, "prompt_tokens": p, "slots": n}
-                              for w, k, d, p, n in sorted(walls, reverse=True)[:12]],
+            "slowest_steps": sorted(steps_detail, key=lambda x: -x["ms"])[:12],
+            "steps_with_prompts": [x for x in steps_detail if x["kind"] != "decode"],
+            "forward_seconds_by_kind": {
+                k: {"host": sum(x["forward_host_ms"] for x in steps_detail if x["kind"] == k) / 1e3,
+                    "gpu": sum(x["forward_gpu_ms"] or 0 for x in steps_detail if x["kind"] == k) / 1e3}
+                for k in kinds},
         }  # fmt: skip
         print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
     finally:
