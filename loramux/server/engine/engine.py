@@ -85,7 +85,7 @@ class AsyncEngine:
         cls, base: BaseModel, source: AdapterSource | None = None, config: EngineConfig | None = None
     ) -> AsyncEngine:
         engine = cls(LLMEngine(base, source, config))
-        engine.engine.runner.warm_up()  # on the GPU: kernels compiled and decode graphs captured before serving
+        engine.engine.warm_up()  # on the GPU: kernels compiled and decode graphs captured before serving
         engine._thread.start()
         return engine
 

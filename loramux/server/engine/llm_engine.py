@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -384,8 +385,19 @@ class LLMEngine:
             raise errors[0]
         return [merge_outputs(items) for items in results]
 
+    def warm_up(self) -> None:
+        """Before serving: the runner's warm-up (on a GPU: kernels compiled, decode graphs captured), then every object
+        alive now (the model, its modules, the tokenizer, the engine's own state) moved out of the garbage collector's
+        generations (`gc.freeze`). A full collection otherwise walks all of them again and again while serving, with
+        the GIL held, stalling the step loop and the adapter threads alike (W2 spent 0.6-0.9 s of its 13-16 s in the
+        collector, BENCHMARKS.md, seventh day). `shutdown` gives them back."""
+        self.runner.warm_up()
+        gc.collect()
+        gc.freeze()
+
     def shutdown(self) -> None:
         self.adapters.shutdown()
+        gc.unfreeze()  # what this engine held may be collected again once it is dropped
 
 
 def decode_increment(

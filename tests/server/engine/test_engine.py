@@ -223,3 +223,18 @@ def test_bad_requests_are_refused_clearly(tiny):
     slotless = LLMEngine(base, source, EngineConfig(num_slots=0, num_kv_blocks=8))
     with pytest.raises(InvalidRequestError, match="base model only"):
         slotless.make_request(noop, prompt_ids=[1], adapter="t/a")
+
+
+def test_warm_up_takes_the_model_out_of_the_collectors_walks_until_shutdown(tiny):
+    import gc
+
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8))
+    try:
+        engine.warm_up()
+        assert gc.get_freeze_count() > 0
+        first = engine.generate([prompts(1, 5)[0]], GREEDY, adapters=["t/a"])[0]
+        assert len(first.token_ids) == GREEDY.max_tokens  # it serves as before
+    finally:
+        engine.shutdown()
+    assert gc.get_freeze_count() == 0
