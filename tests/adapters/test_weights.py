@@ -124,12 +124,14 @@ def test_load_lora_turns_b_rank_major_where_layers_differ(tmp_path):
         assert module.b.t().is_contiguous() and module.b.data_ptr() == module.a.data_ptr() + module.a.numel() * 2
 
 
-def test_load_lora_names_the_module_with_non_finite_values(tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_load_lora_names_the_module_with_non_finite_values(tmp_path, value, dtype):
     tensors = lora_tensors(torch.float32, torch.float32)
-    tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][2, 1] = float("nan")
+    tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][2, 1] = value
     directory = write_peft(tmp_path / "adapter", tensors)
     with pytest.raises(AdapterConfigError, match=r"model\.layers\.1\.self_attn\.v_proj has NaN or infinite values"):
-        load_lora(directory, dtype=torch.bfloat16)
+        load_lora(directory, dtype=dtype, b_rank_major=dtype == torch.bfloat16)
 
 
 def test_load_lora_refuses_a_truncated_file(tmp_path):
