@@ -52,6 +52,7 @@ from loramux.server.models.config import ModelConfig
 from loramux.server.models.llama import LINEAR_MODULES, LlamaForCausalLM
 from loramux.server.models.loader import BaseModel, compute_dtype_for
 
+CPU_THREADS = torch.get_num_threads()  # torch's intra-op threads at start, before any fetch thread changed the default
 PARTS = ("w1", "peft", "hf", "stream", "w2", "load")
 LLAMA3_8B = {
     "vocab_size": 128256,
@@ -374,6 +375,7 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "unpaged": {"slot_page_rank": 64},  # one adapter per slot whatever its rank (slot memory not paged by rank)
     "repeat": {},  # the same again: what is left of first-time costs (compiles, allocations) shows as a difference
     "warm": {"cpu_cache_warm": True},  # every adapter W2 asks for read into the CPU cache before the clock starts
+    "fetch_all_cores": {"fetch_cpu_threads": "all"},  # the fetch threads' torch calls on every core (torch's default)
 }
 
 
@@ -382,6 +384,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     changes = dict(W2_VARIANTS[variant]) if variant else {}
     split_mixed = changes.pop("split_mixed", True)
     cpu_cache_warm = changes.pop("cpu_cache_warm", False)
+    fetch_cpu_threads = changes.pop("fetch_cpu_threads", None)
     attention.TRITON_DECODE = changes.pop("triton_decode", True)
     rng = random.Random(3)
     ranks = (8, 16, 32, 64)
@@ -415,6 +418,8 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     gc.callbacks.append(on_gc)
     engine = LLMEngine(base, source, config)
     engine.runner.split_mixed = split_mixed
+    if fetch_cpu_threads == "all":  # set explicitly: a thread starts with the count the last fetch thread set
+        engine.adapters.fetch_cpu_threads = CPU_THREADS
     first: dict[int, float] = {}
     submitted: dict[int, float] = {}
     done = threading.Event()

@@ -69,6 +69,7 @@ class AdapterCache:
         dtype: torch.dtype = torch.float32,
         arena: HostArena | None = None,
         page_rank: int | None = None,
+        fetch_cpu_threads: int | None = None,
     ) -> None:
         self.source = source
         self.base_config = base_config
@@ -86,7 +87,12 @@ class AdapterCache:
         self._lock = threading.Lock()
         # Reads from the source run side by side (several adapters load at once); slot writes run one at a time on
         # a thread of their own, so that a slow read never delays an adapter already in the CPU cache.
-        self._fetcher = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="loramux-adapter-fetch")
+        # CPU threads each fetch thread's torch calls (B turned rank-major, the finiteness check) may use; None: torch's
+        # default, every core. Read once, when a fetch thread starts.
+        self.fetch_cpu_threads = fetch_cpu_threads
+        self._fetcher = ThreadPoolExecutor(
+            max_workers=FETCH_THREADS, thread_name_prefix="loramux-adapter-fetch", initializer=self._start_fetch_thread
+        )
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
@@ -94,6 +100,12 @@ class AdapterCache:
         self.load_seconds = 0.0
 
     # -- loader-thread side ------------------------------------------------------------------------------------
+
+    def _start_fetch_thread(self) -> None:
+        if self.fetch_cpu_threads is not None:
+            # Sets this thread's count, and the default of threads that start their first parallel torch call later:
+            # threads already running (the step loop after warm-up) keep theirs.
+            torch.set_num_threads(self.fetch_cpu_threads)
 
     def fetch_async(self, ref: AdapterRef, tenant: str | None) -> Future[tuple[str, LoraWeights]]:
         return self._fetcher.submit(self.fetch, ref, tenant)

@@ -30,6 +30,7 @@ from loramux.server.models.loader import BaseModel
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+FETCH_CPU_THREADS_ON_GPU = 1  # CPU threads a fetch thread's torch calls may use when the engine runs on a GPU
 
 
 @dataclass
@@ -95,8 +96,9 @@ class LLMEngine:
         # The CPU cache's memory is allocated here, once: page-locked on a GPU (page-locking while serving stalls the
         # step loop); on the CPU a plain tensor whose pages the OS commits only as adapters fill them.
         arena = None
+        on_gpu = self.runner.device.type == "cuda"
         if config.num_slots > 0 and source is not None:
-            arena = HostArena(config.adapter_cache_bytes, pin_memory=self.runner.device.type == "cuda")
+            arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu)
         self.adapters = AdapterCache(
             source,
             base.config,
@@ -108,6 +110,9 @@ class LLMEngine:
             dtype=self.runner.adapter_dtype,
             arena=arena,
             page_rank=config.slot_page_rank,
+            # On a GPU the step loop is one host thread launching kernels: a fetch's CPU passes on every core would
+            # take cores from it. On the CPU the step loop computes on those cores itself, so the default stays.
+            fetch_cpu_threads=FETCH_CPU_THREADS_ON_GPU if on_gpu else None,
         )
         self.scheduler = Scheduler(
             self.blocks,

@@ -178,3 +178,21 @@ def test_a_run_whose_adapters_were_used_least_recently_is_emptied_first():
         assert cache.claim("two", SimpleNamespace(max_rank=8)) == 3  # z was used before pair and one
     finally:
         cache.shutdown()
+
+
+def test_fetch_threads_use_the_cpu_threads_they_are_given_and_leave_the_callers_alone(dir_source, tmp_path):
+    import threading
+
+    dir_source.publish("t/a", write_adapter(tmp_path / "a", seed=1))
+    before = torch.get_num_threads()
+    cache = AdapterCache(dir_source, CONFIG, lambda *_: None, 2, 8, 10 * ADAPTER_BYTES, fetch_cpu_threads=1)
+    try:
+        key, weights = cache.fetch_async(AdapterRef("t/a"), None).result()
+        assert key.startswith("t/a@") and weights.max_rank == 4
+        assert cache._fetcher.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == before  # this thread's count is its own
+    finally:
+        cache.shutdown()
+        restore = threading.Thread(target=torch.set_num_threads, args=(before,))  # the default for later threads
+        restore.start()
+        restore.join()
