@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.adapters.weights import base_shapes, load_lora
+from loramux.server.engine import adapter_cache
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.layers import attention
@@ -376,6 +377,8 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "repeat": {},  # the same again: what is left of first-time costs (compiles, allocations) shows as a difference
     "warm": {"cpu_cache_warm": True},  # every adapter W2 asks for read into the CPU cache before the clock starts
     "fetch_all_cores": {"fetch_cpu_threads": "all"},  # the fetch threads' torch calls on every core (torch's default)
+    "fetch1": {"fetch_threads": 1},  # adapters read one at a time
+    "fetch4": {"fetch_threads": 4},  # four read at once
 }
 
 
@@ -385,6 +388,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     split_mixed = changes.pop("split_mixed", True)
     cpu_cache_warm = changes.pop("cpu_cache_warm", False)
     fetch_cpu_threads = changes.pop("fetch_cpu_threads", None)
+    fetch_threads = changes.pop("fetch_threads", adapter_cache.FETCH_THREADS)
     attention.TRITON_DECODE = changes.pop("triton_decode", True)
     rng = random.Random(3)
     ranks = (8, 16, 32, 64)
@@ -416,7 +420,11 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
             gc_seconds[0] += time.perf_counter() - gc_began[0]
 
     gc.callbacks.append(on_gc)
-    engine = LLMEngine(base, source, config)
+    default_fetch_threads, adapter_cache.FETCH_THREADS = adapter_cache.FETCH_THREADS, fetch_threads
+    try:
+        engine = LLMEngine(base, source, config)
+    finally:
+        adapter_cache.FETCH_THREADS = default_fetch_threads
     engine.runner.split_mixed = split_mixed
     if fetch_cpu_threads == "all":  # set explicitly: a thread starts with the count the last fetch thread set
         engine.adapters.fetch_cpu_threads = CPU_THREADS

@@ -9,7 +9,11 @@ and v_proj, as in W2) in a loop, one way of reading per mode:
 - `arena`: what the engine's fetch does: `load_lora` in bf16 into a region of a host arena (page-locked on a GPU);
 - `pin_new`: page-locking a new 54 MB buffer per "read", nothing else (GPU only).
 
-    python loadtests/bench_fetch.py [--modes load_file,load_lora,arena,pin_new] [--threads 2] [--tiny]
+    python loadtests/bench_fetch.py [--modes load_file,load_lora,arena,pin_new] [--threads 2] [--cpu-threads N]
+        [--tiny]
+
+The reader threads' torch calls use one CPU thread each on a GPU host, as the engine's fetch threads do there
+(`--cpu-threads 0`: torch's default, every core).
 
 Prints, per mode, the loop's median and slowest of 25 runs and the adapters read per second.
 """
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from loadtests.bench_engine import LLAMA3_8B, TINY, write_adapter
 from loramux.adapters.weights import load_lora
 from loramux.server.engine.host_arena import HostArena
+from loramux.server.engine.llm_engine import FETCH_CPU_THREADS_ON_GPU
 from loramux.server.models.config import ModelConfig
 
 MODES = ("load_file", "load_lora", "arena", "pin_new")
@@ -106,11 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="reader threads")
     parser.add_argument("--root", type=Path, default=Path("/tmp/loramux-bench-fetch"), help="where adapters go")
     parser.add_argument("--tiny", action="store_true", help="tiny adapters and a short run (smoke test)")
+    parser.add_argument(
+        "--cpu-threads", type=int, default=None, help="CPU threads of each reader's torch calls (0: all; default: as "
+        "the engine's fetch threads, 1 on a GPU host, all on a CPU one)"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(set(modes) - set(MODES))}; choose from {','.join(MODES)}")
     cuda = torch.cuda.is_available()
+    all_cores = torch.get_num_threads()
+    cpu_threads = args.cpu_threads if args.cpu_threads is not None else (FETCH_CPU_THREADS_ON_GPU if cuda else 0)
     config = ModelConfig(**(TINY if args.tiny else LLAMA3_8B))
     paths = write_adapters(args.root, config)
     x = torch.zeros(4096, device="cuda" if cuda else "cpu")
@@ -125,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         count = [0]
 
         def work(i: int, reader: Reader = reader, stop: threading.Event = stop, count: list[int] = count) -> None:
+            torch.set_num_threads(cpu_threads or all_cores)  # this thread's own count (and the default of later ones)
             while not stop.is_set():
                 reader.read(i)
                 count[0] += 1
