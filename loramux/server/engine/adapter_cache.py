@@ -103,8 +103,9 @@ class AdapterCache:
 
     def _start_fetch_thread(self) -> None:
         if self.fetch_cpu_threads is not None:
-            # Sets this thread's count, and the default of threads that start their first parallel torch call later:
-            # threads already running (the step loop after warm-up) keep theirs.
+            # Sets this thread's count, and the default of every thread whose first parallel torch call comes later
+            # (a step loop thread started since, say: on a GPU its torch calls launch kernels, needing no CPU threads).
+            # Threads that made one already keep theirs.
             torch.set_num_threads(self.fetch_cpu_threads)
 
     def fetch_async(self, ref: AdapterRef, tenant: str | None) -> Future[tuple[str, LoraWeights]]:

@@ -394,8 +394,8 @@ class LLMEngine:
         """Before serving: the runner's warm-up (on a GPU: kernels compiled, decode graphs captured), then every object
         alive now (the model, its modules, the tokenizer, the engine's own state) moved out of the garbage collector's
         generations (`gc.freeze`). A full collection otherwise walks all of them again and again while serving, with
-        the GIL held, stalling the step loop and the adapter threads alike (W2 spent 0.6-0.9 s of its 13-16 s in the
-        collector, BENCHMARKS.md, seventh day). `shutdown` gives them back."""
+        the GIL held, stalling the step loop and the adapter threads alike (W2 spent 0.6-1.1 s of its 13-18 s in the
+        collector before, 0.2-0.3 s after: BENCHMARKS.md, seventh day). `shutdown` gives them back."""
         self.runner.warm_up()
         gc.collect()
         gc.freeze()

@@ -25,13 +25,14 @@ class NF4Linear(nn.Module):
 
     On the CPU, bitsandbytes dequantizes the whole weight on every call, which made a decode step of the 135M default
     model cost ~0.25 s; so on the CPU the layer keeps `dequant(NF4(W))` after its first use (the same values, so
-    the same outputs) and multiplies with it. The NF4 weight stays the source of truth. On a GPU nothing is cached:
-    memory is what NF4 is for there. `LORAMUX_CPU_DEQUANT_CACHE=0` turns the cache off.
+    the same outputs) and multiplies with it. The NF4 weight stays the source of truth. On a GPU the weight is not
+    cached: memory is what NF4 is for there. `LORAMUX_CPU_DEQUANT_CACHE=0` turns the cache off.
 
-    On a GPU the layer keeps the absmax constants dequantized once, in fp32 (`serving_state`), and computes with them:
-    bitsandbytes otherwise dequantizes them on every call (two more kernels per linear layer, 448 a step of the 8B
-    shape, and their host time in eager steps). The values are the same ones bitsandbytes computes each call, so the
-    outputs are too; the cost is 4 bytes per 64 weights of GPU memory beside the 8-bit constants (~0.4 GB for 8B).
+    On a GPU the layer keeps only its absmax constants dequantized, once, in fp32 (`serving_state`), and computes with
+    them: bitsandbytes otherwise dequantizes them again on every call (two more kernels and their host time wherever
+    it dequantizes the weight to multiply, as it does for prompt chunks). The values are the ones bitsandbytes
+    computes each call, so the outputs are too; the cost is 4 bytes of GPU memory per 64 weights beside the 8-bit
+    constants (0.42 GiB for the 8B shape, BENCHMARKS.md, seventh day).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -181,8 +182,6 @@ def test_a_run_whose_adapters_were_used_least_recently_is_emptied_first():
 
 
 def test_fetch_threads_use_the_cpu_threads_they_are_given_and_leave_the_callers_alone(dir_source, tmp_path):
-    import threading
-
     dir_source.publish("t/a", write_adapter(tmp_path / "a", seed=1))
     before = torch.get_num_threads()
     cache = AdapterCache(dir_source, CONFIG, lambda *_: None, 2, 8, 10 * ADAPTER_BYTES, fetch_cpu_threads=1)

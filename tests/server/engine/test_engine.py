@@ -1,7 +1,9 @@
 """Engine mechanics on a tiny random Llama: chunked prefill, preemption, fairness, slot rotation, abort, stops,
-seeds, new revisions, bad parameters."""
+seeds, new revisions, bad parameters, the warm-up's garbage-collector freeze."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -226,8 +228,6 @@ def test_bad_requests_are_refused_clearly(tiny):
 
 
 def test_warm_up_takes_the_model_out_of_the_collectors_walks_until_shutdown(tiny):
-    import gc
-
     base, source, _ = tiny
     engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8))
     try:
