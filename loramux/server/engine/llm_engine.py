@@ -258,7 +258,7 @@ class LLMEngine:
             return False
         chunks = [
             Chunk(
-                request.all_ids[request.num_computed : request.num_computed + n],
+                request.token_ids(request.num_computed, request.num_computed + n),
                 request.num_computed,
                 request.block_table,
                 request.slot,

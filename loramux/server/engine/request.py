@@ -114,9 +114,15 @@ class Request:
         else:
             self.generator.seed()  # a fresh random seed, without touching torch's global generator
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens start .. end - 1 of the sequence (prompt, then output), without building the whole sequence: a
+        step takes one token of each decoding request, and the sequence may be thousands long."""
+        prompt = len(self.prompt_ids)
+        if start >= prompt:
+            return self.output_ids[start - prompt : end - prompt]
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - prompt]
 
     @property
     def num_tokens(self) -> int:
