@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loadtests.bench_engine import LLAMA3_8B, TINY, write_adapter
 from loramux.adapters.weights import load_lora
+from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU
 from loramux.server.engine.host_arena import HostArena
-from loramux.server.engine.llm_engine import FETCH_CPU_THREADS_ON_GPU
 from loramux.server.models.config import ModelConfig
 
 MODES = ("load_file", "load_lora", "arena", "pin_new")

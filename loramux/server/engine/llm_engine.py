@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters.source import AdapterRef, AdapterSource
-from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, AdapterCache
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from loramux.server.engine.host_arena import HostArena
@@ -30,7 +30,6 @@ from loramux.server.models.loader import BaseModel
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-FETCH_CPU_THREADS_ON_GPU = 1  # CPU threads a fetch thread's torch calls may use when the engine runs on a GPU
 
 
 @dataclass
