@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+from collections.abc import Callable
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -11,6 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCK_SIZE = 64  # values per absmax block, as in QLoRA
+# On a GPU, a call with more rows than this dequantizes the weight with bitsandbytes' kernel and multiplies with
+# cuBLAS straight from here (what bitsandbytes itself does at these sizes on Hopper, reached through several layers of
+# Python that cost about 0.2 ms of host time a call: an eager step makes 224 of them on the 8B shape). At or below
+# it, bitsandbytes' `matmul_4bit` runs: its fused 4-bit kernels for small batches (decode steps, captured in graphs).
+DIRECT_DEQUANT_MIN_ROWS = 65
 
 
 def cpu_dequant_cache_enabled() -> bool:
@@ -32,7 +40,8 @@ class NF4Linear(nn.Module):
     them: bitsandbytes otherwise dequantizes them again on every call (two more kernels and their host time wherever
     it dequantizes the weight to multiply, as it does for prompt chunks). The values are the ones bitsandbytes
     computes each call, so the outputs are too; the cost is 4 bytes of GPU memory per 64 weights beside the 8-bit
-    constants (0.42 GiB for the 8B shape, BENCHMARKS.md, seventh day).
+    constants (0.42 GiB for the 8B shape, BENCHMARKS.md, seventh day). Calls of more than `DIRECT_DEQUANT_MIN_ROWS`
+    rows (prompt chunks) dequantize with bitsandbytes' kernel and multiply here, without its Python layers.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
@@ -59,6 +68,14 @@ class NF4Linear(nn.Module):
                 self._dense = self.dequantize()
             return F.linear(x, self._dense, self.bias)
         state = self.serving_state or self.quant_state
+        if self.serving_state is not None and x.numel() >= DIRECT_DEQUANT_MIN_ROWS * self.in_features:
+            dequantize = _nf4_dequantize_kernel(x.dtype) if x.dtype == self.compute_dtype else None
+            if dequantize is not None:
+                weight = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
+                stream = torch.cuda.current_stream(x.device).cuda_stream
+                pointers = (self.packed.data_ptr(), state.absmax.data_ptr(), weight.data_ptr())
+                dequantize(None, *pointers, state.blocksize, weight.numel(), stream)
+                return F.linear(x, weight, self.bias)
         return bnb.matmul_4bit(x, self.packed.t(), quant_state=state, bias=self.bias)
 
     def dequantize(self) -> torch.Tensor:
@@ -91,3 +108,20 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, bias={self.bias is not None}"
+
+
+@functools.cache
+def _nf4_dequantize_kernel(dtype: torch.dtype) -> Callable[..., None] | None:
+    """bitsandbytes' CUDA entry point that dequantizes NF4 blocks with fp32 absmax into `dtype`: (code, packed,
+    absmax, out, blocksize, numel, stream), called through a prototype of our own. None where this bitsandbytes
+    build has no such entry (then `matmul_4bit` runs)."""
+    from bitsandbytes.cextension import lib
+
+    suffix = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+    raw = getattr(getattr(lib, "_lib", None), f"cdequantize_blockwise_{suffix}_nf4", None)
+    if suffix is None or raw is None:
+        return None
+    address = ctypes.cast(raw, ctypes.c_void_p).value
+    pointer = ctypes.c_void_p
+    prototype = ctypes.CFUNCTYPE(None, pointer, pointer, pointer, pointer, ctypes.c_int32, ctypes.c_int32, pointer)
+    return prototype(address)

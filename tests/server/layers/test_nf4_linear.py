@@ -2,7 +2,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.layers.nf4_linear import DIRECT_DEQUANT_MIN_ROWS, NF4Linear, _nf4_dequantize_kernel
 
 
 def _layer(device: str, dtype: torch.dtype, out_features: int = 384, in_features: int = 256) -> NF4Linear:
@@ -24,6 +24,8 @@ def test_cpu_forward_multiplies_by_the_dequantized_weight():
 def test_gpu_forward_with_dequantized_constants_matches_bitsandbytes_nested(tokens):
     layer = _layer("cuda", torch.bfloat16)
     assert layer.quant_state.nested and layer.serving_state is not None
+    # from DIRECT_DEQUANT_MIN_ROWS rows the layer calls bitsandbytes' dequantize kernel itself: it must be found
+    assert tokens < DIRECT_DEQUANT_MIN_ROWS or _nf4_dequantize_kernel(torch.bfloat16) is not None
     assert not layer.serving_state.nested and layer.serving_state.absmax.dtype == torch.float32
     x = torch.randn(tokens, layer.in_features, device="cuda", dtype=torch.bfloat16)
     want = bnb.matmul_4bit(x, layer.packed.t(), quant_state=layer.quant_state, bias=layer.bias)
