@@ -7,7 +7,9 @@ block tables, context lengths), and one replay runs every kernel of the step wit
 are captured by `warm_up` before serving (or on first use), one per (batch size, with or without LoRA); with the
 gather path of attention (the Triton decode kernel off) also per block-table width. Padding rows compute on a scratch
 KV block that no sequence owns. A mixed step (prompt chunks beside decode tokens, the common step under
-steady load) replays the decode graph for its decode tokens and runs only the prompt chunks eagerly.
+steady load) replays the decode graph for its decode tokens and runs only the prompt chunks eagerly, queued behind
+the replay: an eager pass uploads its inputs without waiting for the device (`loramux.server.transfer`), so no host
+synchronisation happens before the step's logits are read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from loramux.adapters.weights import LoraWeights
 from loramux.server.layers import attention
 from loramux.server.layers.attention import BatchContext, PrefillBatch
 from loramux.server.models.llama import LlamaForCausalLM
+from loramux.server.transfer import to_device
 
 
 @dataclass
@@ -79,9 +82,11 @@ class ModelRunner:
         graphed_at = set(decode)
         others = [i for i in range(len(chunks)) if i not in graphed_at]
         out: list[torch.Tensor | None] = [None] * len(chunks)
-        for i, logits in zip(others, self._eager([chunks[i] for i in others]), strict=True):
-            out[i] = logits
+        # The graph first: while the device replays it, the host queues the eager pass's kernels behind it (their
+        # inputs go up without waiting for the device, `to_device`), so the eager pass's host time hides the replay.
         for i, logits in zip(decode, self.graphs.run(graphed), strict=True):
+            out[i] = logits
+        for i, logits in zip(others, self._eager([chunks[i] for i in others]), strict=True):
             out[i] = logits
         return out  # type: ignore[return-value]
 
@@ -110,7 +115,7 @@ class ModelRunner:
         fresh = [i for i in fresh if 2 * len(chunks[i].token_ids) >= longest]  # padding at most doubles the work
         batched = set(decode) | set(fresh)
         others = [i for i in range(len(chunks)) if i not in batched]
-        decode_rows = block_tables = context_lens = prefill = None
+        host: dict[str, torch.Tensor] = {}  # what goes to the device, in one copy that does not wait for it
         if decode:
             width = max(chunks[i].start // bs + 1 for i in decode)
             tables = torch.zeros(len(decode), width, dtype=torch.long)
@@ -118,35 +123,38 @@ class ModelRunner:
                 used = chunks[i].block_table[:width]
                 tables[row, : len(used)] = torch.tensor(used)
                 tables[row, len(used) :] = used[0]
-            decode_rows = torch.tensor([ranges[i][0] for i in decode], dtype=torch.long, device=self.device)
-            block_tables = tables.to(self.device)
-            context_lens = torch.tensor([chunks[i].start + 1 for i in decode], dtype=torch.long, device=self.device)
-        if fresh:
-            prefill = PrefillBatch.build([ranges[i] for i in fresh], [contexts[i] for i in fresh], self.device)
-        token_slots = None
+            host["decode_rows"] = torch.tensor([ranges[i][0] for i in decode], dtype=torch.long)
+            host["block_tables"] = tables
+            host["context_lens"] = torch.tensor([chunks[i].start + 1 for i in decode], dtype=torch.long)
         if any(s >= 0 for s in slots):
-            token_slots = torch.tensor(slots, dtype=torch.long, device=self.device)
-        ctx = BatchContext(
-            kv_index=torch.cat(kv_index).to(self.device),
-            token_slots=token_slots,
-            query_ranges=[ranges[i] for i in others],
-            context_index=[contexts[i].to(self.device) for i in others],
-            block_tables=block_tables,
-            context_lens=context_lens,
-            decode_rows=decode_rows,
-            prefill=prefill,
-        )
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            ctx,
-        )
+            host["token_slots"] = torch.tensor(slots, dtype=torch.long)
         # only the rows that are sampled go through the (large) output head
         rows = [
             torch.arange(start, end) if chunk.all_logits else torch.tensor([end - 1])
             for chunk, (start, end) in zip(chunks, ranges, strict=True)
         ]
-        logits = self.model.compute_logits(hidden[torch.cat(rows).to(self.device)])
+        host["ids"] = torch.tensor(ids, dtype=torch.long)
+        host["positions"] = torch.tensor(positions, dtype=torch.long)
+        host["kv_index"] = torch.cat(kv_index)
+        host["rows"] = torch.cat(rows)
+        names = list(host)
+        moved = to_device([*host.values(), *(contexts[i] for i in others)], self.device)
+        dev = dict(zip(names, moved, strict=False))
+        prefill = None
+        if fresh:
+            prefill = PrefillBatch.build([ranges[i] for i in fresh], [contexts[i] for i in fresh], self.device)
+        ctx = BatchContext(
+            kv_index=dev["kv_index"],
+            token_slots=dev.get("token_slots"),
+            query_ranges=[ranges[i] for i in others],
+            context_index=moved[len(names) :],
+            block_tables=dev.get("block_tables"),
+            context_lens=dev.get("context_lens"),
+            decode_rows=dev.get("decode_rows"),
+            prefill=prefill,
+        )
+        hidden = self.model(dev["ids"], dev["positions"], ctx)
+        logits = self.model.compute_logits(hidden[dev["rows"]])
         return list(logits.split([len(r) for r in rows]))
 
     @torch.inference_mode()
@@ -303,6 +311,7 @@ class DecodeGraphs:
             used = c.block_table[:used_width]
             tables[i, : len(used)] = torch.tensor(used)
         lora = self.model.num_lora_slots > 0 and any(c.slot >= 0 for c in chunks)
+        vectors, tables = to_device([vectors, tables], self.vectors.device)  # without waiting for the device
         self.vectors[:, :size].copy_(vectors)
         self.tables[:size, :used_width].copy_(tables)
         key = (size, width, lora)

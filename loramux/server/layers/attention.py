@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from loramux.server.transfer import to_device
+
 if TYPE_CHECKING:
     from loramux.server.layers.lora_kernels import Segments
 
@@ -75,9 +77,7 @@ class PrefillBatch:
             index[i, n:] = where[0]
             rows.append(torch.arange(i * width, i * width + n))
             targets.append(torch.arange(start, end))
-        return PrefillBatch(
-            tokens.to(device), index.to(device), torch.cat(rows).to(device), torch.cat(targets).to(device)
-        )
+        return PrefillBatch(*to_device([tokens, index, torch.cat(rows), torch.cat(targets)], device))
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from loadtests.bench_engine import LocalSource, write_adapter
+from loramux.adapters.weights import load_lora
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
-from loramux.server.engine.model_runner import GRAPH_BATCH_SIZES
+from loramux.server.engine.model_runner import GRAPH_BATCH_SIZES, Chunk
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models.loader import load_base
 
@@ -69,3 +70,38 @@ def test_mixed_steps_replay_the_decode_graph_beside_an_eager_prefill(tiny_checkp
         engine.shutdown()
     assert outputs[True] == outputs[False]
     assert split_steps, "no decode tokens were replayed from a graph"
+
+
+def test_a_mixed_step_queues_all_its_work_without_waiting_for_the_device(tiny_checkpoint, tmp_path):
+    """The decode graph is replayed first and the eager pass of the prompt chunks queued behind it: nothing in the
+    step waits for the device (inputs go up asynchronously), so its host work overlaps the replay. Prompts of 80
+    tokens take the NF4 layers' direct dequantize-and-multiply path."""
+    base = load_base(str(tiny_checkpoint("llama")), device="cuda")
+    adapter = write_adapter(tmp_path / "a", 8, ["q_proj", "v_proj", "down_proj"], base.config, seed=3)
+    engine = LLMEngine(base, LocalSource(), EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    runner = engine.runner
+    runner.warm_up()
+    runner.write_slot(0, load_lora(adapter, base.config, runner.adapter_dtype, b_rank_major=True))
+    prompts = [Chunk([(7 * i + j) % 200 + 1 for j in range(80)], 0, list(range(5 * i, 5 * i + 5)), i - 1)
+               for i in range(2)]  # fmt: skip
+    decodes = [Chunk([11 + i], 20, [10 + 2 * i, 11 + 2 * i], i % 2 - 1) for i in range(3)]
+    step = [prompts[0], decodes[0], decodes[1], prompts[1], decodes[2]]
+    replays = []
+    replay = runner.graphs.run
+
+    def counted(chunks):
+        replays.append(len(chunks))
+        return replay(chunks)
+
+    runner.graphs.run = counted
+    first = [row.clone() for row in runner.run(step)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any call that waits for the device raises
+    try:
+        again = runner.run(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert replays == [3, 3]
+    for got, want in zip(again, first, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    engine.shutdown()
