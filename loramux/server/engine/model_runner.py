@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,9 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 # Without the in-place decode kernel, decode graphs gather each sequence's K/V padded to the widest block table:
 # above this many gathered positions (batch x width) a step runs eagerly instead, so that the gather stays small.
 GRAPH_MAX_GATHER = 256 * 512
+# Slot-write plans kept (views of the slot memory and of the staging buffer, per slot and adapter layout): about 0.1
+# MB of Python objects each for q/v adapters of an 8B model, 0.45 MB for adapters on all seven modules.
+WRITE_PLANS_KEPT = 256
 
 
 class ModelRunner:
@@ -63,6 +67,11 @@ class ModelRunner:
         self._upload_stream: torch.cuda.Stream | None = None
         self._upload_lock = threading.Lock()
         self._slot_scalars: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # slot -> scaling, rank views
+        # `_write_packed`'s staging buffer on the device, its copy plans per (slot, adapter layout), and the per-module
+        # scaling and rank values it stages (with their views, made once)
+        self._staging: torch.Tensor | None = None
+        self._write_plans: OrderedDict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self._scalar_staging: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]] | None = None
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
@@ -217,38 +226,71 @@ class ModelRunner:
 
     def _write_packed(self, slot: int, weights: LoraWeights) -> None:
         """`write_slot` for an adapter in one buffer (as `load_lora` and `prepare_adapter` make it): the buffer goes
-        to the device in one copy, then a few multi-tensor kernels scatter it into the slot and set every module's
-        rank and scaling (instead of several copies and launches per module: an 8B model has 224)."""
+        to the device in one copy, into a staging buffer kept for it, then a few multi-tensor kernels scatter it
+        into the slot and set every module's rank and scaling (instead of several copies and launches per module: an
+        8B model has 224).
+
+        This runs on the loader thread beside the step loop, and every Python call it makes can keep the step loop
+        waiting for the GIL (W2's mixed steps queued their kernels 2-4x slower while slot writes were queued, seventh
+        and eighth days). So the views it copies between are made once per (slot, adapter layout) and kept
+        (`_write_plans`); a write is then a handful of calls whatever the number of modules."""
         buffer = weights.buffer
         assert buffer is not None
-        staged = buffer.to(self.device, non_blocking=True)  # the buffer itself on the CPU
-        # the buffer holds A and B module after module, in the adapter's order, with no gaps: every matrix on the
-        # device is the staged buffer seen with that matrix's own offset and strides (B rank-major where the
-        # buffer holds it so, as the slots do: then every copy below is of whole blocks, in a few launches)
-        tensors = [t for lora in weights.modules.values() for t in (lora.a, lora.b)]
-        assert sum(t.numel() for t in tensors) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
-        shift = staged.storage_offset() - buffer.storage_offset()
-        pieces = [staged.as_strided(t.shape, t.stride(), t.storage_offset() + shift) for t in tensors]
-        on_device = dict(zip(weights.modules, zip(pieces[0::2], pieces[1::2], strict=True), strict=True))
-        fills, sources, scalings, ranks = [], [], [], []
-        for name, module in self.lora_modules.items():
-            lora = weights.modules.get(name)
-            rank = 0 if lora is None else lora.rank
-            if lora is not None:
-                fills += module.slot_writes(slot, rank)
-                sources += on_device[name]
-            scalings.append(0.0 if lora is None else lora.scaling)
-            ranks.append(rank)
+        # the buffer holds A and B module after module, in the adapter's order, with no gaps: its layout is the
+        # modules' names and ranks, its dtype, and whether B is rank-major (as the slots hold it: then every copy
+        # below is of whole blocks)
+        first_b = next(iter(weights.modules.values())).b
+        layout = (buffer.dtype, first_b.stride(0) == 1, tuple((name, m.rank) for name, m in weights.modules.items()))
+        if self._staging is None or self._staging.dtype != buffer.dtype or self._staging.numel() < buffer.numel():
+            self._staging = torch.empty(buffer.numel(), dtype=buffer.dtype, device=self.device)
+            self._write_plans.clear()  # their source views are of the staging buffer replaced here
+        self._staging[: buffer.numel()].copy_(buffer, non_blocking=True)  # the buffer itself on the CPU
+        plan = self._write_plans.pop((slot, layout), None)
+        if plan is None:
+            plan = self._write_plan(slot, weights, self._staging)
+        self._write_plans[(slot, layout)] = plan  # the most recently used last
+        while len(self._write_plans) > WRITE_PLANS_KEPT:
+            self._write_plans.popitem(last=False)
+        fills, sources = plan
         if fills:
             torch._foreach_copy_(fills, sources)
         scalars = self._slot_scalars.get(slot)
         if scalars is None:
             layers = self.lora_modules.values()
             scalars = self._slot_scalars[slot] = ([m.scalings[slot] for m in layers], [m.ranks[slot] for m in layers])
-        values = torch.tensor(scalings, dtype=torch.float32).to(self.device, non_blocking=True)
-        torch._foreach_copy_(scalars[0], list(values.unbind()))
-        values = torch.tensor(ranks, dtype=torch.int32).to(self.device, non_blocking=True)
-        torch._foreach_copy_(scalars[1], list(values.unbind()))
+        if self._scalar_staging is None:
+            count = len(self.lora_modules)
+            values = torch.zeros(count, dtype=torch.float32, device=self.device)
+            ranks = torch.zeros(count, dtype=torch.int32, device=self.device)
+            self._scalar_staging = (values, list(values.unbind()), ranks, list(ranks.unbind()))
+        values, value_views, ranks, rank_views = self._scalar_staging
+        modules = weights.modules
+        scalings = [modules[name].scaling if name in modules else 0.0 for name in self.lora_modules]
+        values.copy_(torch.tensor(scalings, dtype=torch.float32), non_blocking=True)
+        ranks.copy_(torch.tensor([modules[name].rank if name in modules else 0 for name in self.lora_modules],
+                                 dtype=torch.int32), non_blocking=True)  # fmt: skip
+        torch._foreach_copy_(scalars[0], value_views)
+        torch._foreach_copy_(scalars[1], rank_views)
+
+    def _write_plan(
+        self, slot: int, weights: LoraWeights, staging: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(slot views to fill, the staged buffer's views that fill them) for an adapter of this layout: each matrix
+        on the device is the staging buffer seen with that matrix's own offset and strides."""
+        buffer = weights.buffer
+        assert buffer is not None
+        tensors = [t for lora in weights.modules.values() for t in (lora.a, lora.b)]
+        assert sum(t.numel() for t in tensors) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
+        shift = staging.storage_offset() - buffer.storage_offset()
+        pieces = [staging.as_strided(t.shape, t.stride(), t.storage_offset() + shift) for t in tensors]
+        on_device = dict(zip(weights.modules, zip(pieces[0::2], pieces[1::2], strict=True), strict=True))
+        fills, sources = [], []
+        for name, module in self.lora_modules.items():
+            lora = weights.modules.get(name)
+            if lora is not None:
+                fills += module.slot_writes(slot, lora.rank)
+                sources += on_device[name]
+        return fills, sources
 
 
 class DecodeGraphs:

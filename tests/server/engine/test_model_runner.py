@@ -67,3 +67,31 @@ def test_packed_writes_fill_a_used_slot_exactly_as_per_module_writes(tiny_checkp
     assert m.ranks[1] == 0 and m.scalings[1] == 0
     assert runner.lora_modules[names[-1]].ranks[1] == 3 and names[-1] in second.modules
     assert all(int(m.ranks[0]) == 0 for m in runner.lora_modules.values())  # the other slot is untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_writes_stay_exact_when_slots_and_layouts_repeat(tiny_checkpoint, device):
+    """Writes keep their copy plans per (slot, adapter layout) and one staging buffer: a layout met again, a slot
+    taken by another layout and back, and a larger adapter after smaller ones (the staging buffer grows) all leave
+    each slot serving exactly what per-module writes give."""
+    base = load_base(str(tiny_checkpoint()), device=device)
+    base.model.allocate_lora_slots(num_slots=2, max_rank=8)
+    runner = ModelRunner(base.model, block_size=4, num_blocks=8)
+    shapes = {name: (m.out_features, m.in_features) for name, m in runner.lora_modules.items()}
+    names = list(shapes)
+    adapters = [
+        random_adapter(names[::3], shapes, rank=2, seed=1),  # small first: the staging buffer grows later
+        random_adapter(names[1::2], shapes, rank=4, seed=2),
+        random_adapter(names[::3], shapes, rank=2, seed=3),  # the first one's layout, other values
+        random_adapter(names, shapes, rank=8, seed=4),
+    ]
+    expected = []
+    for weights in adapters:
+        runner.write_slot(0, weights)  # per module, no buffer
+        expected.append(slot_state(runner, 0))
+    for slot, index in [(1, 0), (1, 1), (0, 2), (1, 2), (1, 3), (0, 0), (1, 1), (0, 3), (1, 0)]:
+        runner.write_slot(slot, runner.prepare_adapter(adapters[index]))
+        got = slot_state(runner, slot)
+        for name in names:
+            for g, w in zip(got[name], expected[index][name], strict=True):
+                torch.testing.assert_close(g, w)
