@@ -1,6 +1,6 @@
 """Wall time of one engine step by its make-up (prompts of 128 tokens run eagerly, decode tokens through a graph on a
-GPU), on the Llama-3-8B shape with 64 adapter slots loaded and nothing else running; then a cProfile of one mixed
-step, to show where its host time goes.
+GPU), on the Llama-3-8B shape with 64 adapter slots loaded and nothing else running, and the host time until the step
+had queued all its work; then a cProfile of one mixed step, to show where its host time goes.
 
     python loadtests/bench_eager_step.py [--tiny]
 """
@@ -41,15 +41,18 @@ def chunks(prompts: int, decodes: int, prompt_len: int) -> list[Chunk]:
     return out
 
 
-def wall(runner: ModelRunner, batch: list[Chunk], device: torch.device, reps: int = 3) -> float:
-    """The fastest of `reps` runs of the step, its first logits row read back (as sampling does)."""
+def wall(runner: ModelRunner, batch: list[Chunk], device: torch.device, reps: int = 3) -> tuple[float, float]:
+    """The fastest of `reps` runs of the step, its first logits row read back (as sampling does): (wall seconds,
+    host seconds until `run` returned, i.e. until every kernel of the step was queued)."""
     times = []
     for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        runner.run(batch)[0].float().sum().item()
-        times.append(time.perf_counter() - started)
+        logits = runner.run(batch)
+        queued = time.perf_counter() - started
+        logits[0].float().sum().item()
+        times.append((time.perf_counter() - started, queued))
     return min(times)
 
 
@@ -79,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             slot, load_lora(adapters[ranks[slot % 4]], base.config, runner.adapter_dtype, b_rank_major=True)
         )
     for prompts, decodes in SHAPES:
-        seconds = wall(runner, chunks(prompts, decodes, prompt_len), device)
-        print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}: {1e3 * seconds:8.1f} ms", flush=True)
+        seconds, queued = wall(runner, chunks(prompts, decodes, prompt_len), device)
+        print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}: {1e3 * seconds:8.1f} ms "
+              f"(queued in {1e3 * queued:.1f} ms)", flush=True)  # fmt: skip
     profile = cProfile.Profile()
     batch = chunks(3, 100, prompt_len)
     profile.enable()

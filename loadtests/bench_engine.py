@@ -379,6 +379,7 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "fetch_all_cores": {"fetch_cpu_threads": "all"},  # the fetch threads' torch calls on every core (torch's default)
     "fetch1": {"fetch_threads": 1},  # adapters read one at a time
     "fetch4": {"fetch_threads": 4},  # four read at once
+    "switch": {"switch_interval": 0.0002},  # a thread waiting for the GIL gets it after 0.2 ms instead of 5
 }
 
 
@@ -389,6 +390,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     cpu_cache_warm = changes.pop("cpu_cache_warm", False)
     fetch_cpu_threads = changes.pop("fetch_cpu_threads", None)
     fetch_threads = changes.pop("fetch_threads", adapter_cache.FETCH_THREADS)
+    switch_interval = changes.pop("switch_interval", sys.getswitchinterval())
     attention.TRITON_DECODE = changes.pop("triton_decode", True)
     rng = random.Random(3)
     ranks = (8, 16, 32, 64)
@@ -420,6 +422,8 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
             gc_seconds[0] += time.perf_counter() - gc_began[0]
 
     gc.callbacks.append(on_gc)
+    default_switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval)
     default_fetch_threads, adapter_cache.FETCH_THREADS = adapter_cache.FETCH_THREADS, fetch_threads
     try:
         engine = LLMEngine(base, source, config)
@@ -473,8 +477,9 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
         run_chunks, kind = engine.runner.run, ["decode"]
 
         shapes: list[tuple[int, int, int]] = []  # each step's (decode tokens, prompt tokens, distinct slots)
-        # each step's forward: host seconds until it returned, its CUDA events (GPU time, read after the run), and the
-        # adapter reads and slot writes under way when it began (what competes with the step thread for the GIL)
+        # each step's forward: host seconds until it returned, its CUDA events (GPU time, read after the run), the
+        # adapter reads and slot writes under way when it began (what competes with the step thread for the GIL), and
+        # the step thread's CPU time in it (host seconds well above it: the thread waited, for the GIL or a core)
         forwards: list[tuple[float, tuple | None, int, int]] = []
         cache = engine.adapters
 
@@ -487,12 +492,12 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
             if base.device.type == "cuda":
                 events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 events[0].record()
-            begun = time.perf_counter()
+            begun, cpu_begun = time.perf_counter(), time.thread_time()
             out = run_chunks(chunks)
-            host = time.perf_counter() - begun
+            host, cpu = time.perf_counter() - begun, time.thread_time() - cpu_begun
             if events is not None:
                 events[1].record()
-            forwards.append((host, events, reads, writes))
+            forwards.append((host, events, reads, writes, cpu))
             return out
 
         engine.runner.run = run  # type: ignore[method-assign]
@@ -509,10 +514,11 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
                 engine.wait_for_work(0.01)
         seconds = time.perf_counter() - started
         sync(base.device)
-        gpu_ms = [ev[0].elapsed_time(ev[1]) if ev is not None else None for _, ev, _, _ in forwards]
+        gpu_ms = [ev[0].elapsed_time(ev[1]) if ev is not None else None for _, ev, *_ in forwards]
         steps_detail = [
             {"ms": round(1e3 * w, 1), "kind": k, "decode_tokens": d, "prompt_tokens": p, "slots": s,
-             "forward_host_ms": round(1e3 * f[0], 1), "forward_gpu_ms": None if g is None else round(g, 1),
+             "forward_host_ms": round(1e3 * f[0], 1), "forward_cpu_ms": round(1e3 * f[4], 1),
+             "forward_gpu_ms": None if g is None else round(g, 1),
              "reads_under_way": f[2], "slot_writes_queued": f[3]}
             for (w, k, d, p, s), f, g in zip(walls, forwards, gpu_ms, strict=True)
         ]  # fmt: skip
@@ -539,6 +545,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
         print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
     finally:
         attention.TRITON_DECODE = True
+        sys.setswitchinterval(default_switch_interval)
         gc.callbacks.remove(on_gc)
         engine.shutdown()
         gc.collect()
