@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     runner.warm_up()
     for slot in range(SLOTS):
         runner.write_slot(
-            slot, load_lora(adapters[ranks[slot % 4]], base.config, runner.adapter_dtype, b_rank_major=True)
+            slot,
+            load_lora(
+                adapters[ranks[slot % 4]], base.config, runner.adapter_dtype, b_rank_major=runner.cache_b_rank_major
+            ),
         )
     for prompts, decodes in SHAPES:
         seconds, queued = wall(runner, chunks(prompts, decodes, prompt_len), device)

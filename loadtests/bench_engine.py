@@ -283,7 +283,9 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
             return found[1]
 
         started = time.perf_counter()
-        weights = load_lora(adapter_dir, base.config, runner.adapter_dtype, allocate, b_rank_major=True)
+        weights = load_lora(
+            adapter_dir, base.config, runner.adapter_dtype, allocate, b_rank_major=runner.cache_b_rank_major
+        )
         runner.write_slot(0, weights)
         sync(device)
         disk.append(time.perf_counter() - started)

@@ -6,7 +6,8 @@ and v_proj, as in W2) in a loop, one way of reading per mode:
 
 - `load_file`: safetensors' `load_file` alone;
 - `load_lora`: `load_lora` into a new pageable buffer per adapter (fp32);
-- `arena`: what the engine's fetch does: `load_lora` in bf16 into a region of a host arena (page-locked on a GPU);
+- `arena`: what the engine's fetch does: `load_lora` in bf16 into a region of a host arena (page-locked on a GPU,
+  where B stays as the file holds it; turned rank-major on the CPU);
 - `pin_new`: page-locking a new 54 MB buffer per "read", nothing else (GPU only).
 
     python loadtests/bench_fetch.py [--modes load_file,load_lora,arena,pin_new] [--threads 2] [--cpu-threads N]
@@ -71,7 +72,7 @@ class Reader:
         elif self.mode == "load_lora":
             load_lora(path, self.config)
         elif self.mode == "arena":
-            load_lora(path, self.config, torch.bfloat16, self._allocate, b_rank_major=True)
+            load_lora(path, self.config, torch.bfloat16, self._allocate, b_rank_major=not self.pin)  # as the engine
         else:
             buffer = torch.empty(27_000_000, dtype=torch.bfloat16, pin_memory=self.pin)
             with self.lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -208,25 +208,40 @@ def _read_tensors(f: BinaryIO, order: list[TensorInfo], flat: torch.Tensor, b_ki
 
 def _transpose_b_in_place(flat: torch.Tensor, order: list[TensorInfo], kinds: list[str]) -> None:
     """Turn every B of `flat` (laid out as `order`: A, B, A, B, ...; `kinds`: each module's projection) into its
-    transpose, in place.
+    transpose, in place (`b_runs`, `transpose_b_runs`)."""
+    offsets = list(itertools.accumulate((info.numel for info in order), initial=0))
+    shapes = [(info.shape[0], info.shape[1]) for info in order[1::2]]
+    transpose_b_runs(flat, b_runs(zip(kinds, shapes, offsets[1::2], strict=True)))
+
+
+BRun = tuple[tuple[int, int], int, int, int]  # (B's shape (out, r), first offset, stride between layers, count)
+
+
+def b_runs(bs: Iterable[tuple[str, tuple[int, int], int]]) -> list[BRun]:
+    """The runs that turn every B of a buffer, from each B's (projection, (out, r), offset), in buffer order.
 
     The B of one projection has one shape in every layer and, where the layers hold the same modules, lies at one
     stride from the last: each such run is turned with one copy out and one copy back, a few torch calls for the
-    whole adapter instead of a few per module (the fetch thread then seldom takes the GIL from the step loop)."""
-    offsets = list(itertools.accumulate((info.numel for info in order), initial=0))
-    runs: list[tuple[tuple[int, ...], int, int, int]] = []  # (shape, first offset, stride, count)
-    open_runs: dict[tuple[str, tuple[int, ...]], list[int]] = {}  # (kind, shape) -> [first, stride, count]
-    for kind, info, offset in zip(kinds, order[1::2], offsets[1::2], strict=True):
-        run = open_runs.get((kind, info.shape))
+    whole adapter instead of a few per module (the thread doing it then seldom takes the GIL from the step loop)."""
+    runs: list[BRun] = []
+    open_runs: dict[tuple[str, tuple[int, int]], list[int]] = {}  # (kind, shape) -> [first, stride, count]
+    for kind, shape, offset in bs:
+        run = open_runs.get((kind, shape))
         if run is not None and run[2] == 1:
             run[1:] = [offset - run[0], 2]
         elif run is not None and offset == run[0] + run[1] * run[2]:
             run[2] += 1
         else:
             if run is not None:
-                runs.append((info.shape, *run))
-            open_runs[(kind, info.shape)] = [offset, 0, 1]
-    runs += [(shape, *run) for (_, shape), run in open_runs.items()]
+                runs.append((shape, run[0], run[1], run[2]))
+            open_runs[(kind, shape)] = [offset, 0, 1]
+    runs += [(shape, run[0], run[1], run[2]) for (_, shape), run in open_runs.items()]
+    return runs
+
+
+def transpose_b_runs(flat: torch.Tensor, runs: list[BRun]) -> None:
+    """Turn the Bs of `runs` (offsets from `flat`'s first element) from (out, r) row-major to Bᵀ, in place, on
+    `flat`'s device."""
     base = flat.storage_offset()
     for (out, rank), first, stride, count in runs:
         rows = flat.as_strided((count, out, rank), (stride, rank, 1), base + first)

@@ -71,6 +71,7 @@ class AdapterCache:
         arena: HostArena | None = None,
         page_rank: int | None = None,
         fetch_cpu_threads: int | None = None,
+        b_rank_major: bool = True,
     ) -> None:
         self.source = source
         self.base_config = base_config
@@ -80,6 +81,7 @@ class AdapterCache:
         self.on_change = on_change  # wakes the step loop when a load finished
         self.dtype = dtype  # the CPU cache keeps adapters in the slots' dtype ...
         self.arena = arena  # ... carved from this arena (page-locked, on a GPU) where it has room
+        self.b_rank_major = b_rank_major  # ... with B turned rank-major when read, or as the file holds it
         self.slots = [Slot() for _ in range(self.layout.pages)]  # by page; a run's state at its first page
         self._run_of = [-1] * self.layout.pages  # page -> first page of the slot holding it, -1 = free
         self._heads: set[int] = set()  # first pages of the slots in use
@@ -151,7 +153,7 @@ class AdapterCache:
             return region
 
         try:
-            weights = load_lora(path, self.base_config, self.dtype, allocate, b_rank_major=True)
+            weights = load_lora(path, self.base_config, self.dtype, allocate, b_rank_major=self.b_rank_major)
         except BaseException:
             for offset in regions:
                 self.arena.free(offset)

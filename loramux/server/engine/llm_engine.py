@@ -112,6 +112,7 @@ class LLMEngine:
             # On a GPU the step loop is one host thread launching kernels: a fetch's CPU passes on every core would
             # take cores from it. On the CPU the step loop computes on those cores itself, so the default stays.
             fetch_cpu_threads=FETCH_CPU_THREADS_ON_GPU if on_gpu else None,
+            b_rank_major=self.runner.cache_b_rank_major,
         )
         self.scheduler = Scheduler(
             self.blocks,

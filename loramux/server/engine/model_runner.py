@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramux.adapters.weights import LoraWeights
+from loramux.adapters.weights import BRun, LoraWeights, b_runs, transpose_b_runs
 from loramux.server.layers import attention
 from loramux.server.layers.attention import BatchContext, PrefillBatch
 from loramux.server.models.llama import LlamaForCausalLM
@@ -187,12 +187,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prepare_adapter(self, weights: LoraWeights) -> LoraWeights:
-        """The adapter as the CPU cache keeps it: in the slots' dtype (bf16 on a GPU: half the bytes of fp32) and,
-        on a GPU, in one pinned buffer, with B rank-major as the slots hold it, so that `write_slot` is
-        asynchronous copies of whole blocks with no conversion."""
+        """The adapter as the CPU cache keeps it: in the slots' dtype (bf16 on a GPU: half the bytes of fp32), in one
+        buffer (pinned on a GPU, so that `write_slot` is asynchronous copies of whole blocks), with B laid out as
+        `cache_b_rank_major` says."""
         if not self.lora_modules:
             return weights
-        return weights.packed(self.adapter_dtype, pin_memory=self.device.type == "cuda", b_rank_major=True)
+        return weights.packed(
+            self.adapter_dtype, pin_memory=self.device.type == "cuda", b_rank_major=self.cache_b_rank_major
+        )
 
     def write_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Load an adapter into `slot` of every decoder linear layer (rank 0 where it has no module).
@@ -226,9 +228,10 @@ class ModelRunner:
 
     def _write_packed(self, slot: int, weights: LoraWeights) -> None:
         """`write_slot` for an adapter in one buffer (as `load_lora` and `prepare_adapter` make it): the buffer goes
-        to the device in one copy, into a staging buffer kept for it, then a few multi-tensor kernels scatter it
-        into the slot and set every module's rank and scaling (instead of several copies and launches per module: an
-        8B model has 224).
+        to the device in one copy, into a staging buffer kept for it; where the buffer holds B as the file does
+        (row-major), each projection's B of every layer is turned rank-major there (`transpose_b_runs`: two kernels
+        a projection); then a few multi-tensor kernels scatter it into the slot and set every module's rank and
+        scaling (instead of several copies and launches per module: an 8B model has 224).
 
         This runs on the loader thread beside the step loop, and every Python call it makes can keep the step loop
         waiting for the GIL (W2's mixed steps queued their kernels 2-4x slower while slot writes were queued, seventh
@@ -237,21 +240,22 @@ class ModelRunner:
         buffer = weights.buffer
         assert buffer is not None
         # the buffer holds A and B module after module, in the adapter's order, with no gaps: its layout is the
-        # modules' names and ranks, its dtype, and whether B is rank-major (as the slots hold it: then every copy
-        # below is of whole blocks)
-        first_b = next(iter(weights.modules.values())).b
-        layout = (buffer.dtype, first_b.stride(0) == 1, tuple((name, m.rank) for name, m in weights.modules.items()))
+        # modules' names and ranks, its dtype, and whether B is row-major (a rank-1 B reads the same either way)
+        row_major = any(m.b.stride(0) != 1 for m in weights.modules.values())
+        layout = (buffer.dtype, row_major, tuple((name, m.rank) for name, m in weights.modules.items()))
         if self._staging is None or self._staging.dtype != buffer.dtype or self._staging.numel() < buffer.numel():
             self._staging = torch.empty(buffer.numel(), dtype=buffer.dtype, device=self.device)
             self._write_plans.clear()  # their source views are of the staging buffer replaced here
-        self._staging[: buffer.numel()].copy_(buffer, non_blocking=True)  # the buffer itself on the CPU
+        staged = self._staging[: buffer.numel()]
+        staged.copy_(buffer, non_blocking=True)  # the buffer itself on the CPU
         plan = self._write_plans.pop((slot, layout), None)
         if plan is None:
-            plan = self._write_plan(slot, weights, self._staging)
+            plan = self._write_plan(slot, weights, staged, row_major)
         self._write_plans[(slot, layout)] = plan  # the most recently used last
         while len(self._write_plans) > WRITE_PLANS_KEPT:
             self._write_plans.popitem(last=False)
-        fills, sources = plan
+        fills, sources, runs = plan
+        transpose_b_runs(staged, runs)
         if fills:
             torch._foreach_copy_(fills, sources)
         scalars = self._slot_scalars.get(slot)
@@ -273,24 +277,42 @@ class ModelRunner:
         torch._foreach_copy_(scalars[1], rank_views)
 
     def _write_plan(
-        self, slot: int, weights: LoraWeights, staging: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(slot views to fill, the staged buffer's views that fill them) for an adapter of this layout: each matrix
-        on the device is the staging buffer seen with that matrix's own offset and strides."""
+        self, slot: int, weights: LoraWeights, staged: torch.Tensor, row_major: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[BRun]]:
+        """(slot views to fill, the staged buffer's views that fill them, the runs that turn a row-major B there)
+        for an adapter of this layout: each matrix on the device is the staged buffer seen with its own offset and
+        strides, each B rank-major (after the runs where the buffer holds it row-major)."""
         buffer = weights.buffer
         assert buffer is not None
+        start = buffer.storage_offset()
         tensors = [t for lora in weights.modules.values() for t in (lora.a, lora.b)]
         assert sum(t.numel() for t in tensors) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
-        shift = staging.storage_offset() - buffer.storage_offset()
-        pieces = [staging.as_strided(t.shape, t.stride(), t.storage_offset() + shift) for t in tensors]
-        on_device = dict(zip(weights.modules, zip(pieces[0::2], pieces[1::2], strict=True), strict=True))
+        runs: list[BRun] = []
+        if row_major:
+            runs = b_runs((name.rsplit(".", 1)[-1], (m.b.shape[0], m.b.shape[1]), m.b.storage_offset() - start)
+                          for name, m in weights.modules.items())  # fmt: skip
+        base = staged.storage_offset()
+        on_device = {}
+        for name, m in weights.modules.items():
+            (out, rank), a_at, b_at = m.b.shape, m.a.storage_offset() - start, m.b.storage_offset() - start
+            a = staged.as_strided(m.a.shape, m.a.stride(), base + a_at)
+            on_device[name] = (a, staged.as_strided((out, rank), (1, out), base + b_at))  # Bᵀ's memory, seen as B
         fills, sources = [], []
         for name, module in self.lora_modules.items():
             lora = weights.modules.get(name)
             if lora is not None:
                 fills += module.slot_writes(slot, lora.rank)
                 sources += on_device[name]
-        return fills, sources
+        return fills, sources, runs
+
+    @property
+    def cache_b_rank_major(self) -> bool:
+        """Whether the CPU cache should hold B rank-major (turned when read) or as the file does. On a GPU it holds
+        B row-major and `write_slot` turns it on the device, where it costs two kernels a projection: turning it
+        on the CPU made each read pass over every B twice more, on the reading threads beside the step loop (whose
+        mixed steps queued their kernels 2x slower during the reads, eighth day). On the CPU it is turned when read:
+        the write would do the same work, on the loader thread."""
+        return self.device.type != "cuda"
 
 
 class DecodeGraphs:

@@ -72,8 +72,8 @@ def test_packed_writes_fill_a_used_slot_exactly_as_per_module_writes(tiny_checkp
 @pytest.mark.parametrize("device", DEVICES)
 def test_packed_writes_stay_exact_when_slots_and_layouts_repeat(tiny_checkpoint, device):
     """Writes keep their copy plans per (slot, adapter layout) and one staging buffer: a layout met again, a slot
-    taken by another layout and back, and a larger adapter after smaller ones (the staging buffer grows) all leave
-    each slot serving exactly what per-module writes give."""
+    taken by another layout and back, a buffer with B row-major after one with B rank-major, and a larger adapter
+    after smaller ones (the staging buffer grows) all leave each slot serving exactly what per-module writes give."""
     base = load_base(str(tiny_checkpoint()), device=device)
     base.model.allocate_lora_slots(num_slots=2, max_rank=8)
     runner = ModelRunner(base.model, block_size=4, num_blocks=8)
@@ -89,8 +89,11 @@ def test_packed_writes_stay_exact_when_slots_and_layouts_repeat(tiny_checkpoint,
     for weights in adapters:
         runner.write_slot(0, weights)  # per module, no buffer
         expected.append(slot_state(runner, 0))
-    for slot, index in [(1, 0), (1, 1), (0, 2), (1, 2), (1, 3), (0, 0), (1, 1), (0, 3), (1, 0)]:
-        runner.write_slot(slot, runner.prepare_adapter(adapters[index]))
+    writes = [(1, 0), (1, 1), (0, 2), (1, 2), (1, 3), (0, 0), (1, 1), (0, 3), (1, 0), (0, 1), (0, 3), (1, 2)]
+    for i, (slot, index) in enumerate(writes):
+        # B as the slots hold it (rank-major) or as files hold it (row-major: turned on the device), in turn
+        weights = adapters[index].packed(runner.adapter_dtype, b_rank_major=i % 3 != 0)
+        runner.write_slot(slot, weights)
         got = slot_state(runner, slot)
         for name in names:
             for g, w in zip(got[name], expected[index][name], strict=True):
