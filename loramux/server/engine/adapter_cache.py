@@ -90,8 +90,8 @@ class AdapterCache:
         self._lock = threading.Lock()
         # Reads from the source run side by side (several adapters load at once); slot writes run one at a time on
         # a thread of their own, so that a slow read never delays an adapter already in the CPU cache.
-        # CPU threads each fetch thread's torch calls (B turned rank-major, the finiteness check) may use; None: torch's
-        # default, every core. Read once, when a fetch thread starts.
+        # CPU threads each fetch thread's torch calls (the finiteness check; B turned rank-major where `b_rank_major`)
+        # may use; None: torch's default, every core. Read once, when a fetch thread starts.
         self.fetch_cpu_threads = fetch_cpu_threads
         self._fetcher = ThreadPoolExecutor(
             max_workers=FETCH_THREADS, thread_name_prefix="loramux-adapter-fetch", initializer=self._start_fetch_thread
