@@ -1,0 +1,77 @@
+"""Host time of `ModelRunner.write_slot` for W2-shaped adapters: what the loader thread spends per adapter it puts
+into a slot while steps run beside it (every Python call it makes can keep the step loop waiting for the GIL).
+
+    python loadtests/bench_slot_write.py [--slots 64] [--layers 32] [--rounds 5] [--row-major]
+
+Adapters of ranks 8, 16, 32 and 64 on q_proj and v_proj of every layer, written into every slot in turn so that a
+slot's rank changes with each write; the model has the 8B shape's layer count and module names but small matrices,
+so that the Python work shows rather than the copies. On a GPU the copies are asynchronous launches and the figure
+is the host time until each write returned (it waits for its copies). `--row-major`: buffers with B as files hold
+it (what a GPU engine's CPU cache keeps since the eighth day), else rank-major. Prints the fastest round's mean and
+a profile of one round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from loadtests.bench_engine import build_base, write_adapter
+from loramux.adapters.weights import load_lora
+from loramux.server.engine.model_runner import ModelRunner
+
+RANKS = (8, 16, 32, 64)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", type=int, default=64, help="slots written in turn (each of rank 64)")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (7 LoRA modules each)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of one write into every slot")
+    parser.add_argument("--row-major", action="store_true", help="B in the buffers as files hold it")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/loramux-bench-slot-write"), help="where adapters go")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": args.layers,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "rope_theta": 500000.0,
+             "max_position_embeddings": 256}  # fmt: skip
+    base = build_base(shape, device)
+    base.model.allocate_lora_slots(args.slots, 64, 64)  # one page per slot: every slot takes every rank
+    runner = ModelRunner(base.model, block_size=16, num_blocks=8)
+    adapters = [
+        load_lora(write_adapter(args.root / f"r{r}", r, ["q_proj", "v_proj"], base.config, seed=r), base.config,
+                  runner.adapter_dtype, b_rank_major=not args.row_major)
+        for r in RANKS
+    ]  # fmt: skip
+
+    def one_round(shift: int) -> float:
+        started = time.perf_counter()
+        for slot in range(args.slots):
+            runner.write_slot(slot, adapters[(slot + shift) % len(adapters)])
+        return (time.perf_counter() - started) / args.slots
+
+    one_round(0)  # first writes: staging buffers, views, kernels
+    seconds = min(one_round(shift) for shift in range(1, args.rounds + 1))
+    print(f"write_slot: {1e3 * seconds:.3f} ms a write ({args.slots} slots, {args.layers} layers, "
+          f"{'row' if args.row_major else 'rank'}-major B, {device.type})", flush=True)  # fmt: skip
+    profile = cProfile.Profile()
+    profile.enable()
+    one_round(args.rounds + 1)
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(8)
+    print(text.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
