@@ -8,10 +8,7 @@ had queued all its work; then a cProfile of one mixed step, to show where its ho
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.bench_engine import LLAMA3_8B, TINY, build_base, write_adapter
+from loadtests.profiling import top_functions
 from loramux.adapters.weights import load_lora
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.model_runner import Chunk, ModelRunner
@@ -88,14 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds, queued = wall(runner, chunks(prompts, decodes, prompt_len), device)
         print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}: {1e3 * seconds:8.1f} ms "
               f"(queued in {1e3 * queued:.1f} ms)", flush=True)  # fmt: skip
-    profile = cProfile.Profile()
     batch = chunks(3, 100, prompt_len)
-    profile.enable()
-    wall(runner, batch, device, reps=1)
-    profile.disable()
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(15)
-    print(text.getvalue())
+    print(top_functions(lambda: wall(runner, batch, device, reps=1)))
     return 0
 
 

@@ -14,9 +14,6 @@ a profile of one round.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.bench_engine import build_base, write_adapter
+from loadtests.profiling import top_functions
 from loramux.adapters.weights import load_lora
 from loramux.server.engine.model_runner import ModelRunner
 
@@ -63,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = min(one_round(shift) for shift in range(1, args.rounds + 1))
     print(f"write_slot: {1e3 * seconds:.3f} ms a write ({args.slots} slots, {args.layers} layers, "
           f"{'row' if args.row_major else 'rank'}-major B, {device.type})", flush=True)  # fmt: skip
-    profile = cProfile.Profile()
-    profile.enable()
-    one_round(args.rounds + 1)
-    profile.disable()
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(8)
-    print(text.getvalue())
+    print(top_functions(lambda: one_round(args.rounds + 1), lines=8))
     return 0
 
 

@@ -12,9 +12,6 @@ milliseconds per decode step over a few repetitions and a profile of the functio
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import statistics
 import sys
 import time
@@ -25,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.bench_engine import TINY, build_base, prompts
+from loadtests.profiling import top_functions
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 
@@ -55,16 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.steps):
             engine.step()
         runs.append((time.perf_counter() - began) / args.steps)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(args.steps):
-        engine.step()
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    report = top_functions(lambda: [engine.step() for _ in range(args.steps)])
     print(f"{n} requests: {1e3 * statistics.median(runs):.2f} ms of host time per decode step "
           f"(repetitions: {', '.join(f'{1e3 * r:.2f}' for r in runs)})")  # fmt: skip
-    print(text.getvalue())
+    print(report)
     return 0
 
 
