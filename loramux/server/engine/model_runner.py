@@ -44,8 +44,8 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 # Without the in-place decode kernel, decode graphs gather each sequence's K/V padded to the widest block table:
 # above this many gathered positions (batch x width) a step runs eagerly instead, so that the gather stays small.
 GRAPH_MAX_GATHER = 256 * 512
-# Slot-write plans kept (views of the slot memory and of the staging buffer, per slot and adapter layout): about 0.1
-# MB of Python objects each for q/v adapters of an 8B model, 0.45 MB for adapters on all seven modules.
+# Slot-write plans kept (views of the slot memory and of the staging buffer, per slot and adapter layout): 0.11 MB of
+# host memory each for q/v adapters of a 32-layer model, 0.39 MB for adapters on all seven modules (measured).
 WRITE_PLANS_KEPT = 256
 
 
@@ -70,7 +70,7 @@ class ModelRunner:
         # `_write_packed`'s staging buffer on the device, its copy plans per (slot, adapter layout), and the per-module
         # scaling and rank values it stages (with their views, made once)
         self._staging: torch.Tensor | None = None
-        self._write_plans: OrderedDict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self._write_plans: OrderedDict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[BRun]]] = OrderedDict()
         self._scalar_staging: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]] | None = None
 
     @torch.inference_mode()
@@ -234,8 +234,8 @@ class ModelRunner:
         scaling (instead of several copies and launches per module: an 8B model has 224).
 
         This runs on the loader thread beside the step loop, and every Python call it makes can keep the step loop
-        waiting for the GIL (W2's mixed steps queued their kernels 2-4x slower while slot writes were queued, seventh
-        and eighth days). So the views it copies between are made once per (slot, adapter layout) and kept
+        waiting for the GIL (a W2 mixed step with 39 slot writes queued took 2.5x its neighbours' host time:
+        BENCHMARKS.md, eighth day). So the views it copies between are made once per (slot, adapter layout) and kept
         (`_write_plans`); a write is then a handful of calls whatever the number of modules."""
         buffer = weights.buffer
         assert buffer is not None
@@ -309,9 +309,9 @@ class ModelRunner:
     def cache_b_rank_major(self) -> bool:
         """Whether the CPU cache should hold B rank-major (turned when read) or as the file does. On a GPU it holds
         B row-major and `write_slot` turns it on the device, where it costs two kernels a projection: turning it
-        on the CPU made each read pass over every B twice more, on the reading threads beside the step loop (whose
-        mixed steps queued their kernels 2x slower during the reads, eighth day). On the CPU it is turned when read:
-        the write would do the same work, on the loader thread."""
+        on the CPU passed over every B twice more on the reading threads, beside the step loop, whose mixed steps
+        are slowest while adapters are read (BENCHMARKS.md, eighth day). On the CPU it is turned when read: the
+        write would do the same work, on the loader thread."""
         return self.device.type != "cuda"
 
 

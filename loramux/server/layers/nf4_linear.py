@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCK_SIZE = 64  # values per absmax block, as in QLoRA
-# On a GPU, a call with more rows than this dequantizes the weight with bitsandbytes' kernel and multiplies with
+# On a GPU, a call of this many rows or more dequantizes the weight with bitsandbytes' kernel and multiplies with
 # cuBLAS straight from here (what bitsandbytes itself does at these sizes on Hopper, reached through several layers of
-# Python that cost about 0.2 ms of host time a call: an eager step makes 224 of them on the 8B shape). At or below
-# it, bitsandbytes' `matmul_4bit` runs: its fused 4-bit kernels for small batches (decode steps, captured in graphs).
+# Python that cost about 0.2 ms of host time a call: an eager step makes 224 of them on the 8B shape). Below it,
+# bitsandbytes' `matmul_4bit` runs: its fused 4-bit kernels for small batches (decode steps, captured in graphs).
 DIRECT_DEQUANT_MIN_ROWS = 65
 
 
@@ -40,8 +40,8 @@ class NF4Linear(nn.Module):
     them: bitsandbytes otherwise dequantizes them again on every call (two more kernels and their host time wherever
     it dequantizes the weight to multiply, as it does for prompt chunks). The values are the ones bitsandbytes
     computes each call, so the outputs are too; the cost is 4 bytes of GPU memory per 64 weights beside the 8-bit
-    constants (0.42 GiB for the 8B shape, BENCHMARKS.md, seventh day). Calls of more than `DIRECT_DEQUANT_MIN_ROWS`
-    rows (prompt chunks) dequantize with bitsandbytes' kernel and multiply here, without its Python layers.
+    constants (0.42 GiB for the 8B shape, BENCHMARKS.md, seventh day). Calls of `DIRECT_DEQUANT_MIN_ROWS` rows or
+    more (prompt chunks) dequantize with bitsandbytes' kernel and multiply here, without its Python layers.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:

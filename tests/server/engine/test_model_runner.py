@@ -91,7 +91,7 @@ def test_packed_writes_stay_exact_when_slots_and_layouts_repeat(tiny_checkpoint,
         expected.append(slot_state(runner, 0))
     writes = [(1, 0), (1, 1), (0, 2), (1, 2), (1, 3), (0, 0), (1, 1), (0, 3), (1, 0), (0, 1), (0, 3), (1, 2)]
     for i, (slot, index) in enumerate(writes):
-        # B as the slots hold it (rank-major) or as files hold it (row-major: turned on the device), in turn
+        # B as the slots hold it (rank-major) or as files hold it (row-major: turned in the staging buffer), in turn
         weights = adapters[index].packed(runner.adapter_dtype, b_rank_major=i % 3 != 0)
         runner.write_slot(slot, weights)
         got = slot_state(runner, slot)
