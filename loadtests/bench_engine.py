@@ -425,7 +425,6 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
 
     gc.callbacks.append(on_gc)
     default_switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(switch_interval)
     default_fetch_threads, adapter_cache.FETCH_THREADS = adapter_cache.FETCH_THREADS, fetch_threads
     try:
         engine = LLMEngine(base, source, config)
@@ -441,6 +440,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     lock = threading.Lock()
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
     try:
+        sys.setswitchinterval(switch_interval)  # given back in `finally` below
         engine.warm_up()
         run_batch(engine, ids[:4], 4, [f"bench/w2-{k}" for k in range(4)])  # warm-up
         if cpu_cache_warm:  # the least popular first, so that the most popular are the last evicted if any are
@@ -482,7 +482,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
         # each step's forward: host seconds until it returned, its CUDA events (GPU time, read after the run), the
         # adapter reads and slot writes under way when it began (what competes with the step thread for the GIL), and
         # the step thread's CPU time in it (host seconds well above it: the thread waited, for the GIL or a core)
-        forwards: list[tuple[float, tuple | None, int, int]] = []
+        forwards: list[tuple[float, tuple | None, int, int, float]] = []
         cache = engine.adapters
 
         def run(chunks):
