@@ -58,6 +58,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """x (T, hidden) flat tokens of many sequences -> (T, hidden)."""
+        attended = self.attend(self.project(x, cos, sin, ctx), ctx)
+        return self.o_proj(attended, ctx.token_slots, ctx.segments)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """The queries (T, n_heads, head_dim) of x (T, hidden), their keys and values stored in the cache."""
         t = x.shape[0]
         slots = ctx.token_slots
         q, k, v = self.qkv(x, slots, ctx.segments)
@@ -69,8 +74,11 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos[:, None], sin[:, None])  # (T, H, hd)
         k = apply_rotary(k, cos[:, None], sin[:, None])
         store_kv(self.k_cache, self.v_cache, k, v, ctx.kv_index)
-        out = paged_attention(q, self.k_cache, self.v_cache, ctx, self.n_kv_heads)
-        return self.o_proj(out.reshape(t, -1), slots, ctx.segments)
+        return q
+
+    def attend(self, q: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """Queries (T, n_heads, head_dim) -> attention output (T, n_heads · head_dim), before `o_proj`."""
+        return paged_attention(q, self.k_cache, self.v_cache, ctx, self.n_kv_heads).reshape(q.shape[0], -1)
 
 
 class MLP(nn.Module):
@@ -150,10 +158,27 @@ class LlamaForCausalLM(nn.Module):
         if ctx.token_slots is not None and ctx.segments is None:
             ctx = dataclasses.replace(ctx, segments=plan_step(ctx.token_slots, self.num_lora_slots))
         cos, sin = self.model.rotary(positions, x.dtype)  # (T, hd) each
-        for layer in self.model.layers:
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, ctx)
-            x = x + layer.mlp(layer.post_attention_layernorm(x), ctx.token_slots, ctx.segments)
+        for i, layer in enumerate(self.model.layers):
+            attended = layer.self_attn.attend(self.layer_queries(i, x, cos, sin, ctx), ctx)
+            x = self.finish_layer(i, x, attended, ctx)
         return self.model.norm(x)
+
+    # A layer in two halves around its attention (the forward above; `engine/prompt_graphs.py` captures the halves
+    # as CUDA graphs and runs the attention between them eagerly).
+    def layer_queries(
+        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext
+    ) -> torch.Tensor:
+        """Layer i's queries (T, n_heads, head_dim) from the residual stream x (T, hidden); its keys and values go
+        into the cache."""
+        layer = self.model.layers[i]
+        return layer.self_attn.project(layer.input_layernorm(x), cos, sin, ctx)
+
+    def finish_layer(self, i: int, x: torch.Tensor, attended: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """The residual stream after layer i, from the one before it and the layer's attention output (T, n_heads ·
+        head_dim)."""
+        layer = self.model.layers[i]
+        x = x + layer.self_attn.o_proj(attended, ctx.token_slots, ctx.segments)
+        return x + layer.mlp(layer.post_attention_layernorm(x), ctx.token_slots, ctx.segments)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab) in fp32."""
