@@ -16,11 +16,13 @@ that continue a prompt are attended one sequence at a time: the per-layer host w
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loramux.server.transfer import to_device
 
@@ -30,6 +32,12 @@ if TYPE_CHECKING:
 # Decode attention on the GPU through the Triton kernel of `attention_kernels` (False: the gather + SDPA path, the
 # one the CPU takes; benchmarks compare the two). Read when an engine starts: its CUDA graphs depend on it.
 TRITON_DECODE = True
+# The SDPA backends the batched causal attention of prompts' first chunks may take (torch picks among them). cuDNN's
+# is left out: on an H200 (torch 2.11) it spent 42-100 ms of host time building a plan the first time it met each
+# (prompts, length) shape, which most steps under changing load do, against 0-2.4 ms for flash attention
+# (BENCHMARKS.md, ninth day). None: torch's own choice among all. (Chunks that continue a prompt, attended one by one
+# with a mask, keep torch's choice.)
+SDPA_BACKENDS: list[SDPBackend] | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -105,7 +113,8 @@ def paged_attention(
         qs = q[p.tokens].transpose(1, 2)  # (F, H, L, hd)
         ks = k_flat[p.cache_index].transpose(1, 2)  # (F, KVH, L, hd)
         vs = v_flat[p.cache_index].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        with sdpa_kernel(SDPA_BACKENDS) if SDPA_BACKENDS is not None else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
         out[p.targets] = o.transpose(1, 2).reshape(f * width, *q.shape[1:])[p.rows]
     for (start, end), index in zip(ctx.query_ranges, ctx.context_index, strict=True):
         n, ctx_len = end - start, index.shape[0]
