@@ -1,6 +1,7 @@
-"""Wall time of one engine step by its make-up (prompts of 128 tokens run eagerly, decode tokens through a graph on a
-GPU), on the Llama-3-8B shape with 64 adapter slots loaded and nothing else running, and the host time until the step
-had queued all its work; then a cProfile of one mixed step, to show where its host time goes.
+"""Wall time of one engine step by its make-up (prompts of 128 tokens, decode tokens through a graph on a GPU), on the
+Llama-3-8B shape with 64 adapter slots loaded and nothing else running, and the host time until the step had queued
+all its work; on a GPU with the prompts' pass through piecewise graphs and launched kernel by kernel, in turn; then a
+cProfile of one mixed step (each way), to show where its host time goes.
 
     python loadtests/bench_eager_step.py [--tiny]
 """
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
                           max_num_batched_tokens=8192)  # fmt: skip
     engine = LLMEngine(base, None, config)
     runner = engine.runner
+    begun = time.perf_counter()
     runner.warm_up()
+    captured = len(runner.prompt_graphs.pieces) if runner.prompt_graphs is not None else 0
+    print(f"warm-up (kernels compiled, graphs captured; {captured} prompt token counts): "
+          f"{time.perf_counter() - begun:.1f} s", flush=True)  # fmt: skip
     for slot in range(SLOTS):
         runner.write_slot(
             slot,
@@ -82,12 +87,21 @@ def main(argv: list[str] | None = None) -> int:
                 adapters[ranks[slot % 4]], base.config, runner.adapter_dtype, b_rank_major=runner.cache_b_rank_major
             ),
         )
+    modes = {"graphs": True, "eager": False}  # prompt passes through piecewise graphs, or launched kernel by kernel
+    if runner.prompt_graphs is None:
+        modes = {"eager": False}
     for prompts, decodes in SHAPES:
-        seconds, queued = wall(runner, chunks(prompts, decodes, prompt_len), device)
-        print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}: {1e3 * seconds:8.1f} ms "
-              f"(queued in {1e3 * queued:.1f} ms)", flush=True)  # fmt: skip
+        batch = chunks(prompts, decodes, prompt_len)
+        for mode, graphed in modes.items():
+            runner.graph_prompts = graphed
+            seconds, queued = wall(runner, batch, device)
+            print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}, {mode:6}: {1e3 * seconds:8.1f} ms "
+                  f"(queued in {1e3 * queued:.1f} ms)", flush=True)  # fmt: skip
     batch = chunks(3, 100, prompt_len)
-    print(top_functions(lambda: wall(runner, batch, device, reps=1)))
+    for mode, graphed in modes.items():
+        runner.graph_prompts = graphed
+        print(f"profile, prompt passes {mode}:")
+        print(top_functions(lambda: wall(runner, batch, device, reps=1)))
     return 0
 
 

@@ -117,8 +117,11 @@ def build_base(raw: dict, device: torch.device) -> BaseModel:
     return BaseModel("random", Path("."), config, model, CharTokenizer())
 
 
-def write_adapter(directory: Path, rank: int, modules: list[str], config: ModelConfig, seed: int) -> Path:
-    """A PEFT LoRA directory: rank `rank` on `modules` of every layer, small random A and B (bf16)."""
+def write_adapter(
+    directory: Path, rank: int, modules: list[str], config: ModelConfig, seed: int, scale: float = 0.01
+) -> Path:
+    """A PEFT LoRA directory: rank `rank` on `modules` of every layer, random A and B of standard deviation `scale`
+    (bf16)."""
     directory.mkdir(parents=True, exist_ok=True)
     shapes = base_shapes(config)
     gen = torch.Generator().manual_seed(seed)
@@ -128,8 +131,8 @@ def write_adapter(directory: Path, rank: int, modules: list[str], config: ModelC
             out, inp = shapes[module]
             group = "self_attn" if module in LINEAR_MODULES[:4] else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, inp, generator=gen) * 0.01).bfloat16()
-            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out, rank, generator=gen) * 0.01).bfloat16()
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, inp, generator=gen) * scale).bfloat16()
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out, rank, generator=gen) * scale).bfloat16()
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": modules}
     (directory / "adapter_config.json").write_text(json.dumps(cfg))
@@ -312,6 +315,7 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
 
     runner, graphs = engine.runner, engine.runner.graphs
     engine.runner.graphs = None  # eager, so that the profiler sees every kernel
+    engine.runner.graph_prompts = False
     walls: dict[int, float] = {}  # wall seconds of the profiled runs, by tokens generated
 
     def by_kernel(max_tokens: int) -> dict[str, float]:
@@ -342,7 +346,7 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
         # the prefill steps are the same in both runs: the difference is 4 decode steps of the whole batch
         one, five = by_kernel(1), by_kernel(5)
     finally:
-        runner.graphs = graphs
+        runner.graphs, runner.graph_prompts = graphs, True
     step = {k: (five.get(k, 0.0) - one.get(k, 0.0)) / 4 for k in five.keys() | one.keys()}
     kinds = by_kind(step)
     total = sum(kinds.values())
@@ -382,6 +386,8 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "fetch1": {"fetch_threads": 1},  # adapters read one at a time
     "fetch4": {"fetch_threads": 4},  # four read at once
     "switch": {"switch_interval": 0.0002},  # a thread waiting for the GIL gets it after 0.2 ms instead of 5
+    "eager_prompts": {"graph_prompts": False},  # passes over prompt chunks launched kernel by kernel (no graphs)
+    "any_sdpa": {"sdpa_backends": None},  # the prompts' attention on torch's choice of backend (cuDNN's included)
 }
 
 
@@ -393,6 +399,9 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     fetch_cpu_threads = changes.pop("fetch_cpu_threads", None)
     fetch_threads = changes.pop("fetch_threads", adapter_cache.FETCH_THREADS)
     switch_interval = changes.pop("switch_interval", sys.getswitchinterval())
+    graph_prompts = changes.pop("graph_prompts", True)
+    default_backends = attention.SDPA_BACKENDS
+    attention.SDPA_BACKENDS = changes.pop("sdpa_backends", default_backends)
     attention.TRITON_DECODE = changes.pop("triton_decode", True)
     rng = random.Random(3)
     ranks = (8, 16, 32, 64)
@@ -431,6 +440,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     finally:
         adapter_cache.FETCH_THREADS = default_fetch_threads
     engine.runner.split_mixed = split_mixed
+    engine.runner.graph_prompts = graph_prompts
     if fetch_cpu_threads == "all":  # set explicitly: a thread starts with the count the last fetch thread set
         engine.adapters.fetch_cpu_threads = CPU_THREADS
     first: dict[int, float] = {}
@@ -547,6 +557,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
         print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
     finally:
         attention.TRITON_DECODE = True
+        attention.SDPA_BACKENDS = default_backends
         sys.setswitchinterval(default_switch_interval)
         gc.callbacks.remove(on_gc)
         engine.shutdown()

@@ -84,7 +84,9 @@ class LLMEngine:
         if config.num_slots:  # slots first, so that the KV cache is sized from the memory that remains
             base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank, config.slot_page_rank)
         num_blocks = config.num_kv_blocks or _kv_blocks_from_memory(base, config)
-        self.runner = ModelRunner(base.model, config.block_size, num_blocks)
+        self.runner = ModelRunner(
+            base.model, config.block_size, num_blocks, max_prompt_tokens=config.max_num_batched_tokens
+        )
         self.blocks = BlockManager(num_blocks, config.block_size)
         # A sequence ends ("length") at the context length, and before it would need more KV than the whole cache.
         self.max_model_len = min(

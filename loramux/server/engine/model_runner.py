@@ -7,9 +7,11 @@ block tables, context lengths), and one replay runs every kernel of the step wit
 are captured by `warm_up` before serving (or on first use), one per (batch size, with or without LoRA); with the
 gather path of attention (the Triton decode kernel off) also per block-table width. Padding rows compute on a scratch
 KV block that no sequence owns. A mixed step (prompt chunks beside decode tokens, the common step under
-steady load) replays the decode graph for its decode tokens and runs only the prompt chunks eagerly, queued behind
-the replay: an eager pass uploads its inputs without waiting for the device (`loramux.server.transfer`), so no host
-synchronisation happens before the step's logits are read.
+steady load) replays the decode graph for its decode tokens and runs the prompt chunks in a pass of their own, queued
+behind the replay: that pass uploads its inputs without waiting for the device (`loramux.server.transfer`), so no host
+synchronisation happens before the step's logits are read. Passes of prompt chunks (and other steps no decode graph
+fits) replay piecewise graphs where their token count has them (`prompt_graphs.py`: everything but the attention,
+padded to a captured count), else launch kernel by kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters.weights import BRun, LoraWeights, b_runs, transpose_b_runs
+from loramux.server.engine.prompt_graphs import PromptGraphs
 from loramux.server.layers import attention
 from loramux.server.layers.attention import BatchContext, PrefillBatch
 from loramux.server.models.llama import LlamaForCausalLM
@@ -52,7 +55,16 @@ WRITE_PLANS_KEPT = 256
 class ModelRunner:
     """Owns the KV cache; the model's adapter slots (if any) are allocated before, by the engine."""
 
-    def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        block_size: int,
+        num_blocks: int,
+        cuda_graphs: bool = True,
+        max_prompt_tokens: int = 0,
+    ) -> None:
+        """`max_prompt_tokens`: the most tokens a step computes; on a GPU with `cuda_graphs`, passes of prompt chunks
+        up to that many tokens (and up to `prompt_graphs.PROMPT_GRAPH_TOKENS`) run through piecewise graphs."""
         self.model = model
         self.block_size = block_size
         self.device = model.lm_head_weight.device
@@ -63,7 +75,11 @@ class ModelRunner:
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, block_size, scratch_block=num_blocks)
-        self.split_mixed = True  # mixed steps: decode tokens through a graph, prompt chunks eagerly
+        self.prompt_graphs: PromptGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda" and max_prompt_tokens > 0:
+            self.prompt_graphs = PromptGraphs(model, num_blocks * block_size, max_prompt_tokens)
+        self.graph_prompts = True  # passes of prompt chunks through `prompt_graphs` (where there are any)
+        self.split_mixed = True  # mixed steps: decode tokens through a graph, prompt chunks through their own pass
         self._upload_stream: torch.cuda.Stream | None = None
         self._upload_lock = threading.Lock()
         self._slot_scalars: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # slot -> scaling, rank views
@@ -83,16 +99,16 @@ class ModelRunner:
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and not c.all_logits]
         if not self.split_mixed or not decode or len(decode) == len(chunks):
             return self._eager(chunks)
-        # A mixed step: its decode tokens replay a graph, the prompt chunks run eagerly beside them. Each sequence
-        # attends only to its own cache, so the split computes the same step as one eager pass.
+        # A mixed step: its decode tokens replay a graph, the prompt chunks run in their own pass beside them. Each
+        # sequence attends only to its own cache, so the split computes the same step as one pass.
         graphed = [chunks[i] for i in decode]
         if not self.graphs.fits(graphed):
             return self._eager(chunks)
         graphed_at = set(decode)
         others = [i for i in range(len(chunks)) if i not in graphed_at]
         out: list[torch.Tensor | None] = [None] * len(chunks)
-        # The graph first: while the device replays it, the host queues the eager pass's kernels behind it (their
-        # inputs go up without waiting for the device, `to_device`), so the eager pass's host time hides the replay.
+        # The graph first: while the device replays it, the host queues the prompt pass's kernels behind it (their
+        # inputs go up without waiting for the device, `to_device`), so the prompt pass's host time hides the replay.
         for i, logits in zip(decode, self.graphs.run(graphed), strict=True):
             out[i] = logits
         for i, logits in zip(others, self._eager([chunks[i] for i in others]), strict=True):
@@ -100,6 +116,8 @@ class ModelRunner:
         return out  # type: ignore[return-value]
 
     def _eager(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """A pass not replayed from a decode graph: through the piecewise prompt graphs where they are on and hold
+        its token count (its attention eager between the pieces), else kernel by kernel."""
         ids, positions, kv_index, slots, ranges = [], [], [], [], []
         contexts: dict[int, torch.Tensor] = {}  # chunk -> flat cache index of its positions 0..end-1 (not decode)
         bs = self.block_size
@@ -135,16 +153,23 @@ class ModelRunner:
             host["decode_rows"] = torch.tensor([ranges[i][0] for i in decode], dtype=torch.long)
             host["block_tables"] = tables
             host["context_lens"] = torch.tensor([chunks[i].start + 1 for i in decode], dtype=torch.long)
-        if any(s >= 0 for s in slots):
-            host["token_slots"] = torch.tensor(slots, dtype=torch.long)
+        lora = any(s >= 0 for s in slots)
+        graphs = self.prompt_graphs if self.prompt_graphs is not None and self.graph_prompts else None
+        if graphs is not None and graphs.size_for(len(ids)) is None:
+            graphs = None
+        if graphs is not None:  # ids, positions, cache indices and slots padded to a captured count, in one tensor
+            host["inputs"] = graphs.pad(ids, positions, torch.cat(kv_index), slots)
+        else:
+            if lora:
+                host["token_slots"] = torch.tensor(slots, dtype=torch.long)
+            host["ids"] = torch.tensor(ids, dtype=torch.long)
+            host["positions"] = torch.tensor(positions, dtype=torch.long)
+            host["kv_index"] = torch.cat(kv_index)
         # only the rows that are sampled go through the (large) output head
         rows = [
             torch.arange(start, end) if chunk.all_logits else torch.tensor([end - 1])
             for chunk, (start, end) in zip(chunks, ranges, strict=True)
         ]
-        host["ids"] = torch.tensor(ids, dtype=torch.long)
-        host["positions"] = torch.tensor(positions, dtype=torch.long)
-        host["kv_index"] = torch.cat(kv_index)
         host["rows"] = torch.cat(rows)
         names = list(host)
         moved = to_device([*host.values(), *(contexts[i] for i in others)], self.device)
@@ -153,7 +178,7 @@ class ModelRunner:
         if fresh:
             prefill = PrefillBatch.build([ranges[i] for i in fresh], [contexts[i] for i in fresh], self.device)
         ctx = BatchContext(
-            kv_index=dev["kv_index"],
+            kv_index=dev["inputs"][2] if graphs is not None else dev["kv_index"],
             token_slots=dev.get("token_slots"),
             query_ranges=[ranges[i] for i in others],
             context_index=moved[len(names) :],
@@ -162,7 +187,10 @@ class ModelRunner:
             decode_rows=dev.get("decode_rows"),
             prefill=prefill,
         )
-        hidden = self.model(dev["ids"], dev["positions"], ctx)
+        if graphs is not None:
+            hidden = graphs.run(dev["inputs"], lora, ctx)
+        else:
+            hidden = self.model(dev["ids"], dev["positions"], ctx)
         logits = self.model.compute_logits(hidden[dev["rows"]])
         return list(logits.split([len(r) for r in rows]))
 
@@ -170,7 +198,8 @@ class ModelRunner:
     def warm_up(self) -> None:
         """On the GPU, do now what a step would otherwise do the first time it meets a shape: compile each variant of
         the Triton kernels that prompt chunks of every size take (a compile costs a step up to a second), then
-        capture the decode graph of every batch size. The forwards compute on the scratch block only."""
+        capture the decode graph of every batch size and the prompt graphs of every token count (with and without
+        adapters). The forwards compute on the scratch block only."""
         if self.device.type != "cuda":
             return
         slot = 0 if self.model.num_lora_slots else -1
@@ -179,6 +208,8 @@ class ModelRunner:
             self._eager([Chunk([0] * tokens, 0, table, slot)])
         if self.graphs is not None:
             self.graphs.capture_all()
+        if self.prompt_graphs is not None and self.graph_prompts:
+            self.prompt_graphs.capture_all((False, True) if self.model.num_lora_slots else (False,))
 
     @property
     def adapter_dtype(self) -> torch.dtype:

@@ -31,6 +31,7 @@ def test_graph_decode_matches_eager_decode_with_mixed_adapters(tiny_checkpoint, 
         engine = LLMEngine(base, source, config)
         if not graphs:
             engine.runner.graphs = None
+            engine.runner.graph_prompts = False
         outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
         if graphs:
             assert engine.runner.graphs.graphs, "no decode step was replayed from a graph"
@@ -66,6 +67,7 @@ def test_mixed_steps_replay_the_decode_graph_beside_an_eager_prefill(tiny_checkp
             engine.runner.graphs.run = counted
         else:
             engine.runner.graphs = None
+            engine.runner.graph_prompts = False
         outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
         engine.shutdown()
     assert outputs[True] == outputs[False]
