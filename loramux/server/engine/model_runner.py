@@ -93,17 +93,17 @@ class ModelRunner:
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """The forward pass over all chunks -> per chunk its logits, (1, vocab) or (n, vocab) with all_logits."""
         if self.graphs is None:
-            return self._eager(chunks)
+            return self.run_pass(chunks)
         if self.graphs.fits(chunks):
             return self.graphs.run(chunks)
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and not c.all_logits]
         if not self.split_mixed or not decode or len(decode) == len(chunks):
-            return self._eager(chunks)
+            return self.run_pass(chunks)
         # A mixed step: its decode tokens replay a graph, the prompt chunks run in their own pass beside them. Each
         # sequence attends only to its own cache, so the split computes the same step as one pass.
         graphed = [chunks[i] for i in decode]
         if not self.graphs.fits(graphed):
-            return self._eager(chunks)
+            return self.run_pass(chunks)
         graphed_at = set(decode)
         others = [i for i in range(len(chunks)) if i not in graphed_at]
         out: list[torch.Tensor | None] = [None] * len(chunks)
@@ -111,13 +111,14 @@ class ModelRunner:
         # inputs go up without waiting for the device, `to_device`), so the prompt pass's host time hides the replay.
         for i, logits in zip(decode, self.graphs.run(graphed), strict=True):
             out[i] = logits
-        for i, logits in zip(others, self._eager([chunks[i] for i in others]), strict=True):
+        for i, logits in zip(others, self.run_pass([chunks[i] for i in others]), strict=True):
             out[i] = logits
         return out  # type: ignore[return-value]
 
-    def _eager(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """A pass not replayed from a decode graph: through the piecewise prompt graphs where they are on and hold
-        its token count (its attention eager between the pieces), else kernel by kernel."""
+    def run_pass(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """One forward pass over all chunks, without the decode graphs (what `run` does where none fits, and for a
+        mixed step's prompt chunks) -> per chunk its logits: through the piecewise prompt graphs where they are on
+        and hold its token count (the attention eager between the pieces), else kernel by kernel."""
         ids, positions, kv_index, slots, ranges = [], [], [], [], []
         contexts: dict[int, torch.Tensor] = {}  # chunk -> flat cache index of its positions 0..end-1 (not decode)
         bs = self.block_size
@@ -205,7 +206,7 @@ class ModelRunner:
         slot = 0 if self.model.num_lora_slots else -1
         for tokens in (16, 128, 512):  # the LoRA kernels' gather path, then their segment path's two block sizes
             table = [self.scratch_block] * -(-tokens // self.block_size)
-            self._eager([Chunk([0] * tokens, 0, table, slot)])
+            self.run_pass([Chunk([0] * tokens, 0, table, slot)])
         if self.graphs is not None:
             self.graphs.capture_all()
         if self.prompt_graphs is not None and self.graph_prompts:

@@ -56,11 +56,8 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        """x (T, hidden) flat tokens of many sequences -> (T, hidden)."""
-        attended = self.attend(self.project(x, cos, sin, ctx), ctx)
-        return self.o_proj(attended, ctx.token_slots, ctx.segments)
-
+    # No forward: `LlamaForCausalLM.layer_queries` and `finish_layer` call the halves around the attention, whose
+    # output goes through `o_proj` with the rest of the layer.
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """The queries (T, n_heads, head_dim) of x (T, hidden), their keys and values stored in the cache."""
         t = x.shape[0]

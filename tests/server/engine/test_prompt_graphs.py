@@ -50,7 +50,7 @@ def _steps() -> list[list[Chunk]]:
 
 
 def _run_steps(runner: ModelRunner) -> list[list[torch.Tensor]]:
-    return [[logits.float().cpu() for logits in runner._eager(chunks)] for chunks in _steps()]
+    return [[logits.float().cpu() for logits in runner.run_pass(chunks)] for chunks in _steps()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -93,5 +93,5 @@ def test_a_pass_is_padded_to_the_next_captured_count_and_too_many_tokens_run_pla
     runner.prompt_graphs = graphs
     long_prompt = [Chunk([(j % 90) + 1 for j in range(200)], 0, list(range(50)), slot=0)]
     runner.prompt_graphs.sizes = (64, 128)  # 200 tokens are more than the largest: the plain pass
-    runner._eager(long_prompt)
+    runner.run_pass(long_prompt)
     assert not graphs.pieces
