@@ -1,10 +1,16 @@
 """W2's scheduling on the CPU, without a model: the engine's own Scheduler and AdapterCache (slot writes do
-nothing) driven by W2's workload on a simulated clock, each step costed by a model fitted to the H100 runs
-(BENCHMARKS.md, fourth day): a decode step 24.5 ms + 0.04 ms a sequence (29 ms at W2's ~124, 35 ms at W1's 256); a
-step with prompt tokens adds an eager pass, 85 ms + 0.018 ms a prompt token. Prints steps, the mean running batch,
-simulated tokens/s and TTFT, so that scheduling policies can be compared in seconds, deterministically.
+nothing) driven by W2's workload on a simulated clock, each step costed by a model fitted to GPU runs (`--costs`):
+
+- h100-eager (the default; BENCHMARKS.md, fourth day): a decode step 24.5 ms + 0.04 ms a sequence (29 ms at W2's
+  ~124, 35 ms at W1's 256); a step with prompt tokens adds an eager pass, 85 ms + 0.018 ms a prompt token.
+- h200-graphs (ninth day, prompt passes through piecewise graphs): a decode step 17 ms + 0.05 ms a sequence; a pass
+  over prompt chunks 13.5 ms + 0.029 ms a prompt token.
+
+Prints steps, the mean running batch, simulated tokens/s and TTFT, so that scheduling policies can be compared in
+seconds, deterministically.
 
     python loadtests/sim_scheduler.py [--slots 64] [--requests 512] [--adapters 1000] [--rate 100] [--page-rank 8]
+        [--costs h100-eager|h200-graphs] [--prefill-wave 1] [--max-prefill-delay 0]
 
 Adapter i has rank 8, 16, 32 or 64 (i mod 4), as in bench_engine.py; `--page-rank 64` gives one adapter per slot
 whatever its rank (slot memory not paged).
@@ -32,10 +38,15 @@ BLOCK = 16
 RANKS = (8, 16, 32, 64)  # adapter i has rank RANKS[i % 4] (bench_engine.py's W2)
 
 
-def step_seconds(decode: int, prompt_tokens: int) -> float:
-    seconds = 0.0245 + 0.00004 * decode if decode else 0.0
+# seconds: a decode step's fixed part and per sequence, a prompt pass's fixed part and per prompt token
+COSTS = {"h100-eager": (0.0245, 0.00004, 0.085, 0.000018), "h200-graphs": (0.017, 0.00005, 0.0135, 0.000029)}
+
+
+def step_seconds(decode: int, prompt_tokens: int, costs: str = "h100-eager") -> float:
+    decode_fixed, per_sequence, pass_fixed, per_token = COSTS[costs]
+    seconds = decode_fixed + per_sequence * decode if decode else 0.0
     if prompt_tokens:
-        seconds += 0.085 + 0.000018 * prompt_tokens
+        seconds += pass_fixed + per_token * prompt_tokens
     return seconds
 
 
@@ -52,7 +63,10 @@ def simulate(args: argparse.Namespace) -> dict:
         None, None, lambda index, weights: None, args.slots, max_rank=64, cpu_cache_bytes=1 << 30,
         page_rank=args.page_rank,
     )  # fmt: skip
-    scheduler = Scheduler(BlockManager(blocks, BLOCK), cache, args.max_seqs, args.max_batched_tokens)
+    scheduler = Scheduler(
+        BlockManager(blocks, BLOCK), cache, args.max_seqs, args.max_batched_tokens,
+        prefill_wave=args.prefill_wave, max_prefill_delay=args.max_prefill_delay,
+    )  # fmt: skip
     params = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
     requests = []
     for i, adapter in enumerate(chosen):
@@ -74,7 +88,7 @@ def simulate(args: argparse.Namespace) -> dict:
                 continue
             decode = sum(n == 1 for _, n in batch)
             prompt_tokens = sum(n for _, n in batch if n > 1)
-            now += step_seconds(decode, prompt_tokens)
+            now += step_seconds(decode, prompt_tokens, args.costs)
             steps += 1
             mixed += bool(decode and prompt_tokens)
             running.append(len(scheduler.running))
@@ -109,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=8192)
     p.add_argument("--page-rank", type=int, default=None, help="rows of a page of slot memory (default 8)")
+    p.add_argument("--costs", choices=sorted(COSTS), default="h100-eager", help="the step cost model (see above)")
+    p.add_argument("--prefill-wave", type=int, default=1, help="admit at least this many at once while decoding ...")
+    p.add_argument("--max-prefill-delay", type=int, default=0, help="... or whatever fits after this many steps")
     return p.parse_args(argv)
 
 
