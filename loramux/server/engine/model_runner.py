@@ -266,9 +266,10 @@ class ModelRunner:
         scaling (instead of several copies and launches per module: an 8B model has 224).
 
         This runs on the loader thread beside the step loop, and every Python call it makes can keep the step loop
-        waiting for the GIL (a W2 mixed step with 39 slot writes queued took 2.5x its neighbours' host time:
-        BENCHMARKS.md, eighth day). So the views it copies between are made once per (slot, adapter layout) and kept
-        (`_write_plans`); a write is then a handful of calls whatever the number of modules."""
+        waiting for the GIL. So the views it copies between are made once per (slot, adapter layout) and kept
+        (`_write_plans`); a write is then a handful of calls whatever the number of modules (2.2-2.4 -> 1.2-1.4 ms
+        a write on a 2-core CPU, BENCHMARKS.md, eighth day; the slow W2 step that led to it, with 39 writes queued,
+        more likely met cuDNN's attention building a plan for a new shape: ninth day)."""
         buffer = weights.buffer
         assert buffer is not None
         # the buffer holds A and B module after module, in the adapter's order, with no gaps: its layout is the
@@ -341,9 +342,9 @@ class ModelRunner:
     def cache_b_rank_major(self) -> bool:
         """Whether the CPU cache should hold B rank-major (turned when read) or as the file does. On a GPU it holds
         B row-major and `write_slot` turns it on the device, where it costs two kernels a projection: turning it
-        on the CPU passed over every B twice more on the reading threads, beside the step loop, whose mixed steps
-        are slowest while adapters are read (BENCHMARKS.md, eighth day). On the CPU it is turned when read: the
-        write would do the same work, on the loader thread."""
+        on the CPU passed over every B twice more on the reading threads, beside the step loop (adapter read and slot
+        write time in W2 10.6 -> 8.45 s: BENCHMARKS.md, eighth day). On the CPU it is turned when read: the write
+        would do the same work, on the loader thread."""
         return self.device.type != "cuda"
 
 
