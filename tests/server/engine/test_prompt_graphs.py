@@ -73,8 +73,7 @@ def test_prompt_passes_through_pieces_match_the_plain_pass(tiny_checkpoint, devi
             # differently), so there the bound is a share of the logits' scale
             scale = 1e-4 if device == "cpu" else 0.03 * float(want.abs().max())
             torch.testing.assert_close(got, want, rtol=0, atol=scale)
-    # the padding wrote only the scratch block: the sequences' caches hold what the plain pass wrote
-    assert torch.isfinite(pieced[0][1]).all()
+    # step two attends over the K/V that step one stored: padding written into a sequence's block would show there
 
 
 def test_a_pass_is_padded_to_the_next_captured_count_and_too_many_tokens_run_plain(tiny_checkpoint, tmp_path):
