@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.adapters.weights import base_shapes, load_lora
-from loramux.server.engine import adapter_cache
+from loramux.server.engine import adapter_cache, llm_engine
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.layers import attention
@@ -174,24 +174,82 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
+class StepPhases:
+    """Host seconds of the phases of each engine step: scheduling, sampling (which waits for the device to finish the
+    step's forward) and, measured by the caller, the forward until it returned; the rest of a step is the queued
+    adds, the chunks and appending and streaming the tokens. Installed on one engine until `remove`."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.current = {"schedule": 0.0, "sample": 0.0}
+        schedule, sample = engine.scheduler.schedule, llm_engine.sample_tokens
+
+        def timed_schedule():
+            begun = time.perf_counter()
+            try:
+                return schedule()
+            finally:
+                self.current["schedule"] += time.perf_counter() - begun
+
+        def timed_sample(*args, **kwargs):
+            begun = time.perf_counter()
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                self.current["sample"] += time.perf_counter() - begun
+
+        engine.scheduler.schedule = timed_schedule  # type: ignore[method-assign]
+        llm_engine.sample_tokens = timed_sample
+        self._sample = sample
+
+    def take(self) -> dict[str, float]:
+        """The phases since the last call, and start again."""
+        taken, self.current = self.current, {"schedule": 0.0, "sample": 0.0}
+        return taken
+
+    def remove(self) -> None:
+        del self.engine.scheduler.schedule
+        llm_engine.sample_tokens = self._sample
+
+
+def phase_medians(steps: list[dict]) -> dict[str, float | None]:
+    """Median milliseconds of each phase over `steps` (dicts of *_ms figures)."""
+    keys = ("ms", "schedule_ms", "forward_host_ms", "forward_gpu_ms", "sample_ms", "rest_ms")
+    return {k: statistics.median(x[k] for x in steps) if steps and steps[0].get(k) is not None else None for k in keys}
+
+
 def run_batch(engine: LLMEngine, ids: list[list[int]], gen: int, adapters: list[str | None]) -> dict:
     """Submit all at once, run to completion: generated tokens/s over the wall time."""
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
     steps: list[tuple[float, bool]] = []  # (seconds, decode tokens only) of every step that ran
-    run_chunks, decode_only = engine.runner.run, [False]
+    decode_phases: list[dict] = []  # host milliseconds by phase of each decode step
+    run_chunks, decode_only, forward = engine.runner.run, [False], [0.0]
 
     def run(chunks):
         decode_only[0] = all(len(c.token_ids) == 1 for c in chunks)
-        return run_chunks(chunks)
+        begun = time.perf_counter()
+        try:
+            return run_chunks(chunks)
+        finally:
+            forward[0] = time.perf_counter() - begun
 
     def step() -> bool:
+        phases.take()
         begun = time.perf_counter()
         worked = LLMEngine.step(engine)
         if worked:
-            steps.append((time.perf_counter() - begun, decode_only[0]))
+            wall = time.perf_counter() - begun
+            steps.append((wall, decode_only[0]))
+            if decode_only[0]:
+                taken = phases.take()
+                rest = wall - forward[0] - taken["schedule"] - taken["sample"]
+                decode_phases.append({"ms": 1e3 * wall, "schedule_ms": 1e3 * taken["schedule"],
+                                      "forward_host_ms": 1e3 * forward[0], "sample_ms": 1e3 * taken["sample"],
+                                      "rest_ms": 1e3 * rest})  # fmt: skip
         return worked
 
     engine.runner.run, engine.step = run, step  # type: ignore[method-assign]
+    phases = StepPhases(engine)
     try:
         sync(engine.base.device)
         started = time.perf_counter()
@@ -199,6 +257,7 @@ def run_batch(engine: LLMEngine, ids: list[list[int]], gen: int, adapters: list[
         sync(engine.base.device)
         seconds = time.perf_counter() - started
     finally:
+        phases.remove()
         del engine.runner.run, engine.step  # back to the class's methods
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == gen * len(ids), f"generated {tokens} tokens, expected {gen * len(ids)}"
@@ -207,6 +266,7 @@ def run_batch(engine: LLMEngine, ids: list[list[int]], gen: int, adapters: list[
     return {"requests": len(ids), "generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "steps": len(steps), "decode_steps": len(decode),
             "decode_step_ms_median": 1e3 * statistics.median(decode) if decode else None,
+            "decode_phase_ms_median": phase_medians(decode_phases),
             "decode_seconds": sum(decode), "other_step_seconds": sum(t for t, d in steps if not d),
             "other_step_ms": [round(1e3 * t, 1) for t, d in steps if not d],
             "outside_steps_seconds": seconds - sum(t for t, _ in steps)}  # fmt: skip
@@ -388,6 +448,10 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "switch": {"switch_interval": 0.0002},  # a thread waiting for the GIL gets it after 0.2 ms instead of 5
     "eager_prompts": {"graph_prompts": False},  # passes over prompt chunks launched kernel by kernel (no graphs)
     "any_sdpa": {"sdpa_backends": None},  # the prompts' attention on torch's choice of backend (cuDNN's included)
+    "rate200": {"rate": 200.0},  # arrivals twice as fast
+    "rate400": {"rate": 400.0},
+    "burst": {"rate": math.inf},  # every request submitted at the start
+    "unfenced": {"fence": False},  # each slot write waits for all the work queued on the step stream (as before)
 }
 
 
@@ -400,6 +464,8 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     fetch_threads = changes.pop("fetch_threads", adapter_cache.FETCH_THREADS)
     switch_interval = changes.pop("switch_interval", sys.getswitchinterval())
     graph_prompts = changes.pop("graph_prompts", True)
+    fenced = changes.pop("fence", True)
+    rate = changes.pop("rate", args.w2_rate)  # requests/s, above what W1 sustains (W1 tokens/s / gen)
     default_backends = attention.SDPA_BACKENDS
     attention.SDPA_BACKENDS = changes.pop("sdpa_backends", default_backends)
     attention.TRITON_DECODE = changes.pop("triton_decode", True)
@@ -423,7 +489,6 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     weights = [1.0 / (k + 1) for k in range(args.w2_adapters)]  # Zipf, exponent 1
     chosen = rng.choices(range(args.w2_adapters), weights=weights, k=n)
     ids = prompts(n, plen, base.config.vocab_size, seed=4)
-    rate = args.w2_rate  # requests/s, above what W1 sustains (W1 tokens/s / gen), so the queue never empties
     gc_seconds, gc_began = [0.0], [0.0]
 
     def on_gc(phase: str, info: dict) -> None:  # time spent in Python's garbage collector during the run
@@ -440,6 +505,8 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
     finally:
         adapter_cache.FETCH_THREADS = default_fetch_threads
     engine.runner.split_mixed = split_mixed
+    if not fenced:
+        engine.adapters.fence = lambda: None
     engine.runner.graph_prompts = graph_prompts
     if fetch_cpu_threads == "all":  # set explicitly: a thread starts with the count the last fetch thread set
         engine.adapters.fetch_cpu_threads = CPU_THREADS
@@ -458,7 +525,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
                 engine.adapters.fetch(AdapterRef.parse(f"bench/w2-{k}"), None)
         arrivals, t = [], 0.0
         for _ in range(n):
-            t += rng.expovariate(rate)
+            t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
             arrivals.append(t)
 
         def on_output(i: int, out) -> None:
@@ -513,33 +580,46 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
             return out
 
         engine.runner.run = run  # type: ignore[method-assign]
+        phases = StepPhases(engine)
         walls: list[tuple] = []
+        queued: list[int] = []  # requests waiting after each step's scheduling (0: the engine ran all it had)
         compiled = triton_variants()
         gc_seconds[0] = 0.0
         while not done.is_set():
+            phases.take()
             begun = time.perf_counter()
             if engine.step():
                 kinds[kind[0]].append(time.perf_counter() - begun)
-                walls.append((time.perf_counter() - begun, kind[0], *shapes[-1]))
+                walls.append((time.perf_counter() - begun, kind[0], *shapes[-1], phases.take()))
                 running.append(len(engine.scheduler.running))
+                queued.append(engine.scheduler.num_waiting)
             else:
                 engine.wait_for_work(0.01)
+        phases.remove()
         seconds = time.perf_counter() - started
         sync(base.device)
         gpu_ms = [ev[0].elapsed_time(ev[1]) if ev is not None else None for _, ev, *_ in forwards]
         steps_detail = [
             {"ms": round(1e3 * w, 1), "kind": k, "decode_tokens": d, "prompt_tokens": p, "slots": s,
-             "forward_host_ms": round(1e3 * f[0], 1), "forward_cpu_ms": round(1e3 * f[4], 1),
-             "forward_gpu_ms": None if g is None else round(g, 1),
-             "reads_under_way": f[2], "slot_writes_queued": f[3]}
-            for (w, k, d, p, s), f, g in zip(walls, forwards, gpu_ms, strict=True)
+             "schedule_ms": round(1e3 * ph["schedule"], 2), "forward_host_ms": round(1e3 * f[0], 1),
+             "forward_cpu_ms": round(1e3 * f[4], 1), "forward_gpu_ms": None if g is None else round(g, 1),
+             "sample_ms": round(1e3 * ph["sample"], 2),
+             "rest_ms": round(1e3 * (w - f[0] - ph["schedule"] - ph["sample"]), 2),
+             "reads_under_way": f[2], "slot_writes_queued": f[3], "running": r, "waiting": q}
+            for (w, k, d, p, s, ph), f, g, r, q in zip(walls, forwards, gpu_ms, running, queued, strict=True)
         ]  # fmt: skip
+        # the engine is saturated while requests wait (it runs a full batch, or waits for their adapters' slots)
+        saturated = sum(x["ms"] for x in steps_detail if x["waiting"] > 0 or x["running"] >= config.max_num_seqs)
+        full_at = next((i for i, x in enumerate(steps_detail) if x["running"] >= config.max_num_seqs), None)
         ttft = sorted(first[i] - submitted[i] for i in range(n))
         key = f"w2_{variant}" if variant else "w2"
         results[key] = {
             "requests": n, "adapters": args.w2_adapters, "distinct_used": len(set(chosen)), "slots": args.w2_slots,
             "cpu_cache_adapters": args.w2_cpu_cache, "arrival_rate_per_s": rate, "seconds": seconds,
             "tokens_per_s": n * gen / seconds, "ttft_p50_s": ttft[len(ttft) // 2],
+            "saturated_seconds": saturated / 1e3,
+            "first_full_batch_s": None if full_at is None else sum(x["ms"] for x in steps_detail[:full_at]) / 1e3,
+            "phase_ms_median": {k: phase_medians([x for x in steps_detail if x["kind"] == k]) for k in kinds},
             "ttft_p99_s": ttft[min(n - 1, int(0.99 * n))], "steps": len(running),
             "running_mean": statistics.mean(running), "settings": W2_VARIANTS[variant] if variant else {},
             "steps_by_kind": {k: {"steps": len(v), "seconds": sum(v),
@@ -555,6 +635,13 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
                 for k in kinds},
         }  # fmt: skip
         print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
+        if args.profile and base.device.type == "cuda" and variant is None:
+            # a decode step of a W1-sized batch, round-robin over the adapters W2 left resident (its ranks, q/v modules)
+            resident = sorted(k.split("@")[0] for k in engine.adapters.resident())
+            names = [resident[i % len(resident)] for i in range(args.w1_requests)]
+            engine.runner.run = run_chunks  # type: ignore[method-assign]
+            results[key]["decode_profile"] = profile_decode(engine, ids[: args.w1_requests], names)
+            results[key]["decode_profile"]["adapters"] = len(resident)
     finally:
         attention.TRITON_DECODE = True
         attention.SDPA_BACKENDS = default_backends
@@ -704,7 +791,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="W1 also with decode attention through the padded gather (the path before the kernel)",
     )
-    p.add_argument("--profile", action="store_true", help="profile a decode step of W1 (GPU)")
+    p.add_argument("--profile", action="store_true", help="profile a decode step of W1, and of W2's adapters (GPU)")
     args = p.parse_args(argv)
     if args.tiny:
         args.w1_requests, args.w1_adapters, args.prompt, args.gen = 8, 4, 8, 4
