@@ -5,9 +5,10 @@ to an exact revision and reads it into the CPU cache, in the slots' dtype, as on
 (page-locked on a GPU, allocated once at start; `host_arena`); the reads release the GIL, so the step loop's kernel
 launches go on meanwhile (`load_lora`). `claim` puts a cached adapter into a free slot on the loader thread (one
 write at a time), so the step loop never waits for a disk read or a host-to-device copy, and a slow read never holds
-up a slot write. A slot holds pins (requests that will run on it); only an unpinned slot is ever reused. A new
-revision of a repo replaces the old one: the old one leaves the CPU cache at once and its slot is the first to be
-reused once its last request ends.
+up a slot write. A write waits only for the device work queued before its claim (`fence`), the only work that may
+still read the slot's previous adapters, not for the steps queued since. A slot holds pins (requests that will run
+on it); only an unpinned slot is ever reused. A new revision of a repo replaces the old one: the old one leaves the
+CPU cache at once and its slot is the first to be reused once its last request ends.
 
 Slots are runs of pages of the slot memory (`slots.SlotLayout`): an adapter takes the power of two of pages its rank
 needs, aligned to that size (a buddy layout, so a run never straddles two runs of its size), and its slot index is
@@ -62,7 +63,7 @@ class AdapterCache:
         self,
         source: AdapterSource | None,
         base_config: ModelConfig,
-        write_slot: Callable[[int, LoraWeights | None], None],
+        write_slot: Callable[[int, LoraWeights | None, object], None],
         num_slots: int,
         max_rank: int,
         cpu_cache_bytes: int,
@@ -72,10 +73,16 @@ class AdapterCache:
         page_rank: int | None = None,
         fetch_cpu_threads: int | None = None,
         b_rank_major: bool = True,
+        fence: Callable[[], object] = lambda: None,
     ) -> None:
+        """`write_slot(slot, weights, after)` loads an adapter into a slot on the loader thread; `after` is what
+        `fence()` returned on the thread that claimed the slot (the step loop), when it claimed it: the write must
+        wait for the work queued until then (steps that may read the slot's previous adapters), and need not wait
+        for anything queued since (no step uses a slot before it is ready)."""
         self.source = source
         self.base_config = base_config
         self.write_slot = write_slot
+        self.fence = fence
         self.layout = SlotLayout.of(num_slots, max_rank, page_rank)  # as the model's slot memory is allocated
         self.cpu_cache_bytes = cpu_cache_bytes
         self.on_change = on_change  # wakes the step loop when a load finished
@@ -100,7 +107,7 @@ class AdapterCache:
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
         self.hits = self.misses = self.loads = self.slot_loads = self.outside_arena = 0
-        self.load_seconds = 0.0
+        self.read_seconds = self.write_seconds = 0.0  # reads from the source; slot writes
 
     # -- loader-thread side ------------------------------------------------------------------------------------
 
@@ -167,7 +174,7 @@ class AdapterCache:
         elapsed = time.perf_counter() - started
         with self._lock:
             self.loads += 1
-            self.load_seconds += elapsed
+            self.read_seconds += elapsed
             self._cpu[key] = weights
             self._evict_cpu()
         log.info("read adapter %s from disk in %.3fs", key, elapsed)
@@ -205,10 +212,10 @@ class AdapterCache:
             _, weights = self._cpu.popitem(last=False)
             total -= weights.nbytes()
 
-    def _load_into_slot(self, index: int, key: str, weights: LoraWeights) -> None:
+    def _load_into_slot(self, index: int, key: str, weights: LoraWeights, after: object) -> None:
         started = time.perf_counter()
         try:
-            self.write_slot(index, weights)
+            self.write_slot(index, weights, after)
         except Exception:
             log.exception("writing adapter %s into slot %d failed", key, index)
             with self._lock:
@@ -220,7 +227,7 @@ class AdapterCache:
             if slot.key == key:
                 slot.ready = True
             self.slot_loads += 1
-            self.load_seconds += time.perf_counter() - started
+            self.write_seconds += time.perf_counter() - started
         self.on_change()
 
     # -- step-loop side ----------------------------------------------------------------------------------------
@@ -275,7 +282,7 @@ class AdapterCache:
             self.slots[index] = Slot(key=key, ready=False, pages=size)
             self._run_of[index : index + size] = [index] * size
             self._heads.add(index)
-        self._loader.submit(self._load_into_slot, index, key, weights)
+        self._loader.submit(self._load_into_slot, index, key, weights, self.fence())
         return index
 
     def _release(self, index: int) -> None:
@@ -309,7 +316,9 @@ class AdapterCache:
                 "adapter_cache_bytes": sum(w.nbytes() for w in self._cpu.values()),
                 "adapter_loads": self.loads,
                 "adapter_slot_loads": self.slot_loads,
-                "adapter_load_seconds": self.load_seconds,
+                "adapter_load_seconds": self.read_seconds + self.write_seconds,
+                "adapter_read_seconds": self.read_seconds,
+                "adapter_slot_write_seconds": self.write_seconds,
                 "adapter_loads_outside_arena": self.outside_arena,
             }
 

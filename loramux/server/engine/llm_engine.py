@@ -115,6 +115,7 @@ class LLMEngine:
             # take cores from it. On the CPU the step loop computes on those cores itself, so the default stays.
             fetch_cpu_threads=FETCH_CPU_THREADS_ON_GPU if on_gpu else None,
             b_rank_major=self.runner.cache_b_rank_major,
+            fence=self.runner.step_fence,
         )
         self.scheduler = Scheduler(
             self.blocks,

@@ -228,13 +228,25 @@ class ModelRunner:
             self.adapter_dtype, pin_memory=self.device.type == "cuda", b_rank_major=self.cache_b_rank_major
         )
 
-    def write_slot(self, slot: int, weights: LoraWeights | None) -> None:
+    def step_fence(self) -> torch.cuda.Event | None:
+        """An event after the work queued so far on this thread's stream (the step stream, when the step loop calls
+        it), for `write_slot(..., after=)`; None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def write_slot(self, slot: int, weights: LoraWeights | None, after: torch.cuda.Event | None = None) -> None:
         """Load an adapter into `slot` of every decoder linear layer (rank 0 where it has no module).
 
         Called on the adapter loader thread while steps run: the slot is not in use by any request. On the GPU the
-        copies go on a stream of their own, so they overlap the step's kernels; that stream first waits for the work
-        already queued on the step stream (a step that still reads the slot's previous adapter), and this returns
-        only once the copies are done (an event), so the slot is marked ready only when its weights are in place.
+        copies go on a stream of their own, so they overlap the step's kernels; that stream first waits for `after`
+        (`step_fence`, taken when the slot was claimed: the steps queued until then may still read the slot's
+        previous adapter; the ones queued since do not use the slot), or, without it, for all the work queued on the
+        step stream. Waiting for everything made each write wait out the step in flight (and a queue of writes one
+        step each) in W2. This returns only once the copies are done (an event), so the slot is marked ready only
+        when its weights are in place.
         """
         with self._upload_lock, contextlib.ExitStack() as stack:
             stream = None
@@ -242,7 +254,10 @@ class ModelRunner:
                 if self._upload_stream is None:
                     self._upload_stream = torch.cuda.Stream(self.device)
                 stream = self._upload_stream
-                stream.wait_stream(torch.cuda.default_stream(self.device))
+                if after is not None:
+                    stream.wait_event(after)
+                else:
+                    stream.wait_stream(torch.cuda.default_stream(self.device))
                 stack.enter_context(torch.cuda.stream(stream))
             if weights is not None and weights.buffer is not None:
                 self._write_packed(slot, weights)

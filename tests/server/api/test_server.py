@@ -222,8 +222,10 @@ def test_metrics_present_and_moving(env):
     assert delta("loramux_request_latency_seconds_count", endpoint="chat") == 2
     assert delta("loramux_adapter_cache_hits") + delta("loramux_adapter_cache_misses") >= 1
     for gauge in ("requests_waiting", "requests_running", "kv_blocks_total", "kv_blocks_used", "slots_total",
-                  "slots_used", "adapter_loads", "adapter_load_seconds"):  # fmt: skip
+                  "slots_used", "adapter_loads", "adapter_load_seconds", "adapter_read_seconds",
+                  "adapter_slot_write_seconds"):  # fmt: skip
         assert f"\nloramux_{gauge} " in after, gauge
+    assert metric(after, "loramux_adapter_read_seconds") > 0  # the adapter was read from disk in this test
     assert metric(after, "loramux_slots_total") == 2
 
 

@@ -130,7 +130,7 @@ def settle(cache: AdapterCache, *slots: int) -> None:
 def test_slot_memory_is_paged_by_rank_and_runs_are_taken_whole():
     written = []
     # one slot of rank 32: four pages of rank 8
-    cache = AdapterCache(None, CONFIG, lambda i, w: written.append((i, w.max_rank)), 1, 32, cpu_cache_bytes=0)
+    cache = AdapterCache(None, CONFIG, lambda i, w, _: written.append((i, w.max_rank)), 1, 32, cpu_cache_bytes=0)
     try:
         a, b, c = (cache.claim(key, SimpleNamespace(max_rank=r)) for key, r in (("a", 8), ("b", 16), ("c", 3)))
         assert (a, b, c) == (0, 2, 1)  # b needs an aligned pair of pages; c fits the page left beside a
@@ -159,8 +159,30 @@ def test_slot_memory_is_paged_by_rank_and_runs_are_taken_whole():
         cache.shutdown()
 
 
+def test_a_slot_write_gets_the_fence_taken_by_the_thread_that_claimed_the_slot():
+    """The write runs on the loader thread but must wait only for the work queued before the claim: the fence is
+    taken on the claiming thread (the step loop), at the claim, and handed to the write."""
+    fences, written = [], []
+
+    def fence() -> tuple[str, int]:
+        fences.append((threading.current_thread().name, len(fences)))
+        return fences[-1]
+
+    cache = AdapterCache(None, CONFIG, lambda i, w, after: written.append((i, after)), 1, 32, cpu_cache_bytes=0,
+                         fence=fence)  # fmt: skip
+    try:
+        a = cache.claim("a", SimpleNamespace(max_rank=8))
+        b = cache.claim("b", SimpleNamespace(max_rank=16))
+        settle(cache, a, b)
+        me = threading.current_thread().name
+        assert fences == [(me, 0), (me, 1)]
+        assert sorted(written) == [(a, (me, 0)), (b, (me, 1))]
+    finally:
+        cache.shutdown()
+
+
 def test_a_run_whose_adapters_were_used_least_recently_is_emptied_first():
-    cache = AdapterCache(None, CONFIG, lambda i, w: None, 1, 32, cpu_cache_bytes=0)
+    cache = AdapterCache(None, CONFIG, lambda i, w, _: None, 1, 32, cpu_cache_bytes=0)
     try:
         slots = [cache.claim(key, SimpleNamespace(max_rank=8)) for key in "wxyz"]
         settle(cache, *slots)

@@ -98,3 +98,41 @@ def test_packed_writes_stay_exact_when_slots_and_layouts_repeat(tiny_checkpoint,
         for name in names:
             for g, w in zip(got[name], expected[index][name], strict=True):
                 torch.testing.assert_close(g, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and events: GPU only")
+def test_a_write_waits_for_the_work_before_its_fence_and_not_for_what_came_after(tiny_checkpoint):
+    """A slot write waits for the step work queued before the slot was claimed (`step_fence`), which may still read
+    the slot's previous adapter, and not for steps queued after it (they do not use the slot)."""
+    base = load_base(str(tiny_checkpoint()), device="cuda")
+    base.model.allocate_lora_slots(num_slots=2, max_rank=8)
+    runner = ModelRunner(base.model, block_size=4, num_blocks=8)
+    shapes = {name: (m.out_features, m.in_features) for name, m in runner.lora_modules.items()}
+    weights = runner.prepare_adapter(random_adapter(list(shapes), shapes, rank=4, seed=1))
+    runner.write_slot(0, weights)
+    want = slot_state(runner, 0)
+    runner.write_slot(0, None)
+    torch.cuda.synchronize()
+
+    fence = runner.step_fence()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued after the fence: a step in flight
+    after = torch.cuda.Event()
+    after.record()
+    runner.write_slot(0, weights, after=fence)
+    assert not after.query()  # the write returned, its copies done, while the later work still runs
+    torch.cuda.synchronize()
+    got = slot_state(runner, 0)
+    for name in shapes:
+        for g, w in zip(got[name], want[name], strict=True):
+            torch.testing.assert_close(g, w)
+
+    before = torch.cuda.Event()
+    torch.cuda._sleep(200_000_000)  # queued before the fence now
+    before.record()
+    runner.write_slot(1, weights, after=runner.step_fence())
+    assert before.query()  # the write waited for it
+    torch.cuda._sleep(200_000_000)
+    last = torch.cuda.Event()
+    last.record()
+    runner.write_slot(1, weights)  # no fence: it waits for everything queued on the step stream
+    assert last.query()

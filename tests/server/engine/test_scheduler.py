@@ -20,7 +20,9 @@ def make():
     caches: list[AdapterCache] = []
 
     def build(num_slots: int, max_num_seqs: int = 64, max_rank: int = 8, **waves) -> Scheduler:
-        cache = AdapterCache(None, None, lambda index, weights: None, num_slots, max_rank, cpu_cache_bytes=1 << 20)
+        cache = AdapterCache(
+            None, None, lambda index, weights, after: None, num_slots, max_rank, cpu_cache_bytes=1 << 20
+        )
         caches.append(cache)
         return Scheduler(BlockManager(256, 4), cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, **waves)
 
