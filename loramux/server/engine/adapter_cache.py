@@ -106,6 +106,9 @@ class AdapterCache:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
+        # Counts the changes that may let a claim that found no room succeed (a slot unpinned, loaded or freed):
+        # while it stands still, a claim that failed fails again (`Scheduler` skips it).
+        self.freed = 0
         self.hits = self.misses = self.loads = self.slot_loads = self.outside_arena = 0
         self.read_seconds = self.write_seconds = 0.0  # reads from the source; slot writes
 
@@ -226,6 +229,7 @@ class AdapterCache:
             slot = self.slots[index]
             if slot.key == key:
                 slot.ready = True
+            self.freed += 1
             self.slot_loads += 1
             self.write_seconds += time.perf_counter() - started
         self.on_change()
@@ -288,6 +292,7 @@ class AdapterCache:
     def _release(self, index: int) -> None:
         """Free the slot starting at page `index` (under the lock)."""
         pages = max(1, self.slots[index].pages)
+        self.freed += 1
         self._run_of[index : index + pages] = [-1] * pages
         self.slots[index] = Slot()
         self._heads.discard(index)
@@ -301,6 +306,7 @@ class AdapterCache:
     def unpin(self, index: int) -> None:
         with self._lock:
             self.slots[index].pins -= 1
+            self.freed += 1
 
     def stats(self) -> dict[str, float]:
         with self._lock:

@@ -58,6 +58,11 @@ class Scheduler:
         self.reserved: dict[int, Request] = {}
         self._reserved_pages: dict[int, int] = {}
         self.max_reserved = max(1, adapters.layout.num_slots // 16)
+        self._unreserved = 0  # reservations given up: pages a claim that found no room may take now
+        # (adapter cache changes, reservations given up, pages) when a claim last found no run of that many pages:
+        # until either count moves, a claim of that size or more fails again and is not tried
+        self._no_room: tuple[int, int, int] | None = None
+        self._owner_tried: dict[Request, tuple[int, int]] = {}  # the same, for a request that holds a reservation
         self._served = itertools.count()
         self._last_served: dict[str, int] = {}
         self.slot_hits = self.slot_misses = self.preemptions = 0
@@ -83,6 +88,7 @@ class Scheduler:
             request.slot = -1
         for index in [i for i, r in self.reserved.items() if r is request]:
             self._unreserve(index)
+        self._owner_tried.pop(request, None)
         request.status = RequestStatus.FINISHED
 
     def fair_order(self) -> list[Request]:
@@ -100,16 +106,21 @@ class Scheduler:
         for request in sorted(self.running, key=lambda r: r.arrival):
             if budget == 0:
                 break
-            if request not in self.running:  # preempted by an older request in this loop
+            if request.status is not RequestStatus.RUNNING:  # preempted by an older request in this loop
                 continue
             n = min(request.num_tokens - request.num_computed, budget)
-            if not self._make_room(request, request.num_computed + n):
-                continue
-            self.blocks.grow(request, request.num_computed + n)
+            total = request.num_computed + n
+            # a new block only when the step crosses into one (for a decoding request, one step in block_size)
+            if self.blocks.blocks_for(total) > len(request.block_table):
+                if not self._make_room(request, total):
+                    continue
+                self.blocks.grow(request, total)
             batch.append((request, n))
             budget -= n
-        self._assign_slots()
-        self._admit(batch, budget)
+        if self.num_waiting:
+            order = self.fair_order()  # once: assigning slots leaves the queues as they are
+            self._assign_slots(order)
+            self._admit(order, batch, budget)
         return batch
 
     def _make_room(self, request: Request, num_tokens: int) -> bool:
@@ -129,13 +140,17 @@ class Scheduler:
         self.waiting.setdefault(request.tenant, deque()).appendleft(request)
         self.preemptions += 1
 
-    def _assign_slots(self) -> None:
-        waiting = [r for r in self.fair_order() if r.needs_slot and r.adapter_key is not None]
+    def _assign_slots(self, order: list[Request]) -> None:
+        waiting = [r for r in order if r.needs_slot and r.adapter_key is not None]
         if not waiting:
             return
         wanted = {r.adapter_key for r in waiting}  # a free slot holding one of these is reused last
         resident = self.adapters.resident()
-        no_room: int | None = None  # pages of the smallest run a claim found no room for (outside reservations)
+        # pages of the smallest run a claim found no room for (outside reservations), in this step or in an earlier
+        # one with nothing freed since
+        no_room: int | None = None
+        if self._no_room is not None and self._no_room[:2] == (self.adapters.freed, self._unreserved):
+            no_room = self._no_room[2]
         for request in waiting:
             key = request.adapter_key
             owned = [i for i, r in self.reserved.items() if r is request]
@@ -150,6 +165,9 @@ class Scheduler:
                     if len(self.reserved) < self.max_reserved:
                         self._reserve(request, size)
                     continue
+                state = (self.adapters.freed, self._unreserved)
+                if owned and self._owner_tried.get(request) == state:
+                    continue  # its last claim found no room, and nothing was freed since
                 taken = {
                     page
                     for start, r in self.reserved.items()
@@ -159,9 +177,13 @@ class Scheduler:
                 index = self.adapters.claim(key, request.lora, exclude=taken, keep=wanted)
                 if index is None:
                     no_room = size if no_room is None else min(no_room, size)
-                    if not owned and len(self.reserved) < self.max_reserved:
+                    self._no_room = (*state, no_room)  # for requests without a reservation (they exclude more)
+                    if owned:
+                        self._owner_tried[request] = state
+                    elif len(self.reserved) < self.max_reserved:
                         self._reserve(request, size)
                     continue
+                self._owner_tried.pop(request, None)
                 resident = {k: i for k, i in resident.items() if self.adapters.slots[i].key == k}  # less the evicted
                 resident[key] = index
                 self.slot_misses += 1
@@ -195,13 +217,14 @@ class Scheduler:
             self._reserved_pages[start] = pages
 
     def _unreserve(self, start: int) -> None:
+        self._unreserved += 1
         del self.reserved[start]
         del self._reserved_pages[start]
 
-    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit(self, order: list[Request], batch: ScheduledBatch, budget: int) -> None:
         admitted: ScheduledBatch = []  # (request, its prompt tokens computed this step)
         free, seqs = self.blocks.num_free, len(self.running)
-        for request in self.fair_order():
+        for request in order:
             if budget == 0 or seqs >= self.max_num_seqs:
                 break
             if request.adapter is not None and (request.slot < 0 or not self.adapters.is_ready(request.slot)):

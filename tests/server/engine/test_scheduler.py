@@ -155,3 +155,22 @@ def test_admissions_come_in_waves_while_requests_decode(make):
     held, held_again, admitted = (step(scheduler) for _ in range(3))
     assert "a4" not in held and "a4" not in held_again
     assert admitted == ["a0", "a1", "a2", "a3", "a4"]  # alone, once it was held for 2 steps
+
+
+def test_a_claim_that_found_no_room_is_tried_again_only_once_something_was_freed(make):
+    """With every slot pinned, a request for another adapter cannot get one: the scheduler does not ask the cache
+    again each step (a claim walks every slot), only once a slot was unpinned, and then the request gets it."""
+    scheduler = make(num_slots=1, max_rank=8)  # one page: one adapter at a time
+    scheduler.add(request("a0", "t/a", max_tokens=50))
+    assert step(scheduler) == ["a0"]
+    claims = []
+    claim = scheduler.adapters.claim
+    scheduler.adapters.claim = lambda *args, **kwargs: claims.append(args[0]) or claim(*args, **kwargs)
+    scheduler.add(request("b0", "t/b"))
+    for _ in range(5):
+        assert step(scheduler) == ["a0"]
+    # tried twice: once before it reserved a0's slot, once as that reservation's owner; then remembered as no room
+    assert len(claims) == 2
+    finish(scheduler, "a0")  # its slot is unpinned
+    assert step(scheduler) == ["b0"]
+    assert len(claims) == 3 and scheduler.adapters.slots[0].key.startswith("t/b")
