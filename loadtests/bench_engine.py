@@ -434,6 +434,9 @@ def triton_variants() -> int:
     return count
 
 
+SERIES_FIELDS = ("ms", "kind", "decode_tokens", "prompt_tokens", "running", "waiting", "schedule_ms", "forward_host_ms",
+                 "forward_gpu_ms", "sample_ms", "rest_ms")  # fmt: skip
+
 W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each beside the default
     "no_split": {"split_mixed": False},  # mixed steps as one eager pass
     "wave": {"prefill_wave": 16, "max_prefill_delay": 8},  # admissions grouped in waves
@@ -629,6 +632,8 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
             "triton_variants_compiled": triton_variants() - compiled,
             "slowest_steps": sorted(steps_detail, key=lambda x: -x["ms"])[:12],
             "steps_with_prompts": [x for x in steps_detail if x["kind"] != "decode"],
+            "step_series_fields": list(SERIES_FIELDS),  # every step, compactly, in order
+            "step_series": [[x[f] for f in SERIES_FIELDS] for x in steps_detail],
             "forward_seconds_by_kind": {
                 k: {"host": sum(x["forward_host_ms"] for x in steps_detail if x["kind"] == k) / 1e3,
                     "gpu": sum(x["forward_gpu_ms"] or 0 for x in steps_detail if x["kind"] == k) / 1e3}
