@@ -18,7 +18,9 @@ depend on the weights' values. Parts (`--only`):
   adapters of lower rank) and a CPU cache of 256 adapters: tokens/s, time to first token.
 - load: time to move a rank-16 all-module adapter from the CPU cache into a slot, and from disk into a slot.
 
-Peak GPU memory is that of the loramux parts. A table goes to stdout, all figures to `--json`.
+Peak GPU memory is that of the loramux parts. With `--repeats N`, W1 (with and without adapters, in turn) and W2
+(each time on a fresh engine) run N times and the run with the median tokens/s stands for each; every run's figure
+is kept. A table goes to stdout, all figures to `--json`.
 """
 
 from __future__ import annotations
@@ -272,6 +274,17 @@ def run_batch(engine: LLMEngine, ids: list[list[int]], gen: int, adapters: list[
             "outside_steps_seconds": seconds - sum(t for t, _ in steps)}  # fmt: skip
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Of repeated runs, the one with the median tokens/s (the lower of the two middle ones for an even count), with
+    every run's tokens/s and time-to-first-token figures beside it."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    if len(runs) > 1:
+        keys = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "seconds")
+        chosen["runs"] = [{k: r[k] for k in keys if k in r} for r in runs]
+    return chosen
+
+
 def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
     n, plen, gen = args.w1_requests, args.prompt, args.gen
     source = LocalSource()
@@ -310,8 +323,11 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
         engine.warm_up()
         run_batch(engine, ids, min(gen, 8), names)
         run_batch(engine, ids, min(gen, 8), [None] * n)
-        results["w1_lora"] = run_batch(engine, ids, gen, names)
-        results["w1_base"] = run_batch(engine, ids, gen, [None] * n)
+        lora_runs, base_runs = [], []
+        for _ in range(args.repeats):  # in turn, so that a slow spell of the machine meets both
+            lora_runs.append(run_batch(engine, ids, gen, names))
+            base_runs.append(run_batch(engine, ids, gen, [None] * n))
+        results["w1_lora"], results["w1_base"] = median_run(lora_runs), median_run(base_runs)
         if "stream" in args.parts:
             one = prompts(1, plen, base.config.vocab_size, seed=2)
             run_batch(engine, one, 8, [names[0]])
@@ -458,7 +474,9 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
 }
 
 
-def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | None = None) -> None:
+def bench_w2(
+    base: BaseModel, args, root: Path, results: dict, variant: str | None = None, profile: bool = False
+) -> None:
     """Many adapters, Zipf popularity, Poisson arrivals above the serving rate: tokens/s and TTFT percentiles."""
     changes = dict(W2_VARIANTS[variant]) if variant else {}
     split_mixed = changes.pop("split_mixed", True)
@@ -640,7 +658,7 @@ def bench_w2(base: BaseModel, args, root: Path, results: dict, variant: str | No
                 for k in kinds},
         }  # fmt: skip
         print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
-        if args.profile and base.device.type == "cuda" and variant is None:
+        if profile and base.device.type == "cuda":
             # a decode step of a W1-sized batch, round-robin over the adapters W2 left resident (its ranks, q/v modules)
             resident = sorted(k.split("@")[0] for k in engine.adapters.resident())
             names = [resident[i % len(resident)] for i in range(args.w1_requests)]
@@ -760,6 +778,10 @@ def table(results: dict) -> str:
                 f"{'W2 / W1 (with adapters)':44} {w2['tokens_per_s'] / results['w1_lora']['tokens_per_s']:10.3f}"
             )
         lines.append(f"{'W2 TTFT p50 / p99 (s)':44} {w2['ttft_p50_s']:.3f} / {w2['ttft_p99_s']:.3f}")
+    for key, label in (("w1_lora", "W1 with adapters"), ("w1_base", "W1 without"), ("w2", "W2")):
+        if "runs" in results.get(key, {}):
+            each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[key]["runs"])
+            lines.append(f"{label + ', each run (the median above)':44} {each}")
     if "load" in results:
         ld = results["load"]
         label = "adapter -> slot: CPU cache / disk (ms)"
@@ -796,12 +818,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="W1 also with decode attention through the padded gather (the path before the kernel)",
     )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="W1 and W2 this many times each (W2 on a fresh engine): medians"
+    )
     p.add_argument("--profile", action="store_true", help="profile a decode step of W1, and of W2's adapters (GPU)")
     args = p.parse_args(argv)
     if args.tiny:
         args.w1_requests, args.w1_adapters, args.prompt, args.gen = 8, 4, 8, 4
         args.stream_gen, args.baseline_gen, args.max_batched_tokens = 8, 4, 64
         args.w2_requests, args.w2_adapters, args.w2_slots, args.w2_cpu_cache, args.w2_rate = 12, 10, 3, 5, 200.0
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     args.parts = [x for x in args.only.split(",") if x]
     unknown = set(args.parts) - set(PARTS)
     if unknown:
@@ -854,9 +881,16 @@ def run_parts(raw: dict, args: argparse.Namespace, device: torch.device, root: P
     if "w2" in args.parts:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        bench_w2(base, args, root / "w2-default", results)
-        if cuda:
-            results["peak_gpu_memory_w2_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        runs: list[dict] = []
+        for i in range(args.repeats):  # each on a fresh engine: cold caches, as the first
+            got: dict = {}
+            bench_w2(base, args, root / f"w2-default-{i}", got, profile=args.profile and i == 0)
+            runs.append(got["w2"])
+            if cuda and i == 0:
+                results["peak_gpu_memory_w2_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if cuda:
+                torch.cuda.empty_cache()
+        results["w2"] = median_run(runs)
         for variant in filter(None, args.w2_variants.split(",")):
             if cuda:
                 torch.cuda.empty_cache()

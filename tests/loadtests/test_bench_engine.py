@@ -19,3 +19,16 @@ def test_tiny_benchmark_runs_every_part_and_writes_its_figures(tmp_path: Path, c
     assert results["w2"]["requests"] == 12 and results["w2"]["ttft_p99_s"] >= results["w2"]["ttft_p50_s"] > 0
     assert results["load"]["cpu_to_slot_ms"] > 0 and results["load"]["disk_to_slot_ms"] > 0
     assert "loramux W1, 32 adapters" in capsys.readouterr().out
+
+
+def test_repeated_runs_report_the_median_run_and_keep_every_run(tmp_path: Path, capsys):
+    out = tmp_path / "tiny.json"
+    assert main(["--tiny", "--device", "cpu", "--only", "w1,w2", "--repeats", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for key in ("w1_lora", "w1_base", "w2"):
+        rates = [r["tokens_per_s"] for r in results[key]["runs"]]
+        assert len(rates) == 2 and results[key]["tokens_per_s"] == min(rates), key  # of two, the lower middle
+    w2 = results["w2"]
+    assert len(w2["step_series"]) == w2["steps"] and w2["step_series_fields"][0] == "ms"
+    assert 0 < w2["saturated_seconds"] <= w2["seconds"]
+    assert "W2, each run" in capsys.readouterr().out
