@@ -465,6 +465,8 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "fetch1": {"fetch_threads": 1},  # adapters read one at a time
     "fetch4": {"fetch_threads": 4},  # four read at once
     "switch": {"switch_interval": 0.0002},  # a thread waiting for the GIL gets it after 0.2 ms instead of 5
+    "switch20": {"switch_interval": 0.02},  # ... after 20 ms: the step loop's Python runs on, the readers wait
+    "switch50": {"switch_interval": 0.05},
     "eager_prompts": {"graph_prompts": False},  # passes over prompt chunks launched kernel by kernel (no graphs)
     "any_sdpa": {"sdpa_backends": None},  # the prompts' attention on torch's choice of backend (cuDNN's included)
     "rate200": {"rate": 200.0},  # arrivals twice as fast

@@ -69,10 +69,15 @@ def test_prompt_passes_through_pieces_match_the_plain_pass(tiny_checkpoint, devi
     for want_step, got_step in zip(plain, pieced, strict=True):
         for want, got in zip(want_step, got_step, strict=True):
             assert got.shape == want.shape
-            # fp32 on the CPU; bf16 on a GPU, where cuBLAS may take other kernels for the padded count (each rounds
-            # differently), so there the bound is a share of the logits' scale
-            scale = 1e-4 if device == "cpu" else 0.03 * float(want.abs().max())
-            torch.testing.assert_close(got, want, rtol=0, atol=scale)
+            if device == "cpu":  # fp32, the same kernels
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+                continue
+            # bf16 on a GPU, where cuBLAS may take other kernels for the padded count (each rounds differently): a
+            # logit may move by a few percent of the logits' scale (0.082 of 2.25 on an H200), the mean far less; a
+            # pass that reads the wrong K/V or adapter moves them all by the scale itself
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=0, atol=0.06 * scale)
+            assert float((got - want).abs().mean()) <= 0.01 * scale
     # step two attends over the K/V that step one stored: padding written into a sequence's block would show there
 
 
