@@ -15,8 +15,9 @@ drains, and it goes to the request that reserved it. Hits on the other slots go 
 the batch full while rare ones rotate through the slots, and every request completes. Requests for the base model
 need no slot and are never held back by this. A slot is a run of pages of slot memory sized by the adapter's rank
 (`adapter_cache`): when no run of some size is free, requests needing that size or more wait while smaller adapters
-may still find room. Optionally (`prefill_wave`), while requests decode, new ones are admitted in groups, so that
-fewer steps carry a prefill.
+may still find room. A claim that found no room is not tried again (a claim walks every slot) until a slot was
+unpinned, loaded or freed, or a reservation given up. Optionally (`prefill_wave`), while requests decode, new ones are
+admitted in groups, so that fewer steps carry a prefill.
 
 Fairness across tenants: waiting requests are considered tenant by tenant, least recently served tenant first,
 round-robin (each tenant's first request, then each one's second, ...), FIFO within a tenant. A tenant's burst
