@@ -608,18 +608,20 @@ def bench_w2(
         queued: list[int] = []  # requests waiting after each step's scheduling (0: the engine ran all it had)
         compiled = triton_variants()
         gc_seconds[0] = 0.0
-        while not done.is_set():
-            phases.take()
-            begun = time.perf_counter()
-            if engine.step():
-                kinds[kind[0]].append(time.perf_counter() - begun)
-                walls.append((time.perf_counter() - begun, kind[0], *shapes[-1], phases.take()))
-                running.append(len(engine.scheduler.running))
-                queued.append(engine.scheduler.num_waiting)
-            else:
-                engine.wait_for_work(0.01)
-        phases.remove()
-        seconds = time.perf_counter() - started
+        try:
+            while not done.is_set():
+                phases.take()
+                begun = time.perf_counter()
+                if engine.step():
+                    kinds[kind[0]].append(time.perf_counter() - begun)
+                    walls.append((time.perf_counter() - begun, kind[0], *shapes[-1], phases.take()))
+                    running.append(len(engine.scheduler.running))
+                    queued.append(engine.scheduler.num_waiting)
+                else:
+                    engine.wait_for_work(0.01)
+            seconds = time.perf_counter() - started
+        finally:
+            phases.remove()
         sync(base.device)
         gpu_ms = [ev[0].elapsed_time(ev[1]) if ev is not None else None for _, ev, *_ in forwards]
         steps_detail = [
