@@ -60,7 +60,7 @@ def simulate(args: argparse.Namespace) -> dict:
         arrivals.append(t)
     blocks = args.max_seqs * -(-(args.prompt + args.gen) // BLOCK) + 64
     cache = AdapterCache(
-        None, None, lambda index, weights: None, args.slots, max_rank=64, cpu_cache_bytes=1 << 30,
+        None, None, lambda index, weights, after: None, args.slots, max_rank=64, cpu_cache_bytes=1 << 30,
         page_rank=args.page_rank,
     )  # fmt: skip
     scheduler = Scheduler(
