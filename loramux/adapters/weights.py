@@ -87,6 +87,34 @@ def base_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
+@dataclass
+class LoraPlan:
+    """What reading an adapter needs, worked out from its config and safetensors header before any tensor is read
+    (`plan_lora`): the modules in name order, each one's A and B in the file, and their scalings. Small and
+    picklable: an adapter reader process sends it back with the bytes it needs (`adapter_reader`)."""
+
+    config: AdapterConfig
+    weights_path: Path
+    modules: list[str]  # sorted
+    order: list[TensorInfo]  # A, B of each module: the buffer's layout
+    scalings: list[float]  # by module
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the one buffer every A and B is read into, as `dtype`."""
+        return sum(info.numel for info in self.order) * dtype.itemsize
+
+    def weights_over(self, buffer: torch.Tensor, dtype: torch.dtype, b_rank_major: bool = False) -> LoraWeights:
+        """The weights as views of `buffer` (uint8, `nbytes(dtype)` bytes) holding the tensors already (`fill_lora`
+        filled it, in this process or another): no read, no check."""
+        flat = buffer.view(dtype)
+        views = _views(flat, self.order, b_rank_major)
+        modules = {
+            module: LoraModule(a=a, b=b, scaling=scaling)
+            for module, a, b, scaling in zip(self.modules, views[0::2], views[1::2], self.scalings, strict=True)
+        }
+        return LoraWeights(config=self.config, modules=modules, buffer=flat)
+
+
 def load_lora(
     directory: Path,
     base: ModelConfig | None = None,
@@ -102,13 +130,22 @@ def load_lora(
     arena); by default it is a new tensor. With `b_rank_major` each B's part of the buffer holds Bᵀ, `(r, out)`, the
     layout of the serving slots (so that a slot write is a copy of whole blocks); `b` is then a transposed view.
 
-    The header is checked first (`read_safetensors_header`), then the tensor bytes are read with `readinto`, which
+    The header is checked first (`plan_lora`), then the tensor bytes are read (`fill_lora`) with `readinto`, which
     releases the GIL for the whole read, straight into the buffer when the file already holds `dtype` in this
     layout (with `b_rank_major`, each B is then turned in place, a projection's B of every layer at once), else into
     a scratch buffer converted with one copy per tensor (B transposed as it is copied). A step loop on another thread is
     therefore not held up (safetensors' `load_file` keeps the GIL while it copies: with four threads loading, a loop
     of 1,500 kernel launches took 28x as long; BENCHMARKS.md, fourth day).
     """
+    plan = plan_lora(directory, base)
+    nbytes = plan.nbytes(dtype)
+    buffer = allocate(nbytes) if allocate is not None else torch.empty(nbytes, dtype=torch.uint8)
+    return fill_lora(plan, buffer, dtype, b_rank_major)
+
+
+def plan_lora(directory: Path, base: ModelConfig | None = None) -> LoraPlan:
+    """Check an adapter's config and safetensors header (against `base`, when given) and lay out its buffer.
+    Raises `AdapterConfigError` naming the problem; reads no tensor."""
     directory = Path(directory)
     config = AdapterConfig.from_file(directory / CONFIG_FILE)
     weights_path = directory / WEIGHTS_FILE
@@ -136,7 +173,7 @@ def load_lora(
         raise AdapterMismatchError(f"{WEIGHTS_FILE} holds no LoRA tensors")
 
     shapes = base_shapes(base) if base is not None else None
-    order: list[TensorInfo] = []  # A, B of each module: the buffer's layout
+    order: list[TensorInfo] = []
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterMismatchError(f"{module} has lora_{next(iter(pair))} without its partner")
@@ -149,25 +186,27 @@ def load_lora(
         if shapes is not None:
             _check_fits_base(module, a, b, shapes, base)
         order += [pair["A"][1], pair["B"][1]]
+    modules = sorted(pairs)
+    return LoraPlan(config, weights_path, modules, order, [config.scaling_for(m) for m in modules])
 
-    itemsize = dtype.itemsize
-    total = sum(info.numel for info in order)
-    buffer = allocate(total * itemsize) if allocate is not None else torch.empty(total * itemsize, dtype=torch.uint8)
+
+def fill_lora(plan: LoraPlan, buffer: torch.Tensor, dtype: torch.dtype, b_rank_major: bool = False) -> LoraWeights:
+    """Read the tensors of `plan` into `buffer` (uint8, at least `plan.nbytes(dtype)` bytes) and check them finite;
+    the weights are views of it (`LoraPlan.weights_over`). Raises `AdapterConfigError` (unreadable, truncated, NaN or
+    infinite values)."""
+    buffer = buffer[: plan.nbytes(dtype)]
     flat = buffer.view(dtype)
+    b_kinds = [m.rsplit(".", 1)[-1] for m in plan.modules] if b_rank_major else None
     try:
-        with open(weights_path, "rb") as f:
-            _read_tensors(f, order, flat, [m.rsplit(".", 1)[-1] for m in sorted(pairs)] if b_rank_major else None)
+        with open(plan.weights_path, "rb") as f:
+            _read_tensors(f, plan.order, flat, b_kinds)
     except OSError as exc:
         raise AdapterConfigError(f"{WEIGHTS_FILE} is not readable: {exc}") from exc
-    views = _views(flat, order, b_rank_major)
-    modules = {
-        module: LoraModule(a=a, b=b, scaling=config.scaling_for(module))
-        for module, a, b in zip(sorted(pairs), views[0::2], views[1::2], strict=True)
-    }
+    weights = plan.weights_over(buffer, dtype, b_rank_major)
     if not _all_finite(flat):  # one pass over the buffer; the module is named only on failure
-        bad = next(name for name, m in modules.items() if not (_all_finite(m.a) and _all_finite(m.b)))
+        bad = next(name for name, m in weights.modules.items() if not (_all_finite(m.a) and _all_finite(m.b)))
         raise AdapterMismatchError(f"{bad} has NaN or infinite values")
-    return LoraWeights(config=config, modules=modules, buffer=flat)
+    return weights
 
 
 def _all_finite(t: torch.Tensor) -> bool:
