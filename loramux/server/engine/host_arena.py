@@ -8,24 +8,42 @@ A region returns to the arena when `free` is called; the adapter cache calls it 
 weights in it is gone (a request waiting for a slot, or a slot write in progress, keeps the region alive). That can
 happen in any thread at any moment, the garbage collector's included, even inside `allocate` on the same thread, so
 `free` takes no lock: it queues the offset, and the next `allocate` (or `used`) returns the queued regions first.
+
+A `shared` arena lives in a memory file (`memfd`, `fd`) that other processes map too: the adapter reader processes
+(`adapter_reader`) read adapters straight into it. On a GPU it is page-locked where it is (`cudaHostRegister`)
+rather than allocated page-locked; where that fails it stays pageable (slot writes from it then copy synchronously).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import mmap
+import os
 import threading
 from collections import deque
 
 import torch
 
+log = logging.getLogger(__name__)
+
 ALIGNMENT = 256
 
 
 class HostArena:
-    def __init__(self, capacity: int, pin_memory: bool) -> None:
+    def __init__(self, capacity: int, pin_memory: bool, shared: bool = False) -> None:
         self.capacity = capacity - capacity % ALIGNMENT
-        self.buffer = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin_memory)
-        self.pinned = pin_memory
+        self.fd: int | None = None  # the memory file of a shared arena
+        self._map: mmap.mmap | None = None
+        if shared and self.capacity:
+            self.fd = os.memfd_create("loramux-adapter-cache", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.capacity)
+            self._map = mmap.mmap(self.fd, self.capacity)
+            self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+            self.pinned = pin_memory and _register(self.buffer)
+        else:
+            self.buffer = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin_memory)
+            self.pinned = pin_memory
         self._starts: list[int] = []  # sorted start offsets of the regions in use
         self._sizes: dict[int, int] = {}  # start -> size (rounded up to ALIGNMENT)
         self._lock = threading.Lock()
@@ -53,6 +71,16 @@ class HostArena:
             self._sizes[start] = size
         return start, self.buffer[start : start + nbytes]
 
+    def close(self) -> None:
+        """Give up a shared arena's page-locking and memory file (regions still in use stay readable, pageable)."""
+        if self.fd is None:
+            return
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.pinned = False
+        os.close(self.fd)
+        self.fd = None
+
     def free(self, offset: int) -> None:
         """Return the region at `offset` (it is reused from the next `allocate` on)."""
         self._freed.append(offset)
@@ -62,3 +90,13 @@ class HostArena:
             offset = self._freed.popleft()
             del self._sizes[offset]
             self._starts.remove(offset)
+
+
+def _register(buffer: torch.Tensor) -> bool:
+    """Page-lock `buffer`'s memory for the current CUDA device; False (logged) where the driver refuses."""
+    error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    code = int(getattr(error, "value", error))
+    if code:
+        log.warning("page-locking the shared adapter cache failed (CUDA error %d): it stays pageable", code)
+        return False
+    return True

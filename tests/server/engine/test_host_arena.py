@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from loramux.server.engine.host_arena import ALIGNMENT, HostArena
 
 
@@ -39,3 +42,22 @@ def test_free_never_blocks_even_while_the_arena_is_busy_in_the_same_thread():
         arena.free(offset)  # must not wait for the lock
     assert arena.used == 0
     assert arena.allocate(2 * ALIGNMENT)[0] == offset
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_shared_arena_on_a_gpu_is_page_locked_so_copies_from_it_do_not_wait():
+    arena = HostArena(1 << 20, pin_memory=True, shared=True)
+    assert arena.pinned and arena.fd is not None
+    _, region = arena.allocate(4096)
+    assert region.is_pinned()
+    region.copy_(torch.arange(4096) % 251)
+    target = torch.zeros(4096, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(2_000_000_000)  # about a second of device work queued first
+        target.copy_(region, non_blocking=True)
+    assert not stream.query()  # the copy was queued behind it: the host did not wait (from pageable memory it would)
+    stream.synchronize()
+    assert torch.equal(target.cpu(), region)
+    arena.close()
+    assert not arena.pinned
