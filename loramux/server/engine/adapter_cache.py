@@ -2,8 +2,10 @@
 
 `fetch` (on a pool of fetch threads: several adapters are read at once, each only once) resolves a name for a tenant
 to an exact revision and reads it into the CPU cache, in the slots' dtype, as one buffer carved from a host arena
-(page-locked on a GPU, allocated once at start; `host_arena`); the reads release the GIL, so the step loop's kernel
-launches go on meanwhile (`load_lora`). `claim` puts a cached adapter into a free slot on the loader thread (one
+(page-locked on a GPU, allocated once at start; `host_arena`). With `reader_processes` (the engine's default on a
+GPU) each read runs in a reader process that writes into the shared arena (`adapter_reader`), so the step loop's
+kernel launches never wait for the GIL behind a read; without, on the fetch thread itself, whose reads release the
+GIL (`load_lora`). `claim` puts a cached adapter into a free slot on the loader thread (one
 write at a time), so the step loop never waits for a disk read or a host-to-device copy, and a slow read never holds
 up a slot write. A write waits only for the device work queued before its claim (`fence`), the only work that may
 still read the slot's previous adapters, not for the steps queued since. A slot holds pins (requests that will run
@@ -32,6 +34,7 @@ import torch
 
 from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.adapters.weights import LoraWeights, load_lora
+from loramux.server.engine.adapter_reader import ReaderPool
 from loramux.server.engine.errors import AdapterTooLargeError
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.layers.slots import SlotLayout
@@ -74,11 +77,13 @@ class AdapterCache:
         fetch_cpu_threads: int | None = None,
         b_rank_major: bool = True,
         fence: Callable[[], object] = lambda: None,
+        reader_processes: int = 0,
     ) -> None:
         """`write_slot(slot, weights, after)` loads an adapter into a slot on the loader thread; `after` is what
         `fence()` returned on the thread that claimed the slot (the step loop), when it claimed it: the write must
         wait for the work queued until then (steps that may read the slot's previous adapters), and need not wait
-        for anything queued since (no step uses a slot before it is ready)."""
+        for anything queued since (no step uses a slot before it is ready). `reader_processes` (> 0, with a shared
+        `arena`): reads run in that many reader processes, handed out by as many fetch threads."""
         self.source = source
         self.base_config = base_config
         self.write_slot = write_slot
@@ -100,8 +105,13 @@ class AdapterCache:
         # CPU threads each fetch thread's torch calls (the finiteness check; B turned rank-major where `b_rank_major`)
         # may use; None: torch's default, every core. Read once, when a fetch thread starts.
         self.fetch_cpu_threads = fetch_cpu_threads
+        self.readers: ReaderPool | None = None
+        if reader_processes > 0 and arena is not None and arena.fd is not None:
+            self.readers = ReaderPool(reader_processes, arena, base_config, dtype, b_rank_major, fetch_cpu_threads)
         self._fetcher = ThreadPoolExecutor(
-            max_workers=FETCH_THREADS, thread_name_prefix="loramux-adapter-fetch", initializer=self._start_fetch_thread
+            max_workers=reader_processes if self.readers is not None else FETCH_THREADS,
+            thread_name_prefix="loramux-adapter-fetch",
+            initializer=self._start_fetch_thread,
         )
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
@@ -156,14 +166,19 @@ class AdapterCache:
         started = time.perf_counter()
         regions: list[int] = []  # the arena offset the weights were read into, if any
 
-        def allocate(nbytes: int) -> torch.Tensor:
+        def allocate(nbytes: int) -> tuple[int | None, torch.Tensor]:
             offset, region = self._allocate(nbytes)
             if offset is not None:
                 regions.append(offset)
-            return region
+            return offset, region
 
         try:
-            weights = load_lora(path, self.base_config, self.dtype, allocate, b_rank_major=self.b_rank_major)
+            if self.readers is not None:
+                weights = self.readers.read(path, allocate)
+            else:
+                weights = load_lora(
+                    path, self.base_config, self.dtype, lambda n: allocate(n)[1], b_rank_major=self.b_rank_major
+                )
         except BaseException:
             for offset in regions:
                 self.arena.free(offset)
@@ -331,3 +346,5 @@ class AdapterCache:
     def shutdown(self) -> None:
         self._fetcher.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=True, cancel_futures=True)
+        if self.readers is not None:
+            self.readers.close()

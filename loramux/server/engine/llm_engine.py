@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters.source import AdapterRef, AdapterSource
+from loramux.server.engine import adapter_cache
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, AdapterCache
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
@@ -48,6 +49,10 @@ class EngineConfig:
     max_model_len: int | None = None  # context length; None: the base's max_position_embeddings
     max_queue: int = 1024  # requests accepted beyond max_num_seqs before QueueFullError
     adapter_cache_bytes: int = 2048 * MiB  # CPU cache of adapter weights, allocated when the engine starts
+    # Processes that read adapters into the CPU cache (`adapter_reader`; 0: the fetch threads read them in this
+    # process). None: as many as there are fetch threads on a GPU, where a read beside the step loop would keep its
+    # kernel launches waiting for the GIL; 0 on the CPU.
+    adapter_reader_processes: int | None = None
     # While requests decode, new ones are admitted in waves of at least `prefill_wave` (or whatever can be admitted
     # once they have waited `max_prefill_delay` steps): fewer steps carry a prefill beside the decode batch.
     prefill_wave: int = 1
@@ -59,6 +64,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.adapter_cache_bytes < 0:
             raise ValueError(f"adapter_cache_bytes must not be negative, got {self.adapter_cache_bytes}")
+        if self.adapter_reader_processes is not None and self.adapter_reader_processes < 0:
+            raise ValueError(f"adapter_reader_processes must not be negative, got {self.adapter_reader_processes}")
         SlotLayout.of(self.num_slots, self.max_lora_rank, self.slot_page_rank)  # raises for a page rank unfit
 
 
@@ -95,11 +102,15 @@ class LLMEngine:
             num_blocks * config.block_size,
         )
         # The CPU cache's memory is allocated here, once: page-locked on a GPU (page-locking while serving stalls the
-        # step loop); on the CPU a plain tensor whose pages the OS commits only as adapters fill them.
+        # step loop); on the CPU a plain tensor whose pages the OS commits only as adapters fill them. Shared with
+        # the reader processes where there are any.
         arena = None
         on_gpu = self.runner.device.type == "cuda"
+        readers = config.adapter_reader_processes
+        if readers is None:
+            readers = adapter_cache.FETCH_THREADS if on_gpu else 0  # read here: a benchmark may change it
         if config.num_slots > 0 and source is not None:
-            arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu)
+            arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu, shared=readers > 0)
         self.adapters = AdapterCache(
             source,
             base.config,
@@ -116,6 +127,7 @@ class LLMEngine:
             fetch_cpu_threads=FETCH_CPU_THREADS_ON_GPU if on_gpu else None,
             b_rank_major=self.runner.cache_b_rank_major,
             fence=self.runner.step_fence,
+            reader_processes=readers,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -405,6 +417,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.adapters.shutdown()
+        if self.adapters.arena is not None:
+            self.adapters.arena.close()
         gc.unfreeze()  # what this engine held may be collected again once it is dropped
 
 

@@ -92,13 +92,17 @@ def test_an_evicted_adapter_that_is_still_held_keeps_its_bytes(cache):
         assert torch.equal(got, want)
 
 
-def test_concurrent_fetches_through_a_small_arena_never_mix_up_adapters(dir_source, tmp_path):
+@pytest.mark.parametrize("readers", [0, 2], ids=["fetch-threads", "reader-processes"])
+def test_concurrent_fetches_through_a_small_arena_never_mix_up_adapters(dir_source, tmp_path, readers):
     names = [f"n{i}" for i in range(12)]
     expected = {}
     for i, name in enumerate(names):
         dir_source.publish(f"t/{name}", write_adapter(tmp_path / name, seed=i))
-    arena = HostArena(3 * ADAPTER_BYTES, pin_memory=False)  # room for 3 of the 12
-    cache = AdapterCache(dir_source, CONFIG, lambda *_: None, 2, 8, 10 * ADAPTER_BYTES, arena=arena)
+    arena = HostArena(3 * ADAPTER_BYTES, pin_memory=False, shared=readers > 0)  # room for 3 of the 12
+    cache = AdapterCache(
+        dir_source, CONFIG, lambda *_: None, 2, 8, 10 * ADAPTER_BYTES, arena=arena, reader_processes=readers
+    )
+    assert (cache.readers is not None) == (readers > 0)
     try:
         for name in names:
             expected[name] = values(fetch(cache, name))

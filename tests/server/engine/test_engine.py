@@ -176,6 +176,23 @@ def test_same_seed_same_output_whatever_the_batch(tiny):
     assert engine.generate([[9, 8, 7]], other, ["t/a"])[0].token_ids != alone.token_ids
 
 
+def test_adapters_read_by_reader_processes_serve_what_peft_computes(tiny, peft_helpers):
+    base, source, peft_model = tiny
+    config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, adapter_reader_processes=2)
+    engine = LLMEngine(base, source, config)
+    readers = engine.adapters.readers
+    assert readers is not None and engine.adapters.arena.fd is not None
+    ids = [[10, 20, 30, 40], [5, 6, 7]]
+    outs = engine.generate(ids, GREEDY, ["t/a", "t/b"])
+    for name, prompt, out in zip("ab", ids, outs, strict=True):
+        want = peft_helpers.reference_logits(peft_model, name, prompt, out.token_ids)
+        torch.testing.assert_close(out.logits, want, atol=1e-4, rtol=1e-4)
+    assert engine.stats()["adapter_loads"] == 2 and readers.restarts == 0
+    processes = [r.process for r in readers._readers]
+    engine.shutdown()
+    assert all(p.poll() is not None for p in processes)
+
+
 def test_new_revision_replaces_the_cached_adapter(tiny, tmp_path, peft_helpers):
     base, source, peft_model = tiny
     engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))

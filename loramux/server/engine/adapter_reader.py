@@ -1,0 +1,237 @@
+"""Adapter reads in processes of their own, straight into the shared host arena.
+
+An adapter read on a thread of the serving process (a fetch thread of `adapter_cache`) runs its Python (config,
+header, checks, views) under the GIL and takes the GIL back after each of its torch calls and reads; the step loop
+releases the GIL at every kernel launch and then waits to get it back. On an H200 the first round of W2's requests
+ran its mixed steps twice as long as the same steps of the second round, whose adapters had been read beforehand:
+the step thread waited 60-200 ms a step beside two reads (BENCHMARKS.md, eleventh day). A `ReaderPool` moves the
+reads into reader processes. Each maps the CPU cache's arena (`HostArena(shared=True)`, a memory file), and a read,
+from a fetch thread, goes:
+
+1. the fetch thread sends the adapter's directory to an idle reader;
+2. the reader checks the config and the safetensors header against the base (`plan_lora`) and answers with the
+   plan and the bytes the adapter takes, or with the error;
+3. the fetch thread carves those bytes from the arena (evicting as before) and answers with the offset;
+4. the reader reads the tensors into that region and checks them (`fill_lora`), and answers done or the error;
+5. the fetch thread makes the views over the region (`LoraPlan.weights_over`).
+
+The fetch thread waits for the answers with the GIL released; its own Python is two small messages and the views.
+An adapter that does not fit in the arena at all (step 3 answers None) is read by the fetch thread itself, as before.
+A reader that dies, or breaks off, is replaced by a new one; the read fails with `AdapterReaderError`, unless the
+reader was found dead before it took the adapter (it died idle), in which case the new one reads it.
+
+A reader is `python -m loramux.server.engine.adapter_reader SOCKET_FD ARENA_FD CAPACITY`: a new interpreter that
+imports torch and the adapter code (never CUDA), given one end of a socket pair and the arena's memory file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import pickle
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+import loramux
+from loramux.adapters.config import AdapterConfigError
+from loramux.adapters.weights import LoraPlan, LoraWeights, fill_lora, plan_lora
+from loramux.server.engine.host_arena import HostArena
+from loramux.server.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# (offset in the arena, the region as a uint8 tensor) for a number of bytes; offset None: not in the arena
+Allocate = Callable[[int], tuple[int | None, torch.Tensor]]
+
+
+class AdapterReaderError(RuntimeError):
+    """A reader process failed: it died, or met an error that is not the adapter's (the message says which)."""
+
+
+@dataclass
+class _Reader:
+    process: subprocess.Popen
+    conn: Connection
+
+
+class ReaderPool:
+    """`processes` reader processes over `arena` (shared): `read` is called from any thread, one read per reader at a
+    time (a caller waits for an idle one)."""
+
+    def __init__(
+        self,
+        processes: int,
+        arena: HostArena,
+        base: ModelConfig | None,
+        dtype: torch.dtype,
+        b_rank_major: bool = False,
+        cpu_threads: int | None = None,
+    ) -> None:
+        if arena.fd is None:
+            raise ValueError("reader processes need a shared arena (HostArena(..., shared=True))")
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
+        self.arena = arena
+        # What every read needs, sent to each reader once when it starts
+        self._setup = (base, str(dtype).removeprefix("torch."), b_rank_major, cpu_threads)
+        self.dtype = dtype
+        self.b_rank_major = b_rank_major
+        self._idle: queue.SimpleQueue[_Reader] = queue.SimpleQueue()
+        self._readers: list[_Reader] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.restarts = 0
+        for _ in range(processes):
+            self._idle.put(self._start())
+
+    def _start(self) -> _Reader:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)  # the reader imports loramux from where this process did
+        root = str(Path(loramux.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        fds = (theirs.fileno(), self.arena.fd)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(fds[0]), str(fds[1]), str(self.arena.capacity)],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        reader = _Reader(process, Connection(ours.detach()))
+        reader.conn.send(self._setup)
+        with self._lock:
+            self._readers.append(reader)
+        return reader
+
+    def read(self, path: Path, allocate: Allocate) -> LoraWeights:
+        """Read the adapter in `path` into a region from `allocate`, checked against the base. Raises what
+        `load_lora` raises (`AdapterConfigError` and its kinds), or `AdapterReaderError`. A reader found dead before
+        it took the path (it died while idle) is replaced and the read tried once more, on the new one."""
+        for attempt in (1, 2):
+            if self._closed:
+                raise AdapterReaderError("the adapter reader processes are shut down")
+            reader = self._idle.get()
+            in_step, answered = True, False  # in_step: False once the reader waits for the next path again
+            try:
+                try:
+                    reader.conn.send(str(path))
+                    reply = reader.conn.recv()
+                    answered = True
+                    if reply[0] == "error":
+                        in_step = False
+                        raise reply[1]
+                    _, plan, nbytes = reply
+                    offset, region = allocate(nbytes)
+                    reader.conn.send(offset)
+                    if offset is None:  # not in the arena: read here
+                        in_step = False
+                        return fill_lora(plan, region, self.dtype, self.b_rank_major)
+                    reply = reader.conn.recv()
+                    in_step = False
+                except (EOFError, OSError) as exc:
+                    if not answered and attempt == 1:
+                        continue
+                    raise AdapterReaderError(f"the adapter reader process failed reading {path}: {exc!r}") from exc
+                if reply[0] == "error":
+                    raise reply[1]
+                assert isinstance(plan, LoraPlan)
+                return plan.weights_over(region, self.dtype, self.b_rank_major)
+            finally:
+                self._give_back(reader, healthy=not in_step)
+        raise AssertionError("unreachable")
+
+    def _give_back(self, reader: _Reader, healthy: bool) -> None:
+        if healthy and not self._closed:
+            self._idle.put(reader)
+            return
+        self._stop(reader)
+        with self._lock:
+            if reader in self._readers:
+                self._readers.remove(reader)
+        if not self._closed:  # a reader stopped mid-read is replaced (the region it wrote to is given back after)
+            self.restarts += 1
+            log.warning("adapter reader process %d stopped (exit code %s); starting another", reader.process.pid,
+                        reader.process.returncode)  # fmt: skip
+            self._idle.put(self._start())
+
+    @staticmethod
+    def _stop(reader: _Reader, timeout: float = 0.0) -> None:
+        reader.conn.close()  # the reader sees the end of its input and exits
+        try:
+            reader.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            reader.process.kill()
+            reader.process.wait()
+
+    def close(self) -> None:
+        """Stop every reader (each ends once it sees its input closed; one that does not within 5 s is killed)."""
+        self._closed = True
+        with self._lock:
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            self._stop(reader, timeout=5.0)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The error to send back: the adapter's own error as it is, anything else as an `AdapterReaderError`."""
+    if isinstance(exc, AdapterConfigError):
+        try:
+            pickle.loads(pickle.dumps(exc))
+            return exc
+        except Exception:  # an error that does not pickle: its text
+            return AdapterConfigError(str(exc))
+    return AdapterReaderError(f"reading the adapter failed: {type(exc).__name__}: {exc}")
+
+
+def serve(conn: Connection, arena_fd: int, capacity: int) -> None:
+    """A reader's loop: a directory in, the plan out, an offset in (None: skip), done out; until the input ends."""
+    base, dtype_name, b_rank_major, cpu_threads = conn.recv()
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    dtype = getattr(torch, dtype_name)
+    arena = torch.frombuffer(mmap.mmap(arena_fd, capacity), dtype=torch.uint8)
+    while True:
+        try:
+            path = conn.recv()
+        except EOFError:
+            return
+        try:
+            plan = plan_lora(Path(path), base)
+        except Exception as exc:
+            conn.send(("error", _portable(exc)))
+            continue
+        nbytes = plan.nbytes(dtype)
+        conn.send(("plan", plan, nbytes))
+        offset = conn.recv()
+        if offset is None:
+            continue
+        try:
+            fill_lora(plan, arena[offset : offset + nbytes], dtype, b_rank_major)
+        except Exception as exc:
+            conn.send(("error", _portable(exc)))
+            continue
+        conn.send(("done",))
+
+
+def main(argv: list[str] | None = None) -> int:
+    socket_fd, arena_fd, capacity = (int(x) for x in (argv if argv is not None else sys.argv[1:]))
+    with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the serving process went away
+        serve(Connection(socket_fd), arena_fd, capacity)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
