@@ -347,10 +347,11 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
     """A rank-16 all-module adapter into slot 0: from the CPU cache (weights already read) and from disk.
 
     The CPU cache holds what the engine's fetch reads: the slots' dtype, in a region of the page-locked arena; the
-    same write from the fp32 pageable tensors `load_lora` returns by default is timed too."""
+    same write from the fp32 pageable tensors `load_lora` returns by default is timed too. From disk: read on this
+    thread (`load_lora`), and, where the engine has reader processes, read by one of them as the engine does."""
     device = base.device
-    runner, arena = engine.runner, engine.adapters.arena
-    cpu, cpu_fp32, disk = [], [], []
+    runner, arena, readers = engine.runner, engine.adapters.arena, engine.adapters.readers
+    cpu, cpu_fp32, disk, via_reader = [], [], [], []
     for _ in range(5):
         regions = []
 
@@ -379,7 +380,24 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
         cpu_fp32.append(time.perf_counter() - started)
         for offset in regions:
             arena.free(offset)
+        if readers is not None:
+            taken: list[int] = []
+
+            def take(nbytes: int, taken: list[int] = taken) -> tuple[int | None, torch.Tensor]:
+                found = arena.allocate(nbytes)
+                if found is None:
+                    return None, torch.empty(nbytes, dtype=torch.uint8)
+                taken.append(found[0])
+                return found
+
+            started = time.perf_counter()
+            runner.write_slot(0, readers.read(adapter_dir, take))
+            sync(device)
+            via_reader.append(time.perf_counter() - started)
+            for offset in taken:
+                arena.free(offset)
     return {"cpu_to_slot_ms": 1e3 * statistics.median(cpu), "disk_to_slot_ms": 1e3 * statistics.median(disk),
+            "disk_to_slot_via_reader_ms": 1e3 * statistics.median(via_reader) if via_reader else None,
             "cpu_fp32_pageable_to_slot_ms": 1e3 * statistics.median(cpu_fp32),
             "adapter_cached_mib": weights.nbytes() / 2**20, "adapter_fp32_mib": raw.nbytes() / 2**20,
             "cached_in_arena": bool(regions)}  # fmt: skip
@@ -473,6 +491,7 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "rate400": {"rate": 400.0},
     "burst": {"rate": math.inf},  # every request submitted at the start
     "unfenced": {"fence": False},  # each slot write waits for all the work queued on the step stream (as before)
+    "in_process": {"adapter_reader_processes": 0},  # adapters read on the fetch threads, beside the step loop (before)
 }
 
 
@@ -790,6 +809,9 @@ def table(results: dict) -> str:
         ld = results["load"]
         label = "adapter -> slot: CPU cache / disk (ms)"
         lines.append(f"{label:44} {ld['cpu_to_slot_ms']:.1f} / {ld['disk_to_slot_ms']:.1f}")
+        if ld.get("disk_to_slot_via_reader_ms") is not None:
+            label = "adapter -> slot: disk via a reader process (ms)"
+            lines.append(f"{label:44} {ld['disk_to_slot_via_reader_ms']:.1f}")
         label = "adapter -> slot from fp32 pageable (ms)"
         lines.append(f"{label:44} {ld['cpu_fp32_pageable_to_slot_ms']:.1f}")
     if "peak_gpu_memory_gib" in results:
