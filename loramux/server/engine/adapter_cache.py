@@ -343,6 +343,11 @@ class AdapterCache:
                 "adapter_loads_outside_arena": self.outside_arena,
             }
 
+    def wait_ready(self) -> None:
+        """Wait until the reader processes (if any) have started; see `ReaderPool.wait_ready`."""
+        if self.readers is not None:
+            self.readers.wait_ready()
+
     def shutdown(self) -> None:
         self._fetcher.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=True, cancel_futures=True)

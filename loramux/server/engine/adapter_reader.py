@@ -63,6 +63,7 @@ class AdapterReaderError(RuntimeError):
 class _Reader:
     process: subprocess.Popen
     conn: Connection
+    ready: bool = False  # its "ready" (torch imported, the arena mapped) was received
 
 
 class ReaderPool:
@@ -127,6 +128,8 @@ class ReaderPool:
             in_step, answered = True, False  # in_step: False once the reader waits for the next path again
             try:
                 try:
+                    if not reader.ready:
+                        self._await_ready(reader)
                     reader.conn.send(str(path))
                     reply = reader.conn.recv()
                     answered = True
@@ -152,6 +155,32 @@ class ReaderPool:
             finally:
                 self._give_back(reader, healthy=not in_step)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _await_ready(reader: _Reader) -> None:
+        if reader.conn.recv() != ("ready",):
+            raise EOFError("the reader answered out of turn")
+        reader.ready = True
+
+    def wait_ready(self) -> None:
+        """Wait until every reader has started (a new interpreter importing torch: seconds), so that the first reads
+        do not wait for that. Raises `AdapterReaderError` naming a reader that exited instead."""
+        with self._lock:
+            count = len(self._readers)
+        taken = [self._idle.get() for _ in range(count)]
+        try:
+            for reader in taken:
+                if not reader.ready:
+                    try:
+                        self._await_ready(reader)
+                    except (EOFError, OSError) as exc:
+                        code = reader.process.wait()
+                        raise AdapterReaderError(
+                            f"an adapter reader process exited as it started (exit code {code}; its error is on stderr)"
+                        ) from exc
+        finally:
+            for reader in taken:
+                self._idle.put(reader)
 
     def _give_back(self, reader: _Reader, healthy: bool) -> None:
         if healthy and not self._closed:
@@ -203,6 +232,7 @@ def serve(conn: Connection, arena_fd: int, capacity: int) -> None:
         torch.set_num_threads(cpu_threads)
     dtype = getattr(torch, dtype_name)
     arena = torch.frombuffer(mmap.mmap(arena_fd, capacity), dtype=torch.uint8)
+    conn.send(("ready",))
     while True:
         try:
             path = conn.recv()

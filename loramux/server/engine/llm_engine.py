@@ -406,12 +406,14 @@ class LLMEngine:
         return [merge_outputs(items) for items in results]
 
     def warm_up(self) -> None:
-        """Before serving: the runner's warm-up (on a GPU: kernels compiled, decode graphs captured), then every object
+        """Before serving: the runner's warm-up (on a GPU: kernels compiled, decode graphs captured), the adapter reader
+        processes started (`AdapterCache.wait_ready`; a reader that cannot start fails the warm-up), then every object
         alive now (the model, its modules, the tokenizer, the engine's own state) moved out of the garbage collector's
         generations (`gc.freeze`). A full collection otherwise walks all of them again and again while serving, with
         the GIL held, stalling the step loop and the adapter threads alike (W2 spent 0.6-1.1 s of its 13-18 s in the
         collector before, 0.2-0.3 s after: BENCHMARKS.md, seventh day). `shutdown` gives them back."""
         self.runner.warm_up()
+        self.adapters.wait_ready()
         gc.collect()
         gc.freeze()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,19 @@ def test_a_reader_that_died_is_replaced_and_the_read_still_succeeds(pool, tmp_pa
     weights = readers.read(path, allocator(arena, []))  # the dead reader fails the first try; a new one reads it
     assert_same(weights, load_lora(path, CONFIG, torch.bfloat16))
     assert readers.restarts == 1 and readers._readers[0] is not first
+
+
+def test_wait_ready_returns_once_every_reader_started_and_names_one_that_could_not(monkeypatch, pool):
+    readers, _ = pool
+    readers.wait_ready()
+    assert all(r.ready for r in readers._readers)
+    arena = HostArena(1 << 12, pin_memory=False, shared=True)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # a reader that exits at once
+    broken = ReaderPool(1, arena, CONFIG, torch.float32)
+    with pytest.raises(AdapterReaderError, match="exited as it started"):
+        broken.wait_ready()
+    broken.close()
+    arena.close()
 
 
 def test_close_stops_the_readers_and_refuses_reads(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from loadtests.bench_engine import LocalSource, write_adapter
+from loramux.adapters.source import AdapterRef
 from loramux.adapters.weights import load_lora
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.model_runner import GRAPH_BATCH_SIZES, Chunk
@@ -29,6 +30,8 @@ def test_graph_decode_matches_eager_decode_with_mixed_adapters(tiny_checkpoint, 
     outputs = {}
     for graphs in (False, True):
         engine = LLMEngine(base, source, config)
+        for name in ("t/a0", "t/a1", "t/a2"):  # read first: the runs batch alike whenever their reads would end
+            engine.adapters.fetch(AdapterRef.parse(name), None)
         if not graphs:
             engine.runner.graphs = None
             engine.runner.graph_prompts = False
