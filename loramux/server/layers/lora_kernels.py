@@ -8,8 +8,9 @@ through one of two paths:
 
 - gather (decode): one program per token, reading that token's own slot's A rows / B columns. No sorting; best when
   few tokens share a slot.
-- segment (prefill): tokens grouped by slot (`plan_segments`, once per batch), each program taking up to BLOCK_M
-  tokens of one slot through the tensor cores, so a slot's A and B are read once per block of tokens.
+- segment (prefill): tokens grouped by slot (`plan_segments`, once per batch) and cut into blocks of up to BLOCK_M
+  tokens of one slot, each block going through the tensor cores, so a slot's A and B are read once per block of
+  tokens. A shrink program takes one block; an expand program every P-th block (`EXPAND_PROGRAMS_PER_SM`).
 
 A slot's rows past its true rank are never read: every load is masked by the slot's rank, and expand's loop stops at
 the rank (compute and bytes bounded by each adapter's real rank; the rows past it may be another slot's).
@@ -233,53 +234,83 @@ def _expand_gather_kernel(
 
 
 @triton.jit
+def _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S):
+    """`_segment_block` for any block number: past the table's last row, (S, 0, 0) (no block)."""
+    row = blocks_ptr + block * 3
+    inside = block < MAX_BLOCKS
+    s = tl.load(row, mask=inside, other=S)
+    return s, tl.load(row + 1, mask=inside, other=0), tl.load(row + 2, mask=inside, other=0)
+
+
+@triton.jit
 def _expand_segment_kernel(
     h_ptr, order_ptr, blocks_ptr, ranks_ptr, scalings_ptr,
     y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2,
-    S, R_MAX, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
+    S, R_MAX, MAX_BLOCKS, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
     HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # grid: (max blocks, blocks of the widest output, groups); (BLOCK_M tokens of one slot) x B_g[s]ᵀ, rank in 16s
+    # grid: (P programs over the plan's blocks, blocks of the widest output, groups). Program p takes blocks p, p + P,
+    # p + 2P, ... until the first row with no block (the rows with blocks come first): (BLOCK_M tokens of one slot)
+    # x B_g[s]ᵀ each, rank in 16s.
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
-    s, row0, rows_left = _segment_block(tl.program_id(0), blocks_ptr)
-    if s >= S:
-        return
-    s = s.to(tl.int64)
     y_ptr, b_ptr, n_out, syt, sbs, sbn, sbr = _group_target(
         g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2
     )
     if pid_n * BLOCK_N >= n_out:
         return
-    rank = _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
-    if rank <= 0:
-        return
     offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < rows_left
-    tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
-    h_rows = h_ptr + tokens[:, None] * stride_ht + g * R_MAX  # (BLOCK_M, 1)
-    b_cols = b_ptr + s * sbs + offs_n[None, :] * sbn  # (1, BLOCK_N): B read transposed
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # The loop stops at this slot's rank: padded columns of B are never read.
-    for r0 in range(0, rank, 16):
-        offs_r = r0 + tl.arange(0, 16)
-        r_mask = offs_r < rank
-        ht = tl.load(h_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, 16)
-        bt = tl.load(b_cols + offs_r[:, None] * sbr, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (16, BLOCK_N)
-        # h is fp32: tf32 keeps 10 mantissa bits of it (bf16/fp16 B is exact in tf32).
-        acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
-    scaling = tl.load(scalings_ptr + s * stride_cs + g * stride_cg).to(tl.float32)
-    y_ptrs = y_ptr + tokens[:, None] * syt + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    yv = tl.load(y_ptrs, mask=mask)
-    tl.store(y_ptrs, (yv.to(tl.float32) + acc * scaling).to(yv.dtype), mask=mask)
+    step = tl.num_programs(0)
+    block = tl.program_id(0)
+    s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
+    while s < S:
+        slot = s.to(tl.int64)
+        rank = _rank_of(ranks_ptr, slot, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
+        if rank > 0:
+            m_mask = offs_m < rows_left
+            tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
+            h_rows = h_ptr + tokens[:, None] * stride_ht + g * R_MAX  # (BLOCK_M, 1)
+            b_cols = b_ptr + slot * sbs + offs_n[None, :] * sbn  # (1, BLOCK_N): B read transposed
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # The loop stops at this slot's rank: padded columns of B are never read.
+            for r0 in range(0, rank, 16):
+                offs_r = r0 + tl.arange(0, 16)
+                r_mask = offs_r < rank
+                ht = tl.load(h_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                bt = tl.load(b_cols + offs_r[:, None] * sbr, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                # h is fp32: tf32 keeps 10 mantissa bits of it (bf16/fp16 B is exact in tf32).
+                acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
+            scaling = tl.load(scalings_ptr + slot * stride_cs + g * stride_cg).to(tl.float32)
+            y_ptrs = y_ptr + tokens[:, None] * syt + offs_n[None, :]
+            mask = m_mask[:, None] & n_mask[None, :]
+            yv = tl.load(y_ptrs, mask=mask)
+            tl.store(y_ptrs, (yv.to(tl.float32) + acc * scaling).to(yv.dtype), mask=mask)
+        block += step
+        s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
 
 
 @functools.lru_cache(maxsize=8)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# The segment expand runs about this many programs per multiprocessor, each over every P-th block of the plan, where
+# the plan has more rows than that (a plan is sized for the most blocks its tokens could need over every slot page:
+# 272 rows for a 256-token decode batch over 512 pages, most of them empty with ~130 adapters in the batch, and each
+# row was a program per output tile, 61,000 programs for gate/up, most returning at once; BENCHMARKS.md, eleventh day).
+EXPAND_PROGRAMS_PER_SM = 64
+
+
+def _block_programs(max_blocks: int, per_block: int, device: torch.device) -> int:
+    """P, the programs over a plan's `max_blocks` rows in a segment expand whose grid has `per_block` programs (output
+    tiles x groups) for each."""
+    if device.type != "cuda":
+        return max_blocks
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    wanted = EXPAND_PROGRAMS_PER_SM * _sm_count(index)
+    return max(1, min(max_blocks, triton.cdiv(wanted, per_block)))
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -491,9 +522,10 @@ def expand_fused(
         return
     segments = _checked_plan(segments, token_slots, num_slots)
     block_n = 128
-    _expand_segment_kernel[(segments.blocks.shape[0], triton.cdiv(widest, block_n), groups)](
+    max_blocks, tiles = segments.blocks.shape[0], triton.cdiv(widest, block_n)
+    _expand_segment_kernel[(_block_programs(max_blocks, tiles * groups, h.device), tiles, groups)](
         h, segments.order, segments.blocks, rank_arg, scalings, *targets,
-        num_slots, r_max, h.stride(0), stride_rs, stride_rg, stride_cs, stride_cg,
+        num_slots, r_max, max_blocks, h.stride(0), stride_rs, stride_rg, stride_cs, stride_cg,
         HAS_RANKS=ranks is not None, PRECISION=_precision(bs[0].dtype), BLOCK_M=segments.block_m,
         BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip

@@ -117,6 +117,32 @@ def test_shrink_expand_match_reference(path, tokens, k, n, num_slots, r_max, mix
         assert update_err(y, y_in, y_ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("per_sm", [1, 64])
+def test_segment_expand_with_fewer_programs_than_blocks_takes_every_block_once(monkeypatch, per_sm):
+    """The segment expand's programs each take every P-th block of the plan until its rows without a block: with one
+    program per multiprocessor over 16 output tiles, a few programs take the plan's 69 rows; with 64 (the default),
+    one each. Slots of rank 0 (a module the adapter does not target) are skipped and their tokens left alone."""
+    monkeypatch.setattr(lk, "EXPAND_PROGRAMS_PER_SM", per_sm)
+    gen = torch.Generator().manual_seed(per_sm)
+    tokens, k, n, num_slots, r_max, dtype = 300, 128, 2048, 64, 32, torch.bfloat16
+    slots = random_slots(tokens, num_slots, "mixed", gen)
+    ranks = random_ranks(num_slots, r_max, 1, gen)
+    ranks[::5] = 0
+    valid = rank_mask(ranks, num_slots, r_max, 1)
+    x = torch.randn(tokens, k, generator=gen).to(DEVICE, dtype)
+    a = padded(torch.randn(num_slots, r_max, k, generator=gen).to(DEVICE, dtype) / k**0.5, valid, 1)
+    b = padded(torch.randn(num_slots, n, r_max, generator=gen).to(DEVICE, dtype), valid, 2)
+    scalings = torch.rand(num_slots, generator=gen).to(DEVICE) + 0.5
+    y = (torch.randn(tokens, n, generator=gen) * 0.1).to(DEVICE, dtype)
+    y_in = y.clone()
+    segments = lk.plan_segments(slots, num_slots)
+    h = lk.shrink(x, a, slots, ranks=ranks, segments=segments)
+    lk.expand(y, h, b, slots, scalings, ranks=ranks, segments=segments)
+    untouched = (slots < 0) | (ranks[slots.long().clamp(min=0)] == 0)
+    assert torch.equal(y[untouched], y_in[untouched])
+    assert update_err(y, y_in, ref_expand(y_in, ref_shrink(x, a, slots, valid), b, slots, scalings, valid)) < 1e-2
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_other_activation_dtypes(path, dtype):
