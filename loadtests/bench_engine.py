@@ -848,6 +848,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int, default=1, help="W1 and W2 this many times each (W2 on a fresh engine): medians"
     )
     p.add_argument("--profile", action="store_true", help="profile a decode step of W1, and of W2's adapters (GPU)")
+    p.add_argument(
+        "--expand-programs-per-sm",
+        type=int,
+        help="the segment expand's programs per multiprocessor (lora_kernels.EXPAND_PROGRAMS_PER_SM; 0: one per plan "
+        "row, as before the cap)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.w1_requests, args.w1_adapters, args.prompt, args.gen = 8, 4, 8, 4
@@ -868,6 +874,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.expand_programs_per_sm is not None:
+        from loramux.server.layers import lora_kernels
+
+        lora_kernels.EXPAND_PROGRAMS_PER_SM = args.expand_programs_per_sm
     raw = TINY if args.tiny else LLAMA3_8B
     results: dict = {
         "command": " ".join(["python", "loadtests/bench_engine.py", *(argv if argv is not None else sys.argv[1:])]),

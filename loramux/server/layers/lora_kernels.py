@@ -300,13 +300,13 @@ def _sm_count(device_index: int) -> int:
 # the plan has more rows than that (a plan is sized for the most blocks its tokens could need over every slot page:
 # 272 rows for a 256-token decode batch over 512 pages, most of them empty with ~130 adapters in the batch, and each
 # row was a program per output tile, 61,000 programs for gate/up, most returning at once; BENCHMARKS.md, eleventh day).
-EXPAND_PROGRAMS_PER_SM = 64
+EXPAND_PROGRAMS_PER_SM = 64  # 0: one program per row (the grid before the cap)
 
 
 def _block_programs(max_blocks: int, per_block: int, device: torch.device) -> int:
     """P, the programs over a plan's `max_blocks` rows in a segment expand whose grid has `per_block` programs (output
     tiles x groups) for each."""
-    if device.type != "cuda":
+    if device.type != "cuda" or EXPAND_PROGRAMS_PER_SM <= 0:  # 0: a program per row
         return max_blocks
     index = device.index if device.index is not None else torch.cuda.current_device()
     wanted = EXPAND_PROGRAMS_PER_SM * _sm_count(index)
