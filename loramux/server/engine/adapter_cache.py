@@ -341,6 +341,8 @@ class AdapterCache:
                 "adapter_read_seconds": self.read_seconds,
                 "adapter_slot_write_seconds": self.write_seconds,
                 "adapter_loads_outside_arena": self.outside_arena,
+                "adapter_reader_processes": self.readers.processes if self.readers is not None else 0,
+                "adapter_reader_restarts": self.readers.restarts if self.readers is not None else 0,
             }
 
     def wait_ready(self) -> None:

@@ -156,6 +156,12 @@ class ReaderPool:
                 self._give_back(reader, healthy=not in_step)
         raise AssertionError("unreachable")
 
+    @property
+    def processes(self) -> int:
+        """Reader processes running (or starting)."""
+        with self._lock:
+            return len(self._readers)
+
     @staticmethod
     def _await_ready(reader: _Reader) -> None:
         if reader.conn.recv() != ("ready",):
@@ -165,9 +171,7 @@ class ReaderPool:
     def wait_ready(self) -> None:
         """Wait until every reader has started (a new interpreter importing torch: seconds), so that the first reads
         do not wait for that. Raises `AdapterReaderError` naming a reader that exited instead."""
-        with self._lock:
-            count = len(self._readers)
-        taken = [self._idle.get() for _ in range(count)]
+        taken = [self._idle.get() for _ in range(self.processes)]
         try:
             for reader in taken:
                 if not reader.ready:

@@ -187,7 +187,9 @@ def test_adapters_read_by_reader_processes_serve_what_peft_computes(tiny, peft_h
     for name, prompt, out in zip("ab", ids, outs, strict=True):
         want = peft_helpers.reference_logits(peft_model, name, prompt, out.token_ids)
         torch.testing.assert_close(out.logits, want, atol=1e-4, rtol=1e-4)
-    assert engine.stats()["adapter_loads"] == 2 and readers.restarts == 0
+    stats = engine.stats()
+    assert stats["adapter_loads"] == 2 and stats["adapter_reader_processes"] == 2
+    assert stats["adapter_reader_restarts"] == 0
     processes = [r.process for r in readers._readers]
     engine.shutdown()
     assert all(p.poll() is not None for p in processes)
