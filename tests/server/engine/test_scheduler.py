@@ -169,8 +169,30 @@ def test_a_claim_that_found_no_room_is_tried_again_only_once_something_was_freed
     scheduler.add(request("b0", "t/b"))
     for _ in range(5):
         assert step(scheduler) == ["a0"]
-    # tried twice: once before it reserved a0's slot, once as that reservation's owner; then remembered as no room
-    assert len(claims) == 2
+    # tried once: the reservation it then made (a0's slot, to drain for it) excludes nothing more from its next claim
+    assert len(claims) == 1
     finish(scheduler, "a0")  # its slot is unpinned
     assert step(scheduler) == ["b0"]
-    assert len(claims) == 3 and scheduler.adapters.slots[0].key.startswith("t/b")
+    assert len(claims) == 2 and scheduler.adapters.slots[0].key.startswith("t/b")
+
+
+def test_waiting_requests_already_gone_through_are_skipped_until_something_changes(make):
+    """With no room for any waiting request, a step goes only through requests that arrived since the last pass
+    (the others' outcome stands until a slot is unpinned, loaded or freed, or a reservation is given up)."""
+    scheduler = make(num_slots=1, max_rank=8)
+    scheduler.add(request("a0", "t/a", max_tokens=50))
+    assert step(scheduler) == ["a0"]
+    passes = []
+    resident = scheduler.adapters.resident
+    scheduler.adapters.resident = lambda: passes.append(scheduler.num_waiting) or resident()
+    for name in ("b0", "c0"):
+        scheduler.add(request(name, f"t/{name}"))
+    for _ in range(4):
+        assert step(scheduler) == ["a0"]
+    assert passes == [2]  # one pass over b0 and c0, none after
+    scheduler.add(request("d0", "t/d"))
+    assert step(scheduler) == ["a0"] and step(scheduler) == ["a0"]
+    assert passes == [2, 3]  # d0's arrival: a pass (over d0 only)
+    finish(scheduler, "a0")  # a slot unpinned: everyone is gone through again, and b0 gets it
+    assert step(scheduler) == ["b0"]
+    assert passes[2] == 3
