@@ -32,6 +32,7 @@ import mmap
 import os
 import pickle
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -195,7 +196,8 @@ class ReaderPool:
             if reader in self._readers:
                 self._readers.remove(reader)
         if not self._closed:  # a reader stopped mid-read is replaced (the region it wrote to is given back after)
-            self.restarts += 1
+            with self._lock:
+                self.restarts += 1
             log.warning("adapter reader process %d stopped (exit code %s); starting another", reader.process.pid,
                         reader.process.returncode)  # fmt: skip
             self._idle.put(self._start())
@@ -262,6 +264,9 @@ def serve(conn: Connection, arena_fd: int, capacity: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     socket_fd, arena_fd, capacity = (int(x) for x in (argv if argv is not None else sys.argv[1:]))
+    # Ctrl-C in a terminal reaches the whole process group: the serving process shuts down, and the reader ends
+    # when it sees its input closed (also if the serving process dies)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the serving process went away
         serve(Connection(socket_fd), arena_fd, capacity)
     return 0
