@@ -33,6 +33,7 @@ import os
 import pickle
 import queue
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -99,16 +100,13 @@ class ReaderPool:
 
     def _start(self) -> _Reader:
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)  # the reader imports loramux from where this process did
-        root = str(Path(loramux.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         fds = (theirs.fileno(), self.arena.fd)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(fds[0]), str(fds[1]), str(self.arena.capacity)],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=_reader_env(),
             )
         finally:
             theirs.close()
@@ -218,6 +216,17 @@ class ReaderPool:
             readers, self._readers = self._readers, []
         for reader in readers:
             self._stop(reader, timeout=5.0)
+
+
+def _reader_env() -> dict[str, str]:
+    """This process's environment, with the directory loramux was imported from first on the path where that is not
+    a site directory (a source checkout), so that the reader imports the same loramux."""
+    env = dict(os.environ)
+    root = Path(loramux.__file__).resolve().parent.parent
+    sites = {Path(p).resolve() for p in (*site.getsitepackages(), site.getusersitepackages())}
+    if root not in sites:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _portable(exc: BaseException) -> BaseException:
