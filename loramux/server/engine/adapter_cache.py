@@ -107,7 +107,10 @@ class AdapterCache:
         self.fetch_cpu_threads = fetch_cpu_threads
         self.readers: ReaderPool | None = None
         if reader_processes > 0 and arena is not None and arena.fd is not None:
-            self.readers = ReaderPool(reader_processes, arena, base_config, dtype, b_rank_major, fetch_cpu_threads)
+            try:
+                self.readers = ReaderPool(reader_processes, arena, base_config, dtype, b_rank_major, fetch_cpu_threads)
+            except OSError as exc:  # no process could be started: the fetch threads read instead
+                log.warning("adapter reader processes could not start (%s); reading in-process", exc)
         self._fetcher = ThreadPoolExecutor(
             max_workers=reader_processes if self.readers is not None else FETCH_THREADS,
             thread_name_prefix="loramux-adapter-fetch",

@@ -110,7 +110,11 @@ class LLMEngine:
         if readers is None:
             readers = adapter_cache.FETCH_THREADS if on_gpu else 0  # read here: a benchmark may change it
         if config.num_slots > 0 and source is not None:
-            arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu, shared=readers > 0)
+            try:
+                arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu, shared=readers > 0)
+            except OSError as exc:  # no memory file here (memfd_create refused): the fetch threads read instead
+                log.warning("the adapter cache cannot be shared with reader processes (%s); reading in-process", exc)
+                arena, readers = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu), 0
         self.adapters = AdapterCache(
             source,
             base.config,

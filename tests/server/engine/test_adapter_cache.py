@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -221,3 +222,18 @@ def test_fetch_threads_use_the_cpu_threads_they_are_given_and_leave_the_callers_
         restore = threading.Thread(target=torch.set_num_threads, args=(before,))  # the default for later threads
         restore.start()
         restore.join()
+
+
+def test_without_reader_processes_the_fetch_threads_read(dir_source, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    dir_source.publish("t/a", write_adapter(tmp_path / "a", seed=1))
+    arena = HostArena(4 * ADAPTER_BYTES, pin_memory=False, shared=True)
+    cache = AdapterCache(dir_source, CONFIG, lambda *_: None, 2, 8, 10 * ADAPTER_BYTES, arena=arena, reader_processes=2)
+    try:
+        assert cache.readers is None and cache.stats()["adapter_reader_processes"] == 0
+        assert in_arena(cache, fetch(cache, "a"))
+    finally:
+        cache.shutdown()

@@ -4,6 +4,7 @@ seeds, new revisions, bad parameters, the warm-up's garbage-collector freeze."""
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -193,6 +194,20 @@ def test_adapters_read_by_reader_processes_serve_what_peft_computes(tiny, peft_h
     processes = [r.process for r in readers._readers]
     engine.shutdown()
     assert all(p.poll() is not None for p in processes)
+
+
+def test_where_no_memory_file_can_be_made_the_engine_reads_adapters_in_process(tiny, monkeypatch):
+    base, source, _ = tiny
+
+    def refuse(*args):
+        raise OSError("memfd_create is not allowed here")
+
+    monkeypatch.setattr(os, "memfd_create", refuse)
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, adapter_reader_processes=2))
+    assert engine.adapters.readers is None and engine.adapters.arena.fd is None
+    (out,) = engine.generate([[10, 20, 30]], GREEDY, ["t/a"])
+    assert len(out.token_ids) == GREEDY.max_tokens and engine.stats()["adapter_loads"] == 1
+    engine.shutdown()
 
 
 def test_new_revision_replaces_the_cached_adapter(tiny, tmp_path, peft_helpers):
