@@ -151,11 +151,12 @@ class Scheduler:
         began = (self.adapters.freed, self._unreserved)
         if began != self._tried_at:
             self._tried = set()
-        waiting = [r for r in order if r.needs_slot and r.adapter_key is not None and r not in self._tried]
+        needing = [r for r in order if r.needs_slot and r.adapter_key is not None]
+        waiting = [r for r in needing if r not in self._tried]
         if not waiting:
             return
         claimed = False
-        wanted = {r.adapter_key for r in waiting}  # a free slot holding one of these is reused last
+        wanted = {r.adapter_key for r in needing}  # a free slot holding one of these is reused last
         resident = self.adapters.resident()
         # pages of the smallest run a claim found no room for (outside reservations), in this step or in an earlier
         # one with nothing freed since
