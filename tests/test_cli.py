@@ -48,3 +48,10 @@ def test_help_lists_commands():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "generate" in result.stdout
+
+
+def test_serve_refuses_a_negative_number_of_adapter_readers(tmp_path):
+    result = run_cli("serve", "--adapter-readers", "-1", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--adapter-readers must not be negative, got -1" in lines[0]

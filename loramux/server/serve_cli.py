@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU cache of adapter weights in MiB, in the compute dtype, allocated at start (bf16 and page-locked on "
         "a GPU; default 2048)",
     )
+    parser.add_argument(
+        "--adapter-readers",
+        type=int,
+        default=None,
+        help="processes that read adapters into the CPU cache, beside the serving process (default: 2 on a GPU, where "
+        "reads on its own threads would hold up the step loop; 0 on the CPU: read on threads)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the base's)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -63,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    for name in ("slots", "max_queue", "adapter_cache_mb"):
-        if getattr(args, name) < 0:
+    for name in ("slots", "max_queue", "adapter_cache_mb", "adapter_readers"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("max_lora_rank", "max_num_seqs"):
         if getattr(args, name) < 1:
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
         adapter_cache_bytes=args.adapter_cache_mb * MiB,
+        adapter_reader_processes=args.adapter_readers,
         max_model_len=args.max_model_len,
     )
     hub_token = args.hub_token or os.environ.get("LORAMUX_TOKEN") or os.environ.get("HF_TOKEN")

@@ -40,6 +40,7 @@ def env(tmp_path_factory):
     server = launch(
         root / "home", "--base", str(base), "--data-dir", str(root / "data"),
         "--slots", "2", "--max-lora-rank", "8", "--max-num-seqs", "8",
+        "--adapter-readers", "1",  # adapters read by a reader process, as on a GPU
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:  # the session runs offline; this hub is local
         patch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
@@ -227,6 +228,7 @@ def test_metrics_present_and_moving(env):
         assert f"\nloramux_{gauge} " in after, gauge
     assert metric(after, "loramux_adapter_read_seconds") > 0  # the adapter was read from disk in this test
     assert metric(after, "loramux_slots_total") == 2
+    assert metric(after, "loramux_adapter_reader_processes") == 1
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(env):
