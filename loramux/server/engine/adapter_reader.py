@@ -111,7 +111,8 @@ class ReaderPool:
         finally:
             theirs.close()
         reader = _Reader(process, Connection(ours.detach()))
-        reader.conn.send(self._setup)
+        with contextlib.suppress(OSError):  # it exited already: found out when it is first waited for (`_await_ready`)
+            reader.conn.send(self._setup)
         with self._lock:
             self._readers.append(reader)
         return reader
@@ -123,6 +124,8 @@ class ReaderPool:
         for attempt in (1, 2):
             if self._closed:
                 raise AdapterReaderError("the adapter reader processes are shut down")
+            if not self.processes:
+                raise AdapterReaderError("no adapter reader process is running (none could be started again)")
             reader = self._idle.get()
             in_step, answered = True, False  # in_step: False once the reader waits for the next path again
             try:
@@ -198,7 +201,10 @@ class ReaderPool:
                 self.restarts += 1
             log.warning("adapter reader process %d stopped (exit code %s); starting another", reader.process.pid,
                         reader.process.returncode)  # fmt: skip
-            self._idle.put(self._start())
+            try:
+                self._idle.put(self._start())
+            except OSError:  # the pool has one reader fewer; with none left, reads fail at once
+                log.exception("starting an adapter reader process failed")
 
     @staticmethod
     def _stop(reader: _Reader, timeout: float = 0.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,6 +139,24 @@ def test_wait_ready_returns_once_every_reader_started_and_names_one_that_could_n
         broken.wait_ready()
     broken.close()
     arena.close()
+
+
+def test_when_no_reader_can_be_started_again_reads_fail_at_once(monkeypatch, pool, tmp_path):
+    readers, arena = pool
+    path = write_adapter(tmp_path / "a", 7)
+
+    def refuse(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    (only,) = readers._readers
+    only.process.kill()
+    only.process.wait()
+    with pytest.raises(AdapterReaderError):
+        readers.read(path, allocator(arena, []))  # the dead reader cannot be replaced
+    assert readers.processes == 0
+    with pytest.raises(AdapterReaderError, match="no adapter reader process is running"):
+        readers.read(path, allocator(arena, []))  # at once, rather than waiting for a reader
 
 
 def test_close_stops_the_readers_and_refuses_reads(tmp_path):
