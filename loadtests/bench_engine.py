@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -352,20 +353,27 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
     device = base.device
     runner, arena, readers = engine.runner, engine.adapters.arena, engine.adapters.readers
     cpu, cpu_fp32, disk, via_reader = [], [], [], []
-    for _ in range(5):
-        regions = []
 
-        def allocate(nbytes: int, regions: list[int] = regions) -> torch.Tensor:
+    def taking(regions: list[int]) -> Callable[[int], tuple[int | None, torch.Tensor]]:
+        """An allocator of arena regions (their offsets kept in `regions`), pageable where the arena has no room."""
+
+        def take(nbytes: int) -> tuple[int | None, torch.Tensor]:
             found = arena.allocate(nbytes) if arena is not None else None
             if found is None:
-                return torch.empty(nbytes, dtype=torch.uint8)
+                return None, torch.empty(nbytes, dtype=torch.uint8)
             regions.append(found[0])
-            return found[1]
+            return found
 
+        return take
+
+    for _ in range(5):
+        regions: list[int] = []
+        take = taking(regions)
         started = time.perf_counter()
         weights = load_lora(
-            adapter_dir, base.config, runner.adapter_dtype, allocate, b_rank_major=runner.cache_b_rank_major
-        )
+            adapter_dir, base.config, runner.adapter_dtype, lambda n, take=take: take(n)[1],
+            b_rank_major=runner.cache_b_rank_major,
+        )  # fmt: skip
         runner.write_slot(0, weights)
         sync(device)
         disk.append(time.perf_counter() - started)
@@ -382,16 +390,8 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
             arena.free(offset)
         if readers is not None:
             taken: list[int] = []
-
-            def take(nbytes: int, taken: list[int] = taken) -> tuple[int | None, torch.Tensor]:
-                found = arena.allocate(nbytes)
-                if found is None:
-                    return None, torch.empty(nbytes, dtype=torch.uint8)
-                taken.append(found[0])
-                return found
-
             started = time.perf_counter()
-            runner.write_slot(0, readers.read(adapter_dir, take))
+            runner.write_slot(0, readers.read(adapter_dir, taking(taken)))
             sync(device)
             via_reader.append(time.perf_counter() - started)
             for offset in taken:

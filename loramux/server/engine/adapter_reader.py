@@ -10,7 +10,7 @@ from a fetch thread, goes:
 
 1. the fetch thread sends the adapter's directory to an idle reader;
 2. the reader checks the config and the safetensors header against the base (`plan_lora`) and answers with the
-   plan and the bytes the adapter takes, or with the error;
+   plan (which gives the bytes the adapter takes), or with the error;
 3. the fetch thread carves those bytes from the arena (evicting as before) and answers with the offset;
 4. the reader reads the tensors into that region and checks them (`fill_lora`), and answers done or the error;
 5. the fetch thread makes the views over the region (`LoraPlan.weights_over`).
@@ -47,7 +47,7 @@ import torch
 
 import loramux
 from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.weights import LoraPlan, LoraWeights, fill_lora, plan_lora
+from loramux.adapters.weights import LoraWeights, fill_lora, plan_lora
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.models.config import ModelConfig
 
@@ -138,8 +138,8 @@ class ReaderPool:
                     if reply[0] == "error":
                         in_step = False
                         raise reply[1]
-                    _, plan, nbytes = reply
-                    offset, region = allocate(nbytes)
+                    plan = reply[1]
+                    offset, region = allocate(plan.nbytes(self.dtype))
                     reader.conn.send(offset)
                     if offset is None:  # not in the arena: read here
                         in_step = False
@@ -152,7 +152,6 @@ class ReaderPool:
                     raise AdapterReaderError(f"the adapter reader process failed reading {path}: {exc!r}") from exc
                 if reply[0] == "error":
                     raise reply[1]
-                assert isinstance(plan, LoraPlan)
                 return plan.weights_over(region, self.dtype, self.b_rank_major)
             finally:
                 self._give_back(reader, healthy=not in_step)
@@ -196,9 +195,9 @@ class ReaderPool:
         with self._lock:
             if reader in self._readers:
                 self._readers.remove(reader)
-        if not self._closed:  # a reader stopped mid-read is replaced (the region it wrote to is given back after)
-            with self._lock:
+            if not self._closed:
                 self.restarts += 1
+        if not self._closed:  # a reader stopped mid-read is replaced (the region it wrote to is given back after)
             log.warning("adapter reader process %d stopped (exit code %s); starting another", reader.process.pid,
                         reader.process.returncode)  # fmt: skip
             try:
@@ -264,13 +263,12 @@ def serve(conn: Connection, arena_fd: int, capacity: int) -> None:
         except Exception as exc:
             conn.send(("error", _portable(exc)))
             continue
-        nbytes = plan.nbytes(dtype)
-        conn.send(("plan", plan, nbytes))
+        conn.send(("plan", plan))
         offset = conn.recv()
         if offset is None:
             continue
         try:
-            fill_lora(plan, arena[offset : offset + nbytes], dtype, b_rank_major)
+            fill_lora(plan, arena[offset:], dtype, b_rank_major)
         except Exception as exc:
             conn.send(("error", _portable(exc)))
             continue
