@@ -6,6 +6,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Callable
+from types import ModuleType
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -19,6 +20,21 @@ BLOCK_SIZE = 64  # values per absmax block, as in QLoRA
 # Python that cost about 0.2 ms of host time a call: an eager step makes 224 of them on the 8B shape). Below it,
 # bitsandbytes' `matmul_4bit` runs: its fused 4-bit kernels for small batches (decode steps, captured in graphs).
 DIRECT_DEQUANT_MIN_ROWS = 65
+# On a GPU, calls of up to this many rows would multiply with `nf4_kernels.nf4_matmul`, which reads the 4-bit weight
+# as it is stored instead of writing a bf16 copy of it first. 0, the default: on an H200 that kernel was slower than
+# bitsandbytes' paths at every row count measured (BENCHMARKS.md, twelfth day), so it is off until it is faster. Read
+# at each call: CUDA graphs keep the path they were captured with.
+FUSED_MAX_ROWS = 0
+
+
+@functools.cache
+def _fused_kernels() -> ModuleType | None:
+    """`nf4_kernels`, or None where Triton is missing."""
+    try:
+        from loramux.server.layers import nf4_kernels
+    except ImportError:
+        return None
+    return nf4_kernels
 
 
 def cpu_dequant_cache_enabled() -> bool:
@@ -68,6 +84,10 @@ class NF4Linear(nn.Module):
                 self._dense = self.dequantize()
             return F.linear(x, self._dense, self.bias)
         state = self.serving_state or self.quant_state
+        if self.serving_state is not None and x.numel() <= FUSED_MAX_ROWS * self.in_features:
+            kernels = _fused_kernels() if x.dtype == self.compute_dtype else None
+            if kernels is not None and kernels.supported(self.in_features, x.dtype):
+                return kernels.nf4_matmul(x, self.packed, state.absmax, state.code, self.out_features, self.bias)
         if self.serving_state is not None and x.numel() >= DIRECT_DEQUANT_MIN_ROWS * self.in_features:
             dequantize = _nf4_dequantize_kernel(x.dtype) if x.dtype == self.compute_dtype else None
             if dequantize is not None:
