@@ -324,11 +324,18 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
         engine.warm_up()
         run_batch(engine, ids, min(gen, 8), names)
         run_batch(engine, ids, min(gen, 8), [None] * n)
-        lora_runs, base_runs = [], []
+        lora_runs, base_runs, at_once_runs = [], [], []
+        overlap = engine.overlap_outputs
         for _ in range(args.repeats):  # in turn, so that a slow spell of the machine meets both
             lora_runs.append(run_batch(engine, ids, gen, names))
             base_runs.append(run_batch(engine, ids, gen, [None] * n))
+            if args.compare_overlap:  # the same engine streaming each step's outputs before the next step
+                engine.overlap_outputs = False
+                at_once_runs.append(run_batch(engine, ids, gen, names))
+                engine.overlap_outputs = overlap
         results["w1_lora"], results["w1_base"] = median_run(lora_runs), median_run(base_runs)
+        if at_once_runs:
+            results["w1_lora_at_once"] = median_run(at_once_runs)
         if "stream" in args.parts:
             one = prompts(1, plen, base.config.vocab_size, seed=2)
             run_batch(engine, one, 8, [names[0]])
@@ -476,6 +483,7 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "wave": {"prefill_wave": 16, "max_prefill_delay": 8},  # admissions grouped in waves
     "slots128": {"num_slots": 128},  # twice the slots: what more resident adapters would give
     "gather": {"triton_decode": False},  # decode attention through the padded gather + SDPA
+    "at_once": {"overlap_outputs": False},  # each step's outputs streamed before the next step (not during it)
     "unpaged": {"slot_page_rank": 64},  # one adapter per slot whatever its rank (slot memory not paged by rank)
     "repeat": {},  # the same again: what is left of first-time costs (compiles, allocations) shows as a difference
     "warm": {"cpu_cache_warm": True},  # every adapter W2 asks for read into the CPU cache before the clock starts
@@ -783,6 +791,7 @@ def table(results: dict) -> str:
         ("loramux W2 (Zipf, Poisson)", "w2"),
         ("W1, 32 adapters, gather attention", "w1_lora_gather"),
         ("W1, no adapters, gather attention", "w1_base_gather"),
+        ("W1, 32 adapters, outputs streamed at once", "w1_lora_at_once"),
     ]
     rows += [
         (f"loramux W2, {key[3:]}", key) for key in results if key.startswith("w2_") and "tokens_per_s" in results[key]
@@ -843,6 +852,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compare-attention",
         action="store_true",
         help="W1 also with decode attention through the padded gather (the path before the kernel)",
+    )
+    p.add_argument(
+        "--compare-overlap",
+        action="store_true",
+        help="W1 with adapters also with each step's outputs streamed before the next step (overlap_outputs off)",
     )
     p.add_argument(
         "--repeats", type=int, default=1, help="W1 and W2 this many times each (W2 on a fresh engine): medians"

@@ -140,13 +140,16 @@ class AsyncEngine:
             log.exception("the engine's step loop failed")
             self._failure = exc
             self._stopped.set()
-            for request in list(engine.requests.values()):
+            # those still running, and those that ended with tokens not streamed yet (their last output is lost)
+            for request in dict.fromkeys([*engine.requests.values(), *engine.discard_unsent()]):
                 request.on_output(EngineStoppedError(f"the engine failed: {exc}"))
 
     def shutdown(self) -> None:
         self._stopped.set()
         self.engine._wake()
         self._thread.join(timeout=30)
+        if self._failure is None and not self._thread.is_alive():
+            self.engine.flush()  # the last step's tokens go out before the streams end
         for request in list(self.engine.requests.values()):
             request.on_output(EngineStoppedError("the engine is shut down"))
         self.engine.shutdown()

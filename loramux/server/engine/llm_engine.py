@@ -57,6 +57,11 @@ class EngineConfig:
     # once they have waited `max_prefill_delay` steps): fewer steps carry a prefill beside the decode batch.
     prefill_wave: int = 1
     max_prefill_delay: int = 0
+    # A step's outputs (text decoded, callbacks called) go out during the next step, while the device computes it,
+    # instead of before it starts: 2.5-6 ms of host time a step that the device waited for (BENCHMARKS.md, twelfth
+    # day), for one step more before each output is seen. None: on a GPU only (on the CPU the step computes on the
+    # host: nothing to overlap).
+    overlap_outputs: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -142,6 +147,10 @@ class LLMEngine:
             max_prefill_delay=config.max_prefill_delay,
         )
         self.requests: dict[str, Request] = {}
+        overlap = config.overlap_outputs
+        self.overlap_outputs = self.runner.device.type == "cuda" if overlap is None else overlap
+        # tokens appended and not yet streamed: (request, finish reason decided when the token came, or None)
+        self._unsent: list[tuple[Request, str | None]] = []
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._accepted = 0  # requests accepted and not finished (for the queue limit)
@@ -254,39 +263,51 @@ class LLMEngine:
     def _abort(self, request_id: str) -> None:
         request = self.requests.get(request_id)
         if request is not None:
-            self._finish(request, "abort", [])
+            self._send(request)  # what it generated before goes out first (a stop string may end it there)
+            if request.status is not RequestStatus.FINISHED:
+                self._finish(request, "abort", [])
 
     # -- the step ------------------------------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or not self._inbox.empty()
+        return bool(self.requests) or bool(self._unsent) or not self._inbox.empty()
 
     def wait_for_work(self, timeout: float) -> None:
         self._wakeup.wait(timeout)
         self._wakeup.clear()
 
     def step(self) -> bool:
-        """Run one step: apply queued adds/aborts, schedule, forward, sample, stream. False if there was no work."""
+        """Run one step: apply queued adds/aborts, schedule, forward, sample, stream. False if there was no work.
+
+        With `overlap_outputs`, the tokens a step samples are appended at once (and a request that ends by a stop
+        token or its length leaves the scheduler at once), but streamed during the next step, after its forward is
+        queued on the device: text decoding and the callbacks run while the device computes. A request that a stop
+        string ends then is already in that step; its token from it is dropped."""
         while True:
             try:
                 self._inbox.get_nowait()()
             except queue.Empty:
                 break
         batch = self.scheduler.schedule()
-        if not batch:
-            return False
-        chunks = [
-            Chunk(
-                request.token_ids(request.num_computed, request.num_computed + n),
-                request.num_computed,
-                request.block_table,
-                request.slot,
-            )
-            for request, n in batch
-        ]
-        logits = self.runner.run(chunks)
+        logits = None
+        if batch:
+            chunks = [
+                Chunk(
+                    request.token_ids(request.num_computed, request.num_computed + n),
+                    request.num_computed,
+                    request.block_table,
+                    request.slot,
+                )
+                for request, n in batch
+            ]
+            logits = self.runner.run(chunks)
+        sent = self._send()  # the previous step's tokens, while the device computes this one
+        if logits is None:
+            return sent
         ready: list[tuple[Request, torch.Tensor]] = []
         for (request, n), rows in zip(batch, logits, strict=True):
+            if request.status is RequestStatus.FINISHED:  # a stop string ended it while this step was queued
+                continue
             request.num_computed += n
             if request.num_computed == request.num_tokens:  # the whole sequence is in the cache: sample
                 ready.append((request, rows[-1]))
@@ -295,6 +316,8 @@ class LLMEngine:
             tokens = sample_tokens([row for _, row in ready], settings)
             for (request, row), token in zip(ready, tokens, strict=True):
                 self._append_token(request, token, row)
+        if not self.overlap_outputs:
+            self._send()
         return True
 
     def _append_token(self, request: Request, token: int, logits: torch.Tensor) -> None:
@@ -307,7 +330,36 @@ class LLMEngine:
             finish = "stop"
         elif len(request.output_ids) >= p.max_tokens or request.num_tokens >= self.max_model_len:
             finish = "length"
-        self._stream(request, finish)
+        if finish is not None:
+            self._end(request)  # out of the scheduler now: the next step does not run it
+        self._unsent.append((request, finish))
+
+    def _send(self, only: Request | None = None) -> bool:
+        """Stream the tokens appended since the last call (only `only`'s, where given). False if there were none."""
+        if not self._unsent:
+            return False
+        if only is None:
+            unsent, self._unsent = self._unsent, []
+        else:
+            unsent = [item for item in self._unsent if item[0] is only]
+            self._unsent = [item for item in self._unsent if item[0] is not only]
+        for request, finish in unsent:
+            self._stream(request, finish)
+        return bool(unsent)
+
+    def flush(self) -> None:
+        """Stream every token appended and not streamed yet (`overlap_outputs` holds a step's back until the next)."""
+        self._send()
+
+    def unsent_count(self) -> int:
+        """Tokens appended and not streamed yet."""
+        return len(self._unsent)
+
+    def discard_unsent(self) -> list[Request]:
+        """Drop the tokens appended and not streamed yet (after a failed step) -> their requests, some of them ended
+        already, so that the caller can end their streams."""
+        unsent, self._unsent = self._unsent, []
+        return list(dict.fromkeys(request for request, _ in unsent))
 
     def _stream(self, request: Request, finish: str | None) -> None:
         ids = request.output_ids
@@ -330,7 +382,9 @@ class LLMEngine:
         delta_text = text[request.sent_chars :]
         request.sent_chars = len(text)
         if finish is not None:
-            self._finish(request, finish, ids[request.sent_tokens :], delta_text)
+            if request.status is not RequestStatus.FINISHED:  # a stop string: it ends now
+                self._end(request)
+            self._emit(request, finish, ids[request.sent_tokens :], delta_text)
             return
         self._emit(request, None, ids[request.sent_tokens :], delta_text)
 
@@ -357,10 +411,15 @@ class LLMEngine:
         )
 
     def _finish(self, request: Request, reason: str, token_ids: list[int], text: str = "") -> None:
+        self._end(request)
+        self._emit(request, reason, token_ids, text)
+
+    def _end(self, request: Request) -> None:
+        """Take a request out of the engine: its KV blocks and slot pin free, its place in the queue limit given
+        back. Its last output is emitted by the caller."""
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
         self._release()
-        self._emit(request, reason, token_ids, text)
 
     # -- introspection and the synchronous driver ----------------------------------------------------------------
 

@@ -13,8 +13,9 @@ from loramux.server.engine.request import SamplingParams
 from loramux.server.models.loader import load_base
 
 
-@pytest.fixture
-def engine(tiny_checkpoint, tmp_path, peft_helpers):
+@pytest.fixture(params=[False, True], ids=["streamed-at-once", "streamed-next-step"])
+def engine(request, tiny_checkpoint, tmp_path, peft_helpers):
+    """An engine streaming each step's outputs at once, or during the next step (`overlap_outputs`, as on a GPU)."""
     import torch
     import transformers
 
@@ -24,7 +25,8 @@ def engine(tiny_checkpoint, tmp_path, peft_helpers):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     peft_helpers.add_peft_adapter(model, "a", tmp_path, seed=0, b_std=0.2, r=4, target_modules=["q_proj", "v_proj"])
     source.publish("t/a", tmp_path / "a", tenant="acme")  # private to tenant acme
-    engine = AsyncEngine.start(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, overlap_outputs=request.param)
+    engine = AsyncEngine.start(base, source, config)
     yield engine
     engine.shutdown()
 

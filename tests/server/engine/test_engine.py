@@ -12,7 +12,8 @@ import transformers
 
 from loramux.server.engine.engine import EngineConfig, LLMEngine
 from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
-from loramux.server.engine.request import RequestOutput, SamplingParams
+from loramux.server.engine.llm_engine import merge_outputs
+from loramux.server.engine.request import RequestOutput, RequestStatus, SamplingParams
 from loramux.server.models.loader import load_base
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, capture_logits=True)
@@ -115,8 +116,10 @@ def test_slot_rotation_lets_a_waiting_adapter_in(tiny):
     add("a0", "t/a")
     add("a1", "t/a")
     add("b0", "t/b")
-    for _ in range(3):
+    # until b0's adapter is read and b0 waits for the slot (while it is still being read, it waits for nothing)
+    while "b0" not in engine.requests or engine.requests["b0"].status is RequestStatus.RESOLVING:
         engine.step() or engine.wait_for_work(0.1)
+    engine.step()
     add("a2", "t/a")
     add("a3", "t/a")
     run(engine)
@@ -164,6 +167,75 @@ def test_stop_strings_and_stop_tokens(tiny):
     assert by_token.finish_reason == "stop"
     assert by_token.token_ids == full.token_ids[: first + 1]
     assert by_token.text == base.tokenizer.decode(full.token_ids[:first])
+
+
+def test_outputs_streamed_during_the_next_step_are_the_ones_streamed_at_once(tiny):
+    """`overlap_outputs` (the default on a GPU) streams a step's tokens during the next step: the same tokens, text,
+    logits and finish reasons, each request's items in order with exactly one final item, and everything freed; a
+    stop string ends its request although the request is already in the next step."""
+    base, source, _ = tiny
+    ids = prompts(4, 7)
+    adapters = ["t/a", None, "t/b", "t/a"]
+
+    def config(overlap: bool) -> EngineConfig:
+        return EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, overlap_outputs=overlap)
+
+    at_once = LLMEngine(base, source, config(False))  # one engine on a base at a time: each allocates its slots
+    full = at_once.generate(ids, GREEDY, adapters)
+    # a stop string met early (so its request is already in the next step when the string is found)
+    cut_at, stop = next((i, out.text[1]) for i, out in enumerate(full) if len(out.text) > 2 and out.text[1].isascii())
+    cut = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, capture_logits=True, stop=[stop])
+    wanted = [(params, at_once.generate(ids, params, adapters)) for params in (GREEDY, cut)]
+    at_once.shutdown()
+    overlapped = LLMEngine(base, source, config(True))
+    assert overlapped.overlap_outputs and not at_once.overlap_outputs
+    for params, want in wanted:
+        items: dict[int, list[RequestOutput]] = {i: [] for i in range(len(ids))}
+        for i, (prompt, adapter) in enumerate(zip(ids, adapters, strict=True)):
+            overlapped.add(overlapped.make_request(items[i].append, prompt_ids=prompt, adapter=adapter, params=params))
+        run(overlapped)
+        for i, expected in enumerate(want):
+            finals = [item.finished for item in items[i]]
+            assert finals.count(True) == 1 and finals[-1]
+            got = merge_outputs(items[i])
+            assert (got.token_ids, got.text, got.finish_reason) == (
+                expected.token_ids, expected.text, expected.finish_reason)  # fmt: skip
+            torch.testing.assert_close(got.logits, expected.logits)
+        stats = overlapped.stats()
+        assert stats["kv_blocks_used"] == 0 and stats["slots_used"] == 0 and not overlapped.has_unfinished()
+    want = wanted[1][1]
+    assert want[cut_at].finish_reason == "stop" and len(want[cut_at].token_ids) < len(full[cut_at].token_ids)
+
+
+def test_an_abort_streams_the_tokens_held_back_first(tiny):
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, overlap_outputs=True))
+    items: list[RequestOutput] = []
+    p = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    engine.add(engine.make_request(items.append, prompt_ids=[3] * 5, adapter="t/a", params=p, request_id="r"))
+    while not engine.unsent_count():
+        engine.step() or engine.wait_for_work(0.05)
+    held = engine.unsent_count()
+    engine.abort("r")
+    engine.step()
+    assert [item.finish_reason for item in items][-1] == "abort"
+    assert sum(len(item.token_ids) for item in items) == held
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["slots_used"] == 0 and not engine.has_unfinished()
+
+
+def test_tokens_held_back_can_be_dropped_after_a_failure(tiny):
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=0, num_kv_blocks=64, overlap_outputs=True))
+    items: list[RequestOutput] = []
+    p = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    request = engine.make_request(items.append, prompt_ids=[4, 5, 6], params=p, request_id="x")
+    engine.add(request)
+    while not engine.unsent_count():
+        engine.step() or engine.wait_for_work(0.05)
+    assert not engine.requests and engine.has_unfinished()  # ended (its one token), its last output not sent
+    assert engine.discard_unsent() == [request]
+    assert not engine.has_unfinished() and items == []
 
 
 def test_same_seed_same_output_whatever_the_batch(tiny):
