@@ -42,6 +42,11 @@ def run_commands(
     `PROG COMMAND: error: ...` on stderr and exit status 1."""
     args = build_parser(prog, description, commands).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # On CPUs with AVX512-BF16, bitsandbytes warns at import that it could not fetch an optional CPU kernel from
+        # the Hugging Face Hub (the `kernels` package): loramux downloads nothing at run time, and its CPU path
+        # multiplies with the dequantized weight, not that kernel.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
