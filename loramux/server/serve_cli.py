@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes that read adapters into the CPU cache, beside the serving process (default: 2 on a GPU, where "
         "reads on its own threads would hold up the step loop; 0 on the CPU: read on threads)",
     )
+    parser.add_argument(
+        "--overlap-outputs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stream each step's outputs while the next step computes (more tokens/s, each output one step later) "
+        "or before it starts (default: overlap on a GPU, not on the CPU)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the base's)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         adapter_cache_bytes=args.adapter_cache_mb * MiB,
         adapter_reader_processes=args.adapter_readers,
+        overlap_outputs=args.overlap_outputs,
         max_model_len=args.max_model_len,
     )
     hub_token = args.hub_token or os.environ.get("LORAMUX_TOKEN") or os.environ.get("HF_TOKEN")

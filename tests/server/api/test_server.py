@@ -41,6 +41,7 @@ def env(tmp_path_factory):
         root / "home", "--base", str(base), "--data-dir", str(root / "data"),
         "--slots", "2", "--max-lora-rank", "8", "--max-num-seqs", "8",
         "--adapter-readers", "1",  # adapters read by a reader process, as on a GPU
+        "--overlap-outputs",  # each step's outputs streamed during the next step, as on a GPU
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:  # the session runs offline; this hub is local
         patch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
