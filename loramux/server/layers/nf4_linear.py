@@ -57,7 +57,8 @@ class NF4Linear(nn.Module):
     it dequantizes the weight to multiply, as it does for prompt chunks). The values are the ones bitsandbytes
     computes each call, so the outputs are too; the cost is 4 bytes of GPU memory per 64 weights beside the 8-bit
     constants (0.42 GiB for the 8B shape, BENCHMARKS.md, seventh day). Calls of `DIRECT_DEQUANT_MIN_ROWS` rows or
-    more (prompt chunks) dequantize with bitsandbytes' kernel and multiply here, without its Python layers.
+    more (prompt chunks) dequantize with bitsandbytes' kernel and multiply here, without its Python layers. Calls of
+    up to `FUSED_MAX_ROWS` rows (0, none, by default: it is slower so far) go through `nf4_kernels.nf4_matmul`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
@@ -84,7 +85,7 @@ class NF4Linear(nn.Module):
                 self._dense = self.dequantize()
             return F.linear(x, self._dense, self.bias)
         state = self.serving_state or self.quant_state
-        if self.serving_state is not None and x.numel() <= FUSED_MAX_ROWS * self.in_features:
+        if FUSED_MAX_ROWS and self.serving_state is not None and x.numel() <= FUSED_MAX_ROWS * self.in_features:
             kernels = _fused_kernels() if x.dtype == self.compute_dtype else None
             if kernels is not None and kernels.supported(self.in_features, x.dtype):
                 return kernels.nf4_matmul(x, self.packed, state.absmax, state.code, self.out_features, self.bias)
