@@ -58,10 +58,7 @@ def with_split(cfg: nk.Config, m: int, n: int, k: int) -> nk.Config:
     if cfg.split:
         return cfg
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    split = 1
-    while tiles * split < 2 * 132 and k // (split * 2) >= 4 * cfg.block_k:
-        split *= 2
-    return dataclasses.replace(cfg, split=split)
+    return dataclasses.replace(cfg, split=nk.split_for(tiles, k, cfg.block_k))
 
 
 def time_graph(calls: list[Callable[[], object]], replays: int = 10) -> float:

@@ -165,12 +165,18 @@ def pick_config(m: int, n: int, k: int, multiprocessors: int = 132) -> Config:
     block_m = min(256, max(16, triton.next_power_of_2(m)))
     block_n = 64 if m <= 16 else 128
     block_k = 128 if k % 128 == 0 else 64
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = split_for(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, multiprocessors)
+    warps = 4 if block_m * block_n <= 64 * 64 else 8
+    return Config(block_m, block_n, block_k, split, warps)
+
+
+def split_for(tiles: int, k: int, block_k: int, multiprocessors: int = 132) -> int:
+    """The split of K for `tiles` output tiles: doubled until the programs cover the multiprocessors about twice,
+    while each split keeps at least four steps of `block_k` columns."""
     split = 1
     while tiles * split < 2 * multiprocessors and k // (split * 2) >= 4 * block_k:
         split *= 2
-    warps = 4 if block_m * block_n <= 64 * 64 else 8
-    return Config(block_m, block_n, block_k, split, warps)
+    return split
 
 
 def supported(k: int, dtype: torch.dtype) -> bool:
