@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from loadtests.bench_lora_kernels import time_graph
 from loramux.server.layers import nf4_kernels as nk
 from loramux.server.layers.nf4_linear import NF4Linear, _nf4_dequantize_kernel
 
@@ -61,26 +61,9 @@ def with_split(cfg: nk.Config, m: int, n: int, k: int) -> nk.Config:
     return dataclasses.replace(cfg, split=nk.split_for(tiles, k, cfg.block_k))
 
 
-def time_graph(calls: list[Callable[[], object]], replays: int = 10) -> float:
-    """Median microseconds per call over replays of one graph holding all the calls."""
-    for call in calls:  # compile and warm up outside the capture
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    return statistics.median(times)
+def time_calls(calls: list[Callable[[], object]], replays: int = 10) -> float:
+    """Median microseconds per call over replays of one CUDA graph holding all the calls (each its own weight)."""
+    return time_graph(lambda i: calls[i](), copies=len(calls), calls=len(calls), replays=replays)
 
 
 def layers_for(n: int, k: int, device: torch.device) -> list[NF4Linear]:
@@ -131,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             scratch = torch.empty(n, k, device=device, dtype=DTYPE)
 
             row = {"module": name, "n": n, "k": k, "rows": m}
-            row["bnb_us"] = time_graph([bnb_call(x, layer) for layer in layers])
-            row["dequant_gemm_us"] = time_graph([direct_call(x, layer, scratch, dequantize) for layer in layers])
+            row["bnb_us"] = time_calls([bnb_call(x, layer) for layer in layers])
+            row["dequant_gemm_us"] = time_calls([direct_call(x, layer, scratch, dequantize) for layer in layers])
             picked = nk.pick_config(m, n, k, nk._multiprocessors(device))
-            row["fused_us"] = time_graph([fused_call(x, layer, picked) for layer in layers])
+            row["fused_us"] = time_calls([fused_call(x, layer, picked) for layer in layers])
             row["fused_config"] = str(picked)
             want = torch.nn.functional.linear(x.double(), layers[0].dequantize().double())
             got = nk.nf4_matmul(x, layers[0].packed, layers[0].serving_state.absmax, layers[0].serving_state.code, n)
@@ -147,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     for option in {cfg, unsplit}:
                         try:
                             calls = [fused_call(x, layer, option) for layer in layers]
-                            tried[str(option)] = time_graph(calls, replays=5)
+                            tried[str(option)] = time_calls(calls, replays=5)
                         except Exception as exc:  # a configuration that does not fit (shared memory, registers)
                             tried[str(option)] = f"{type(exc).__name__}"
                 timed = {key: us for key, us in tried.items() if isinstance(us, float)}
