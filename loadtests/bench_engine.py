@@ -875,7 +875,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.w1_requests, args.w1_adapters, args.prompt, args.gen = 8, 4, 8, 4
         args.stream_gen, args.baseline_gen, args.max_batched_tokens = 8, 4, 64
-        args.w2_requests, args.w2_adapters, args.w2_slots, args.w2_cpu_cache, args.w2_rate = 12, 10, 3, 5, 200.0
+        # W2's requests all but at once: a tiny step takes a few ms, and at 200/s a fast CPU never queued any
+        args.w2_requests, args.w2_adapters, args.w2_slots, args.w2_cpu_cache, args.w2_rate = 12, 10, 3, 5, 5000.0
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     args.parts = [x for x in args.only.split(",") if x]
