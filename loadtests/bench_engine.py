@@ -476,7 +476,7 @@ def triton_variants() -> int:
 
 
 SERIES_FIELDS = ("ms", "kind", "decode_tokens", "prompt_tokens", "running", "waiting", "schedule_ms", "forward_host_ms",
-                 "forward_gpu_ms", "sample_ms", "rest_ms")  # fmt: skip
+                 "forward_cpu_ms", "others_cpu_ms", "forward_gpu_ms", "sample_ms", "rest_ms")  # fmt: skip
 
 W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each beside the default
     "no_split": {"split_mixed": False},  # mixed steps as one eager pass
@@ -608,8 +608,10 @@ def bench_w2(
         shapes: list[tuple[int, int, int]] = []  # each step's (decode tokens, prompt tokens, distinct slots)
         # each step's forward: host seconds until it returned, its CUDA events (GPU time, read after the run), the
         # adapter reads and slot writes under way when it began (what competes with the step thread for the GIL), and
-        # the step thread's CPU time in it (host seconds well above it: the thread waited, for the GIL or a core)
-        forwards: list[tuple[float, tuple | None, int, int, float]] = []
+        # the step thread's CPU time in it (host seconds well above it: the thread waited, for the GIL or a core), and
+        # the CPU time of this process's other threads meanwhile (on a GPU the fetch and loader threads, who compete
+        # for the GIL; on the CPU torch's own worker threads too)
+        forwards: list[tuple[float, tuple | None, int, int, float, float]] = []
         cache = engine.adapters
 
         def run(chunks):
@@ -621,12 +623,13 @@ def bench_w2(
             if base.device.type == "cuda":
                 events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 events[0].record()
-            begun, cpu_begun = time.perf_counter(), time.thread_time()
+            begun, cpu_begun, process_begun = time.perf_counter(), time.thread_time(), time.process_time()
             out = run_chunks(chunks)
             host, cpu = time.perf_counter() - begun, time.thread_time() - cpu_begun
+            others = time.process_time() - process_begun - cpu  # this process's other threads (fetch, loader, ...)
             if events is not None:
                 events[1].record()
-            forwards.append((host, events, reads, writes, cpu))
+            forwards.append((host, events, reads, writes, cpu, others))
             return out
 
         engine.runner.run = run  # type: ignore[method-assign]
@@ -657,7 +660,8 @@ def bench_w2(
         steps_detail = [
             {"ms": round(1e3 * w, 1), "kind": k, "decode_tokens": d, "prompt_tokens": p, "slots": s,
              "schedule_ms": round(1e3 * ph["schedule"], 2), "forward_host_ms": round(1e3 * f[0], 1),
-             "forward_cpu_ms": round(1e3 * f[4], 1), "forward_gpu_ms": None if g is None else round(g, 1),
+             "forward_cpu_ms": round(1e3 * f[4], 1), "others_cpu_ms": round(1e3 * f[5], 1),
+             "forward_gpu_ms": None if g is None else round(g, 1),
              "sample_ms": round(1e3 * ph["sample"], 2),
              "rest_ms": round(1e3 * (w - f[0] - ph["schedule"] - ph["sample"]), 2),
              "reads_under_way": f[2], "slot_writes_queued": f[3], "running": r, "waiting": q}
