@@ -500,6 +500,7 @@ W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each besi
     "burst": {"rate": math.inf},  # every request submitted at the start
     "unfenced": {"fence": False},  # each slot write waits for all the work queued on the step stream (as before)
     "in_process": {"adapter_reader_processes": 0},  # adapters read on the fetch threads, beside the step loop (before)
+    "loader_thread": {"step_thread_slot_writes": False},  # slot writes on a loader thread beside the step loop (before)
 }
 
 
@@ -618,7 +619,8 @@ def bench_w2(
             decode = sum(len(c.token_ids) == 1 for c in chunks)
             kind[0] = "decode" if decode == len(chunks) else "mixed" if decode else "prefill"
             shapes.append((decode, sum(len(c.token_ids) for c in chunks) - decode, len({c.slot for c in chunks})))
-            reads, writes = len(cache._reading), cache._loader._work_queue.qsize()
+            reads = len(cache._reading)
+            writes = cache._loader._work_queue.qsize() + cache.writes_pending()  # on the loader thread, or the step's
             events = None
             if base.device.type == "cuda":
                 events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

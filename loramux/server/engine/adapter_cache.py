@@ -78,12 +78,17 @@ class AdapterCache:
         b_rank_major: bool = True,
         fence: Callable[[], object] = lambda: None,
         reader_processes: int = 0,
+        issue_write: Callable[[int, LoraWeights | None, object], object | None] | None = None,
     ) -> None:
         """`write_slot(slot, weights, after)` loads an adapter into a slot on the loader thread; `after` is what
         `fence()` returned on the thread that claimed the slot (the step loop), when it claimed it: the write must
         wait for the work queued until then (steps that may read the slot's previous adapters), and need not wait
         for anything queued since (no step uses a slot before it is ready). `reader_processes` (> 0, with a shared
-        `arena`): reads run in that many reader processes, handed out by as many fetch threads."""
+        `arena`): reads run in that many reader processes, handed out by as many fetch threads.
+
+        With `issue_write(slot, weights, after)` (it queues the write and returns what it completes at, with a
+        `query()` and a `synchronize()`, or None once done) there is no loader thread: the claiming thread queues its
+        claims' writes itself when it calls `issue_writes`, and marks their slots ready in `complete_writes`."""
         self.source = source
         self.base_config = base_config
         self.write_slot = write_slot
@@ -116,7 +121,11 @@ class AdapterCache:
             thread_name_prefix="loramux-adapter-fetch",
             initializer=self._start_fetch_thread,
         )
+        self.issue_write = issue_write
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
+        # with `issue_write`: claims whose writes are not queued yet, and the writes queued and not seen complete
+        self._to_write: list[tuple[int, str, LoraWeights, object]] = []
+        self._writing: list[tuple[int, str, LoraWeights, object, float]] = []
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
         # Counts the changes that may let a claim that found no room succeed (a slot unpinned, loaded or freed):
@@ -304,8 +313,57 @@ class AdapterCache:
             self.slots[index] = Slot(key=key, ready=False, pages=size)
             self._run_of[index : index + size] = [index] * size
             self._heads.add(index)
-        self._loader.submit(self._load_into_slot, index, key, weights, self.fence())
+        if self.issue_write is not None:
+            self._to_write.append((index, key, weights, self.fence()))
+        else:
+            self._loader.submit(self._load_into_slot, index, key, weights, self.fence())
         return index
+
+    def issue_writes(self) -> int:
+        """Queue the slot writes of the claims made since the last call (with `issue_write`; on the claiming thread,
+        the step loop: it calls this once a step's forward is queued, so the copies run beside that step) -> how many.
+        A write that fails frees its slot (logged), as on the loader thread."""
+        issued, self._to_write = self._to_write, []
+        for index, key, weights, after in issued:
+            started = time.perf_counter()
+            try:
+                done = self.issue_write(index, weights, after)  # type: ignore[misc]
+            except Exception:
+                log.exception("writing adapter %s into slot %d failed", key, index)
+                with self._lock:
+                    self._release(index)
+                continue
+            self._writing.append((index, key, weights, done, started))  # the weights kept until the copies are done
+        if issued:
+            self.complete_writes()  # those done already (on the CPU, all)
+        return len(issued)
+
+    def complete_writes(self, wait: bool = False) -> int:
+        """Mark ready the slots whose queued writes are done (with `wait`, after waiting for all of them) -> how
+        many writes are still under way."""
+        under_way = []
+        finished = 0
+        for write in self._writing:
+            index, key, _, done, started = write
+            if done is not None and not wait and not done.query():
+                under_way.append(write)
+                continue
+            if done is not None and wait:
+                done.synchronize()
+            finished += 1
+            with self._lock:
+                slot = self.slots[index]
+                if slot.key == key:
+                    slot.ready = True
+                self.freed += 1
+                self.slot_loads += 1
+                self.write_seconds += time.perf_counter() - started
+        self._writing = under_way
+        return len(under_way)
+
+    def writes_pending(self) -> int:
+        """Claims whose slot writes are not queued yet or not seen complete (with `issue_write`)."""
+        return len(self._to_write) + len(self._writing)
 
     def _release(self, index: int) -> None:
         """Free the slot starting at page `index` (under the lock)."""

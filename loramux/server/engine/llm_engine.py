@@ -62,6 +62,10 @@ class EngineConfig:
     # day), for one step more before each output is seen. None: on a GPU only (on the CPU the step computes on the
     # host: nothing to overlap).
     overlap_outputs: bool | None = None
+    # Slot writes queued by the step loop itself once a step's forward is queued (their copies run beside that step;
+    # slots marked ready when their copies are seen done), instead of on a loader thread that would keep the step
+    # loop's kernel launches waiting for the GIL while it makes its calls.
+    step_thread_slot_writes: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -137,6 +141,7 @@ class LLMEngine:
             b_rank_major=self.runner.cache_b_rank_major,
             fence=self.runner.step_fence,
             reader_processes=readers,
+            issue_write=self.runner.issue_write if config.step_thread_slot_writes else None,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -282,12 +287,17 @@ class LLMEngine:
         With `overlap_outputs`, the tokens a step samples are appended at once (and a request that ends by a stop
         token or its length leaves the scheduler at once), but streamed during the next step, after its forward is
         queued on the device: text decoding and the callbacks run while the device computes. A request that a stop
-        string ends then is already in that step; its token from it is dropped."""
+        string ends then is already in that step; its token from it is dropped.
+
+        With `step_thread_slot_writes`, the slot writes of the adapters claimed in scheduling are queued once the
+        forward is (the copies run beside it), and their slots are ready for the first step that begins after the
+        copies are done; a step that runs nothing while writes are under way waits for them."""
         while True:
             try:
                 self._inbox.get_nowait()()
             except queue.Empty:
                 break
+        self.adapters.complete_writes()  # slots whose writes are done are ready for this step
         batch = self.scheduler.schedule()
         logits = None
         if batch:
@@ -301,8 +311,12 @@ class LLMEngine:
                 for request, n in batch
             ]
             logits = self.runner.run(chunks)
+        self.adapters.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
         sent = self._send()  # the previous step's tokens, while the device computes this one
         if logits is None:
+            if self.adapters.writes_pending():  # nothing runs until they are done
+                self.adapters.complete_writes(wait=True)
+                return True
             return sent
         ready: list[tuple[Request, torch.Tensor]] = []
         for (request, n), rows in zip(batch, logits, strict=True):

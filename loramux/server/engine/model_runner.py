@@ -250,15 +250,24 @@ class ModelRunner:
         return event
 
     def write_slot(self, slot: int, weights: LoraWeights | None, after: torch.cuda.Event | None = None) -> None:
-        """Load an adapter into `slot` of every decoder linear layer (rank 0 where it has no module).
+        """Load an adapter into `slot` of every decoder linear layer (rank 0 where it has no module), and return once
+        the weights are in place: `issue_write`, then wait for its copies."""
+        done = self.issue_write(slot, weights, after)
+        if done is not None:
+            done.synchronize()
 
-        Called on the adapter loader thread while steps run: the slot is not in use by any request. On the GPU the
-        copies go on a stream of their own, so they overlap the step's kernels; that stream first waits for `after`
-        (`step_fence`, taken when the slot was claimed: the steps queued until then may still read the slot's
-        previous adapter; the ones queued since do not use the slot), or, without it, for all the work queued on the
-        step stream. Waiting for everything made each write wait out the step in flight (and a queue of writes one
-        step each) in W2. This returns only once the copies are done (an event), so the slot is marked ready only
-        when its weights are in place.
+    def issue_write(
+        self, slot: int, weights: LoraWeights | None, after: torch.cuda.Event | None = None
+    ) -> torch.cuda.Event | None:
+        """Queue the load of an adapter into `slot` of every decoder linear layer (rank 0 where it has no module) and
+        return an event the copies complete at, without waiting for them; None on the CPU, where they are done.
+
+        The slot must be in use by no request. On the GPU the copies go on a stream of their own, so they overlap the
+        step's kernels; that stream first waits for `after` (`step_fence`, taken when the slot was claimed: the steps
+        queued until then may still read the slot's previous adapters; the ones queued since do not use the slot),
+        or, without it, for all the work queued on the step stream. Waiting for everything made each write wait out
+        the step in flight (and a queue of writes one step each) in W2. `weights` (its CPU buffer) must be kept until
+        the event completes.
         """
         with self._upload_lock, contextlib.ExitStack() as stack:
             stream = None
@@ -280,10 +289,11 @@ class ModelRunner:
                         module.write_slot(slot, None, None, 0.0)
                     else:
                         module.write_slot(slot, lora.a, lora.b, lora.scaling)
-            if stream is not None:
-                done = torch.cuda.Event()
-                done.record(stream)
-                done.synchronize()
+            if stream is None:
+                return None
+            done = torch.cuda.Event()
+            done.record(stream)
+            return done
 
     def _write_packed(self, slot: int, weights: LoraWeights) -> None:
         """`write_slot` for an adapter in one buffer (as `load_lora` and `prepare_adapter` make it): the buffer goes

@@ -237,3 +237,68 @@ def test_without_reader_processes_the_fetch_threads_read(dir_source, tmp_path, m
         assert in_arena(cache, fetch(cache, "a"))
     finally:
         cache.shutdown()
+
+
+class FakeWrite:
+    """What a queued slot write completes at: done once the test says so."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+def test_writes_issued_by_the_claiming_thread_make_their_slot_ready_once_done():
+    """With `issue_write` no loader thread writes: the claiming thread queues the writes of its claims when it calls
+    `issue_writes`, and a slot is ready only once its write is seen done, holding the weights until then."""
+    issued: list[tuple[str, int, object, object]] = []
+    handles: dict[int, FakeWrite] = {}
+
+    def issue(index: int, weights, after) -> FakeWrite:
+        issued.append((threading.current_thread().name, index, weights, after))
+        handles[index] = FakeWrite()
+        return handles[index]
+
+    fences = iter(range(100))
+    cache = AdapterCache(None, CONFIG, lambda *_: pytest.fail("the loader thread wrote"), 1, 32, cpu_cache_bytes=0,
+                         fence=lambda: next(fences), issue_write=issue)  # fmt: skip
+    try:
+        a_weights, b_weights = SimpleNamespace(max_rank=8), SimpleNamespace(max_rank=16)
+        a, b = cache.claim("a", a_weights), cache.claim("b", b_weights)
+        assert issued == [] and cache.writes_pending() == 2  # claimed: nothing written until issue_writes
+        assert cache.issue_writes() == 2 and cache.issue_writes() == 0
+        me = threading.current_thread().name
+        assert issued == [(me, a, a_weights, 0), (me, b, b_weights, 1)]  # each with the fence of its claim
+        assert not cache.is_ready(a) and not cache.is_ready(b)
+        handles[b].done = True
+        assert cache.complete_writes() == 1  # a still under way
+        assert cache.is_ready(b) and not cache.is_ready(a)
+        assert cache._writing[0][2] is a_weights  # its buffer is kept while the copies may read it
+        assert cache.complete_writes(wait=True) == 0 and handles[a].waited and cache.is_ready(a)
+        assert cache.writes_pending() == 0 and cache.stats()["adapter_slot_loads"] == 2
+        assert cache._loader._work_queue.qsize() == 0
+    finally:
+        cache.shutdown()
+
+
+def test_a_write_issued_with_no_handle_is_done_and_one_that_fails_frees_its_slot():
+    def issue(index: int, weights, after) -> None:
+        if weights.max_rank == 16:
+            raise RuntimeError("device lost")
+        return None  # done already, as on the CPU
+
+    cache = AdapterCache(None, CONFIG, lambda *_: None, 1, 32, cpu_cache_bytes=0, issue_write=issue)
+    try:
+        a = cache.claim("a", SimpleNamespace(max_rank=8))
+        b = cache.claim("b", SimpleNamespace(max_rank=16))
+        assert cache.issue_writes() == 2
+        assert cache.is_ready(a) and cache.writes_pending() == 0
+        assert cache.resident() == {"a": a}  # b's slot was freed: its pages can be claimed again
+        assert cache.claim("c", SimpleNamespace(max_rank=16)) == b
+    finally:
+        cache.shutdown()

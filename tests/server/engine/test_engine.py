@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 
 import pytest
 import torch
@@ -126,6 +127,28 @@ def test_slot_rotation_lets_a_waiting_adapter_in(tiny):
     assert sorted(finished) == ["a0", "a1", "a2", "a3", "b0"]
     assert finished.index("b0") < finished.index("a2")
     assert engine.stats()["slots_used"] == 0
+
+
+def test_slot_writes_on_the_step_thread_serve_what_the_loader_thread_does(tiny):
+    """One slot, three adapters taking turns: the writes the step loop queues itself give the same tokens and logits
+    as writes on the loader thread, and none of them runs on another thread."""
+    base, source, _ = tiny
+    ids = prompts(6, 7)
+    adapters = ["t/a", "t/b", "t/c", None, "t/b", "t/a"]
+    outputs, threads = {}, []
+    for on_step in (True, False):
+        config = EngineConfig(num_slots=1, max_lora_rank=8, num_kv_blocks=64, step_thread_slot_writes=on_step)
+        engine = LLMEngine(base, source, config)
+        issue = engine.adapters.issue_write
+        if issue is not None:
+            engine.adapters.issue_write = lambda *a, issue=issue: threads.append(threading.get_ident()) or issue(*a)
+        outputs[on_step] = engine.generate(ids, GREEDY, adapters)
+        assert engine.stats()["adapter_slot_loads"] >= 4 and engine.adapters.writes_pending() == 0
+        engine.shutdown()
+    assert len(threads) >= 4 and set(threads) == {threading.get_ident()}  # `generate` steps on this thread
+    for got, want in zip(outputs[True], outputs[False], strict=True):
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_abort_frees_blocks_and_slot_at_once(tiny):
