@@ -479,7 +479,7 @@ SERIES_FIELDS = ("ms", "kind", "decode_tokens", "prompt_tokens", "running", "wai
                  "forward_cpu_ms", "others_cpu_ms", "forward_gpu_ms", "sample_ms", "rest_ms")  # fmt: skip
 
 W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each beside the default
-    "no_split": {"split_mixed": False},  # mixed steps as one eager pass
+    "no_split": {"split_mixed": False},  # mixed steps in one pass (piecewise graphs), not a decode graph + prompt pass
     "wave": {"prefill_wave": 16, "max_prefill_delay": 8},  # admissions grouped in waves
     "slots128": {"num_slots": 128},  # twice the slots: what more resident adapters would give
     "gather": {"triton_decode": False},  # decode attention through the padded gather + SDPA
