@@ -7,8 +7,9 @@ Adapters of ranks 8, 16, 32 and 64 on q_proj and v_proj of every layer, written 
 slot's rank changes with each write; the model has the 8B shape's layer count and module names but small matrices,
 so that the Python work shows rather than the copies. On a GPU the copies are asynchronous launches and the figure
 is the host time until each write returned (it waits for its copies). `--row-major`: buffers with B as files hold
-it (what a GPU engine's CPU cache keeps since the eighth day), else rank-major. Prints the fastest round's mean and
-a profile of one round.
+it (what a GPU engine's CPU cache keeps since the eighth day), else rank-major. `--fresh`: every write as the first
+one into its slot with its adapter's layout (the views it copies between made anew). Prints the fastest round's mean
+and a profile of one round.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (7 LoRA modules each)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of one write into every slot")
     parser.add_argument("--row-major", action="store_true", help="B in the buffers as files hold it")
+    parser.add_argument(
+        "--fresh", action="store_true", help="each write as the first into its slot with its layout (no kept views)"
+    )
     parser.add_argument("--root", type=Path, default=Path("/tmp/loramux-bench-slot-write"), help="where adapters go")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     def one_round(shift: int) -> float:
         started = time.perf_counter()
         for slot in range(args.slots):
+            if args.fresh:
+                runner.forget_write_plans()
             runner.write_slot(slot, adapters[(slot + shift) % len(adapters)])
         return (time.perf_counter() - started) / args.slots
 
     one_round(0)  # first writes: staging buffers, views, kernels
     seconds = min(one_round(shift) for shift in range(1, args.rounds + 1))
     print(f"write_slot: {1e3 * seconds:.3f} ms a write ({args.slots} slots, {args.layers} layers, "
-          f"{'row' if args.row_major else 'rank'}-major B, {device.type})", flush=True)  # fmt: skip
+          f"{'row' if args.row_major else 'rank'}-major B, {'fresh, ' if args.fresh else ''}{device.type})",
+          flush=True)  # fmt: skip
     print(top_functions(lambda: one_round(args.rounds + 1), lines=8))
     return 0
 

@@ -346,6 +346,11 @@ class ModelRunner:
         torch._foreach_copy_(scalars[0], value_views)
         torch._foreach_copy_(scalars[1], rank_views)
 
+    def forget_write_plans(self) -> None:
+        """Drop the views `_write_packed` keeps per slot and layout (the next write into each slot makes them anew)."""
+        self._write_plans.clear()
+        self._slot_scalars.clear()
+
     def _write_plan(
         self, slot: int, weights: LoraWeights, staged: torch.Tensor, row_major: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[BRun]]:
