@@ -17,13 +17,14 @@ padded to a captured count), else launch kernel by kernel.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from loramux.adapters.weights import BRun, LoraWeights, b_runs, transpose_b_runs
+from loramux.adapters.weights import LoraWeights
 from loramux.server.engine.prompt_graphs import PromptGraphs
 from loramux.server.layers import attention
 from loramux.server.layers.attention import BatchContext, PrefillBatch
@@ -47,9 +48,19 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 # Without the in-place decode kernel, decode graphs gather each sequence's K/V padded to the widest block table:
 # above this many gathered positions (batch x width) a step runs eagerly instead, so that the gather stays small.
 GRAPH_MAX_GATHER = 256 * 512
-# Slot-write plans kept (views of the slot memory and of the staging buffer, per slot and adapter layout): 0.11 MB of
-# host memory each for q/v adapters of a 32-layer model, 0.39 MB for adapters on all seven modules (measured).
+# Slot-write plans kept (the copies that write an adapter of one layout, whatever the slot; a few per projection)
 WRITE_PLANS_KEPT = 256
+_MODULE = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
+
+
+@dataclass
+class _WritePlan:
+    """How an adapter of one layout is written into a slot (`ModelRunner._write_plan`)."""
+
+    # (projection, rank, the layers (a device tensor), offset of the first A, step between As, the same for B)
+    runs: list[tuple[str, int, torch.Tensor, int, int, int, int]]
+    columns: list[int]  # each module's column of the ranks and scalings, in the buffer's order
+    ranks: torch.Tensor  # (modules,) int32: the slot's rank in every module
 
 
 def block_table_rows(tables: list[list[int]], width: int, pad: int | None = None, rows: int = 0) -> torch.Tensor:
@@ -99,12 +110,9 @@ class ModelRunner:
         self.split_mixed = True  # mixed steps: decode tokens through a graph, prompt chunks through their own pass
         self._upload_stream: torch.cuda.Stream | None = None
         self._upload_lock = threading.Lock()
-        self._slot_scalars: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # slot -> scaling, rank views
-        # `_write_packed`'s staging buffer on the device, its copy plans per (slot, adapter layout), and the per-module
-        # scaling and rank values it stages (with their views, made once)
+        # `_write_packed`'s staging buffer on the device, and its copies per adapter layout
         self._staging: torch.Tensor | None = None
-        self._write_plans: OrderedDict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[BRun]]] = OrderedDict()
-        self._scalar_staging: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]] | None = None
+        self._write_plans: OrderedDict[tuple, _WritePlan] = OrderedDict()
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
@@ -280,9 +288,7 @@ class ModelRunner:
                 else:
                     stream.wait_stream(torch.cuda.default_stream(self.device))
                 stack.enter_context(torch.cuda.stream(stream))
-            if weights is not None and weights.buffer is not None:
-                self._write_packed(slot, weights)
-            else:
+            if weights is None or not self._write_packed(slot, weights):
                 for name, module in self.lora_modules.items():
                     lora = weights.modules.get(name) if weights is not None else None
                     if lora is None:
@@ -295,90 +301,99 @@ class ModelRunner:
             done.record(stream)
             return done
 
-    def _write_packed(self, slot: int, weights: LoraWeights) -> None:
-        """`write_slot` for an adapter in one buffer (as `load_lora` and `prepare_adapter` make it): the buffer goes
-        to the device in one copy, into a staging buffer kept for it; where the buffer holds B as the file does
-        (row-major), each projection's B of every layer is turned rank-major there (`transpose_b_runs`: two kernels
-        a projection); then a few multi-tensor kernels scatter it into the slot and set every module's rank and
-        scaling (instead of several copies and launches per module: an 8B model has 224).
+    def _write_packed(self, slot: int, weights: LoraWeights) -> bool:
+        """`issue_write` for an adapter in one buffer (as `load_lora` and `prepare_adapter` make it) into the model's
+        `SlotMemory` -> False where it cannot (no such memory, or another dtype): the caller writes module by module.
 
-        This runs on the loader thread beside the step loop, and every Python call it makes can keep the step loop
-        waiting for the GIL. So the views it copies between are made once per (slot, adapter layout) and kept
-        (`_write_plans`); a write is then a handful of calls whatever the number of modules (2.2-2.4 -> 1.2-1.4 ms
-        a write on a 2-core CPU, BENCHMARKS.md, eighth day; the slow W2 step that led to it, with 39 writes queued,
-        more likely met cuDNN's attention building a plan for a new shape: ninth day)."""
+        The buffer goes to the device in one copy, into a staging buffer kept for it (on the CPU it is read in
+        place); then, per projection, one copy takes its A of every layer into the slot's rows of the projection's
+        A memory and one its B (turned rank-major on the way where the buffer holds it as the file does), and one
+        copy each sets the slot's rank and scaling in every module. So a write is a few torch calls a projection
+        whatever the layer count: it runs beside the step loop's own calls, and each one of them can keep the step
+        loop waiting for the GIL (the loader thread made ~900 calls for a W2 adapter's first write into a slot, ~4.8
+        ms of host time on the GPU host: BENCHMARKS.md, thirteenth day). The copies of a layout (its modules, their
+        ranks, where each lies in the buffer) are worked out once and kept (`_write_plans`), whatever the slot."""
+        memory = self.model.lora_slot_memory
         buffer = weights.buffer
-        assert buffer is not None
+        if memory is None or buffer is None or buffer.dtype != memory.dtype:
+            return False
         # the buffer holds A and B module after module, in the adapter's order, with no gaps: its layout is the
         # modules' names and ranks, its dtype, and whether B is row-major (a rank-1 B reads the same either way)
         row_major = any(m.b.stride(0) != 1 for m in weights.modules.values())
         layout = (buffer.dtype, row_major, tuple((name, m.rank) for name, m in weights.modules.items()))
-        if self._staging is None or self._staging.dtype != buffer.dtype or self._staging.numel() < buffer.numel():
-            self._staging = torch.empty(buffer.numel(), dtype=buffer.dtype, device=self.device)
-            self._write_plans.clear()  # their source views are of the staging buffer replaced here
-        staged = self._staging[: buffer.numel()]
-        staged.copy_(buffer, non_blocking=True)  # the buffer itself on the CPU
-        plan = self._write_plans.pop((slot, layout), None)
+        plan = self._write_plans.pop(layout, None)
         if plan is None:
-            plan = self._write_plan(slot, weights, staged, row_major)
-        self._write_plans[(slot, layout)] = plan  # the most recently used last
+            plan = self._write_plan(weights, row_major)
+            if plan is None:
+                return False
+        self._write_plans[layout] = plan  # the most recently used last
         while len(self._write_plans) > WRITE_PLANS_KEPT:
             self._write_plans.popitem(last=False)
-        fills, sources, runs = plan
-        transpose_b_runs(staged, runs)
-        if fills:
-            torch._foreach_copy_(fills, sources)
-        scalars = self._slot_scalars.get(slot)
-        if scalars is None:
-            layers = self.lora_modules.values()
-            scalars = self._slot_scalars[slot] = ([m.scalings[slot] for m in layers], [m.ranks[slot] for m in layers])
-        if self._scalar_staging is None:
-            count = len(self.lora_modules)
-            values = torch.zeros(count, dtype=torch.float32, device=self.device)
-            ranks = torch.zeros(count, dtype=torch.int32, device=self.device)
-            self._scalar_staging = (values, list(values.unbind()), ranks, list(ranks.unbind()))
-        values, value_views, ranks, rank_views = self._scalar_staging
-        modules = weights.modules
-        scalings = [modules[name].scaling if name in modules else 0.0 for name in self.lora_modules]
-        values.copy_(torch.tensor(scalings, dtype=torch.float32), non_blocking=True)
-        ranks.copy_(torch.tensor([modules[name].rank if name in modules else 0 for name in self.lora_modules],
-                                 dtype=torch.int32), non_blocking=True)  # fmt: skip
-        torch._foreach_copy_(scalars[0], value_views)
-        torch._foreach_copy_(scalars[1], rank_views)
+        if self.device.type == "cpu":
+            staged = buffer
+        else:
+            if self._staging is None or self._staging.numel() < buffer.numel() or self._staging.dtype != buffer.dtype:
+                self._staging = torch.empty(buffer.numel(), dtype=buffer.dtype, device=self.device)
+            staged = self._staging[: buffer.numel()]
+            staged.copy_(buffer, non_blocking=True)
+        base, row = staged.storage_offset(), slot * memory.layout.page_rank
+        for projection, rank, layers, a_at, a_step, b_at, b_step in plan.runs:
+            a_memory, first = memory.a[projection]
+            b_memory = memory.b[projection]
+            count, width, out = layers.numel(), a_memory.shape[2], b_memory.shape[2]
+            a = staged.as_strided((count, rank, width), (a_step, width, 1), base + a_at)
+            a_memory[:, first + row : first + row + rank].index_copy_(0, layers, a)
+            b = staged.as_strided((count, rank, out), (b_step, 1, rank) if row_major else (b_step, out, 1), base + b_at)
+            b_memory[:, row : row + rank].index_copy_(0, layers, b)  # Bᵀ, rank-major
+        scalings = [0.0] * memory.scalings.shape[1]
+        for column, module in zip(plan.columns, weights.modules.values(), strict=True):
+            scalings[column] = module.scaling
+        memory.ranks[slot].copy_(plan.ranks, non_blocking=True)
+        memory.scalings[slot].copy_(torch.tensor(scalings, dtype=torch.float32), non_blocking=True)
+        return True
 
     def forget_write_plans(self) -> None:
-        """Drop the views `_write_packed` keeps per slot and layout (the next write into each slot makes them anew)."""
+        """Drop the copies `_write_packed` keeps per adapter layout (the next write of each layout works them out)."""
         self._write_plans.clear()
-        self._slot_scalars.clear()
 
-    def _write_plan(
-        self, slot: int, weights: LoraWeights, staged: torch.Tensor, row_major: bool
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[BRun]]:
-        """(slot views to fill, the staged buffer's views that fill them, the runs that turn a row-major B there)
-        for an adapter of this layout: each matrix on the device is the staged buffer seen with its own offset and
-        strides, each B rank-major (after the runs where the buffer holds it row-major)."""
+    def _write_plan(self, weights: LoraWeights, row_major: bool) -> _WritePlan | None:
+        """The copies that write an adapter of this layout into a slot (see `_write_packed`), or None where a module is
+        not one of the slot memory's. A run is a projection's modules of one rank whose A and B lie at one stride
+        from the last in the buffer (every layer's, for an adapter with one rank a projection): one copy for A, one
+        for B, into the layers it names (in the buffer's order, which sorts layers by name: 0, 1, 10, 11, ...)."""
+        memory = self.model.lora_slot_memory
         buffer = weights.buffer
-        assert buffer is not None
+        assert memory is not None and buffer is not None
         start = buffer.storage_offset()
-        tensors = [t for lora in weights.modules.values() for t in (lora.a, lora.b)]
-        assert sum(t.numel() for t in tensors) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
-        runs: list[BRun] = []
-        if row_major:
-            runs = b_runs((name.rsplit(".", 1)[-1], (m.b.shape[0], m.b.shape[1]), m.b.storage_offset() - start)
-                          for name, m in weights.modules.items())  # fmt: skip
-        base = staged.storage_offset()
-        on_device = {}
+        open_runs: dict[tuple[str, int], list] = {}  # (projection, rank) -> [layers, a at, a step, b at, b step]
+        runs: list[tuple[str, int, list[int], int, int, int, int]] = []
+        columns = []
+        ranks = torch.zeros(memory.ranks.shape[1], dtype=torch.int32)
         for name, m in weights.modules.items():
-            (out, rank), a_at, b_at = m.b.shape, m.a.storage_offset() - start, m.b.storage_offset() - start
-            a = staged.as_strided(m.a.shape, m.a.stride(), base + a_at)
-            on_device[name] = (a, staged.as_strided((out, rank), (1, out), base + b_at))  # Bᵀ's memory, seen as B
-        fills, sources = [], []
-        for name, module in self.lora_modules.items():
-            lora = weights.modules.get(name)
-            if lora is not None:
-                fills += module.slot_writes(slot, lora.rank)
-                sources += on_device[name]
-        return fills, sources, runs
+            found = _MODULE.fullmatch(name)
+            where = None if found is None else (found.group(2), int(found.group(1)))
+            if where is None or where not in memory.columns:
+                return None
+            projection, layer = where
+            columns.append(memory.columns[where])
+            ranks[columns[-1]] = m.rank
+            a_at, b_at = m.a.storage_offset() - start, m.b.storage_offset() - start
+            run = open_runs.get((projection, m.rank))
+            if run is not None and len(run[0]) == 1:
+                run[0].append(layer)
+                run[2], run[4] = a_at - run[1], b_at - run[3]
+            elif run is not None and (a_at, b_at) == (run[1] + run[2] * len(run[0]), run[3] + run[4] * len(run[0])):
+                run[0].append(layer)
+            else:
+                if run is not None:
+                    runs.append((projection, m.rank, *run))  # type: ignore[arg-type]
+                open_runs[(projection, m.rank)] = [[layer], a_at, 0, b_at, 0]
+        runs += [(projection, rank, *run) for (projection, rank), run in open_runs.items()]  # type: ignore[misc]
+        on_device = [
+            (projection, rank, torch.tensor(layers, device=self.device), a_at, a_step, b_at, b_step)
+            for projection, rank, layers, a_at, a_step, b_at, b_step in runs
+        ]
+        return _WritePlan(on_device, columns, ranks)
 
     @property
     def cache_b_rank_major(self) -> bool:

@@ -24,6 +24,7 @@ output (`lora_kernels.expand_fused`). On the CPU a group runs module by module t
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -140,6 +141,80 @@ def expand(
         expand_torch(y, h, b, token_slots, scalings, ranks)
 
 
+@dataclass
+class SlotMemoryViews:
+    """What one module's slots live in: A memory `(rows, in)`, Bᵀ memory `(rows, out)`, and its true rank and scaling
+    per page, `(pages,)` each."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+
+
+class SlotMemory:
+    """The slot memory of every LoRA module of a model in a few tensors, so that writing an adapter into a slot is a
+    few copies a projection whatever the number of layers (`ModelRunner.issue_write`).
+
+    Per site (modules that read one input: q/k/v, o, gate/up, down) A of every layer is one tensor
+    `(layers, G·rows, in)`, member g's rows from g·rows; per projection Bᵀ of every layer is `(layers, rows, out)`;
+    the ranks and scalings of every module are `(pages, modules)`, a column per module (a site's members side by
+    side, so that its `(pages, G)` view is a slice). `sites`: per site, its projections' (name, in, out)."""
+
+    def __init__(
+        self,
+        layout: SlotLayout,
+        layers: int,
+        sites: list[list[tuple[str, int, int]]],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.layout = layout
+        self.layers = layers
+        self.dtype = dtype
+        width = sum(len(site) for site in sites)
+        self.ranks = torch.zeros(layout.pages, layers * width, device=device, dtype=torch.int32)
+        self.scalings = torch.zeros(layout.pages, layers * width, device=device, dtype=torch.float32)
+        self.sites: list[tuple[list[str], torch.Tensor, int]] = []  # (projections, A memory, first column in a layer)
+        self.a: dict[str, tuple[torch.Tensor, int]] = {}  # projection -> (its site's A memory, its first row)
+        self.b: dict[str, torch.Tensor] = {}  # projection -> Bᵀ memory
+        self.columns: dict[tuple[str, int], int] = {}  # (projection, layer) -> column of ranks and scalings
+        column = 0
+        for site in sites:
+            a = torch.zeros(layers, len(site) * layout.rows, site[0][1], device=device, dtype=dtype)
+            self.sites.append(([name for name, _, _ in site], a, column))
+            for g, (name, _, out_features) in enumerate(site):
+                self.a[name] = (a, g * layout.rows)
+                self.b[name] = torch.zeros(layers, layout.rows, out_features, device=device, dtype=dtype)
+                for layer in range(layers):
+                    self.columns[(name, layer)] = layer * width + column + g
+            column += len(site)
+
+    def views(self, projection: str, layer: int) -> SlotMemoryViews:
+        """One module's part (see `LoraLinear.allocate_slots`)."""
+        a, row = self.a[projection]
+        column = self.columns[(projection, layer)]
+        rows = self.layout.rows
+        return SlotMemoryViews(
+            a[layer, row : row + rows], self.b[projection][layer], self.ranks[:, column], self.scalings[:, column]
+        )
+
+    def allocate_group(self, group: LoraGroup, projections: list[str], layer: int) -> None:
+        """Give a site's modules in one layer their parts (its `(pages, G)` ranks and scalings a slice)."""
+        first = self.columns[(projections[0], layer)]
+        a = self.a[projections[0]][0][layer]
+        layout = self.layout
+        group.allocate_slots(
+            layout.num_slots,
+            layout.max_rank,
+            layout.page_rank,
+            a_memory=a,
+            members=[self.views(name, layer) for name in projections],
+            ranks=self.ranks[:, first : first + len(projections)],
+            scalings=self.scalings[:, first : first + len(projections)],
+        )
+
+
 class LoraLinear(NF4Linear):
     """An NF4 linear layer with LoRA slot memory. Without slots allocated it is the plain NF4 layer."""
 
@@ -154,18 +229,28 @@ class LoraLinear(NF4Linear):
         self.register_buffer("scalings", None, persistent=False)  # (pages,) float32
         self.register_buffer("ranks", None, persistent=False)  # (pages,) int32 true rank, 0 = not targeted
         self.layout: SlotLayout | None = None
-        self._fill_views: dict[int, tuple[int, list[torch.Tensor]]] = {}  # slot -> (rank, views of A and B)
 
-    def allocate_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
+    def allocate_slots(
+        self,
+        num_slots: int,
+        max_rank: int,
+        page_rank: int | None = None,
+        memory: SlotMemoryViews | None = None,
+    ) -> None:
+        """Slot memory for this layer: its own tensors, or the views `memory` gives (see `SlotMemory`)."""
         layout = SlotLayout.of(num_slots, max_rank, page_rank)
-        device, dtype = self.packed.device, self.compute_dtype
-        a = torch.zeros(layout.rows, self.in_features, device=device, dtype=dtype)
-        self.lora_a = _page_views(a, layout, 1)[:, 0]
-        self.lora_b = _b_views(torch.zeros(layout.rows, self.out_features, device=device, dtype=dtype), layout)
-        self.scalings = torch.zeros(layout.pages, device=device, dtype=torch.float32)
-        self.ranks = torch.zeros(layout.pages, device=device, dtype=torch.int32)
+        if memory is None:
+            device, dtype = self.packed.device, self.compute_dtype
+            memory = SlotMemoryViews(
+                torch.zeros(layout.rows, self.in_features, device=device, dtype=dtype),
+                torch.zeros(layout.rows, self.out_features, device=device, dtype=dtype),
+                torch.zeros(layout.pages, device=device, dtype=torch.int32),
+                torch.zeros(layout.pages, device=device, dtype=torch.float32),
+            )
+        self.lora_a = _page_views(memory.a, layout, 1)[:, 0]
+        self.lora_b = _b_views(memory.b, layout)
+        self.ranks, self.scalings = memory.ranks, memory.scalings
         self.layout = layout
-        self._fill_views = {}
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Put one adapter's (r, in) A and (out, r) B into the slot starting at page `slot`; None clears it (rank 0).
@@ -174,27 +259,16 @@ class LoraLinear(NF4Linear):
         Every operation is enqueued without a host synchronisation (from pinned memory on a GPU, the copies are
         asynchronous).
         """
-        rank = 0 if a is None or b is None else a.shape[0]
-        for view, source in zip(self.slot_writes(slot, rank), (a, b), strict=False):
-            view.copy_(source, non_blocking=True)
-        self.scalings[slot].fill_(scaling if rank else 0.0)
-        self.ranks[slot].fill_(rank)
-
-    def slot_writes(self, slot: int, rank: int) -> list[torch.Tensor]:
-        """The views of A and B an adapter of `rank` fills in the slot at page `slot` (none for rank 0). The caller
-        fills them and sets the slot's rank and scaling (as `write_slot` does)."""
-        if self.lora_a is None or self.layout is None:
+        if self.lora_a is None or self.lora_b is None or self.layout is None:
             raise RuntimeError("allocate_slots first")
+        rank = 0 if a is None or b is None else a.shape[0]
         if not 0 <= rank <= self.layout.max_rank:
             raise ValueError(f"rank {rank} is outside 0..{self.layout.max_rank}, the slot memory's rank")
-        if not rank:
-            return []
-        # the views of the slot's last rank are kept: making them on every load costs more than the copies
-        kept_rank, fill = self._fill_views.get(slot, (0, []))
-        if kept_rank != rank:
-            fill = [self.lora_a[slot, :rank], self.lora_b[slot, :, :rank]]
-            self._fill_views[slot] = (rank, fill)
-        return fill
+        if a is not None and b is not None:
+            self.lora_a[slot, :rank].copy_(a, non_blocking=True)
+            self.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
+        self.scalings[slot].fill_(scaling if rank else 0.0)
+        self.ranks[slot].fill_(rank)
 
     def lora_delta(
         self, x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, segments: Segments | None = None
@@ -233,22 +307,39 @@ class LoraGroup:
         self.ranks: torch.Tensor | None = None
         self.scalings: torch.Tensor | None = None
 
-    def allocate_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
+    def allocate_slots(
+        self,
+        num_slots: int,
+        max_rank: int,
+        page_rank: int | None = None,
+        a_memory: torch.Tensor | None = None,
+        members: list[SlotMemoryViews] | None = None,
+        ranks: torch.Tensor | None = None,
+        scalings: torch.Tensor | None = None,
+    ) -> None:
+        """Slot memory for the group: its own tensors, or the given ones (`SlotMemory`): the shared A memory
+        `(G·rows, in)`, each member's views (its B memory, its (pages,) ranks and scalings), and the `(pages, G)`
+        views of ranks and scalings over the members' columns."""
         layout = SlotLayout.of(num_slots, max_rank, page_rank)
         first, g = self.layers[0], len(self.layers)
         device, dtype = first.packed.device, first.compute_dtype
-        memory = torch.zeros(g * layout.rows, first.in_features, device=device, dtype=dtype)
-        self.lora_a = _page_views(memory, layout, g)
-        self.ranks = torch.zeros(layout.pages, g, device=device, dtype=torch.int32)
-        self.scalings = torch.zeros(layout.pages, g, device=device, dtype=torch.float32)
-        for i, layer in enumerate(self.layers):
-            b = torch.zeros(layout.rows, layer.out_features, device=device, dtype=dtype)
-            layer.lora_a = self.lora_a[:, i]  # (pages, r_max, in), a view
-            layer.lora_b = _b_views(b, layout)
-            layer.ranks = self.ranks[:, i]
-            layer.scalings = self.scalings[:, i]
-            layer.layout = layout
-            layer._fill_views = {}
+        if a_memory is None or members is None or ranks is None or scalings is None:
+            a_memory = torch.zeros(g * layout.rows, first.in_features, device=device, dtype=dtype)
+            ranks = torch.zeros(layout.pages, g, device=device, dtype=torch.int32)
+            scalings = torch.zeros(layout.pages, g, device=device, dtype=torch.float32)
+            members = [
+                SlotMemoryViews(
+                    a_memory[i * layout.rows : (i + 1) * layout.rows],
+                    torch.zeros(layout.rows, layer.out_features, device=device, dtype=dtype),
+                    ranks[:, i],
+                    scalings[:, i],
+                )
+                for i, layer in enumerate(self.layers)
+            ]
+        self.lora_a = _page_views(a_memory, layout, g)
+        self.ranks, self.scalings = ranks, scalings
+        for layer, views in zip(self.layers, members, strict=True):
+            layer.allocate_slots(num_slots, max_rank, page_rank, views)
 
     def __call__(
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from loramux.server.layers.lora_kernels import Segments
 
 from loramux.server.layers.attention import BatchContext, paged_attention, store_kv
-from loramux.server.layers.lora import LoraGroup, LoraLinear, plan_step
+from loramux.server.layers.lora import LoraGroup, LoraLinear, SlotMemory, plan_step
 from loramux.server.layers.norm import RMSNorm
 from loramux.server.layers.rotary import RotaryEmbedding, apply_rotary
 from loramux.server.layers.slots import SlotLayout
@@ -143,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
 
         self.model = LlamaModel(config, take, dtype)
         self.num_lora_slots = 0
+        self.lora_slot_memory: SlotMemory | None = None  # set by `allocate_lora_slots`
         head = take("lm_head.weight")
         if head is None or config.tie_word_embeddings:
             self.lm_head_weight = self.model.embed_tokens.weight
@@ -202,13 +203,29 @@ class LlamaForCausalLM(nn.Module):
 
     def allocate_lora_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
         """Slot memory for `num_slots` adapters of `max_rank` in every decoder linear layer, paged by `page_rank`
-        (`slots.SlotLayout`): `num_lora_slots` slot indices (pages) from here on."""
-        for layer in self.model.layers:
-            layer.self_attn.qkv.allocate_slots(num_slots, max_rank, page_rank)
-            layer.self_attn.o_proj.allocate_slots(num_slots, max_rank, page_rank)
-            layer.mlp.gate_up.allocate_slots(num_slots, max_rank, page_rank)
-            layer.mlp.down_proj.allocate_slots(num_slots, max_rank, page_rank)
-        self.num_lora_slots = SlotLayout.of(num_slots, max_rank, page_rank).pages
+        (`slots.SlotLayout`): `num_lora_slots` slot indices (pages) from here on. It is one `SlotMemory`
+        (`lora_slot_memory`): a few tensors that every layer's modules hold views of."""
+        layout = SlotLayout.of(num_slots, max_rank, page_rank)
+        first = self.model.layers[0]
+        attn, mlp = first.self_attn, first.mlp
+
+        def shape(name: str, module: LoraLinear) -> tuple[str, int, int]:
+            return name, module.in_features, module.out_features
+
+        sites = [
+            [shape("q_proj", attn.q_proj), shape("k_proj", attn.k_proj), shape("v_proj", attn.v_proj)],
+            [shape("o_proj", attn.o_proj)],
+            [shape("gate_proj", mlp.gate_proj), shape("up_proj", mlp.up_proj)],
+            [shape("down_proj", mlp.down_proj)],
+        ]
+        memory = SlotMemory(layout, len(self.model.layers), sites, attn.q_proj.packed.device, attn.q_proj.compute_dtype)
+        for i, layer in enumerate(self.model.layers):
+            memory.allocate_group(layer.self_attn.qkv, ["q_proj", "k_proj", "v_proj"], i)
+            layer.self_attn.o_proj.allocate_slots(num_slots, max_rank, page_rank, memory.views("o_proj", i))
+            memory.allocate_group(layer.mlp.gate_up, ["gate_proj", "up_proj"], i)
+            layer.mlp.down_proj.allocate_slots(num_slots, max_rank, page_rank, memory.views("down_proj", i))
+        self.lora_slot_memory = memory
+        self.num_lora_slots = layout.pages
 
 
 def _required(take: Callable[[str], torch.Tensor | None], name: str) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_packed_writes_fill_a_used_slot_exactly_as_per_module_writes(tiny_checkp
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_packed_writes_stay_exact_when_slots_and_layouts_repeat(tiny_checkpoint, device):
-    """Writes keep their copy plans per (slot, adapter layout) and one staging buffer: a layout met again, a slot
+    """Writes keep their copy plans per adapter layout and one staging buffer: a layout met again, a slot
     taken by another layout and back, a buffer with B row-major after one with B rank-major, and a larger adapter
     after smaller ones (the staging buffer grows) all leave each slot serving exactly what per-module writes give."""
     base = load_base(str(tiny_checkpoint()), device=device)
@@ -91,13 +91,53 @@ def test_packed_writes_stay_exact_when_slots_and_layouts_repeat(tiny_checkpoint,
         expected.append(slot_state(runner, 0))
     writes = [(1, 0), (1, 1), (0, 2), (1, 2), (1, 3), (0, 0), (1, 1), (0, 3), (1, 0), (0, 1), (0, 3), (1, 2)]
     for i, (slot, index) in enumerate(writes):
-        # B as the slots hold it (rank-major) or as files hold it (row-major: turned in the staging buffer), in turn
+        # B as the slots hold it (rank-major) or as files hold it (row-major: turned on the way), in turn
         weights = adapters[index].packed(runner.adapter_dtype, b_rank_major=i % 3 != 0)
         runner.write_slot(slot, weights)
         got = slot_state(runner, slot)
         for name in names:
             for g, w in zip(got[name], expected[index][name], strict=True):
                 torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_writes_of_adapters_in_file_order_with_mixed_ranks_into_paged_slots(tiny_checkpoint, device):
+    """The copies a packed write makes run over every layer of a projection at once. With 12 layers, modules in the
+    order adapter files sort them (layers 0, 1, 10, 11, 2, ...), ranks that differ by layer and module (breaking
+    the runs), and slots that start at pages inside the memory, each slot serves exactly what per-module writes
+    give, and its neighbours keep theirs."""
+    base = load_base(str(tiny_checkpoint(num_hidden_layers=12)), device=device)
+    base.model.allocate_lora_slots(num_slots=2, max_rank=8, page_rank=2)  # 8 pages of rank 2
+    runner = ModelRunner(base.model, block_size=4, num_blocks=8)
+    shapes = {name: (m.out_features, m.in_features) for name, m in runner.lora_modules.items()}
+    names = sorted(n for n in shapes if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "gate_proj", "down_proj"))
+    gen = torch.Generator().manual_seed(0)
+    modules = {}
+    for name in names:
+        layer = int(name.split(".")[2])
+        rank = 4 if layer not in (3, 7) or name.endswith("q_proj") else 2  # v, gate, down of layers 3 and 7: rank 2
+        out_features, in_features = shapes[name]
+        a, b = torch.randn(rank, in_features, generator=gen), torch.randn(out_features, rank, generator=gen)
+        modules[name] = LoraModule(a, b, scaling=0.25 * (1 + layer))
+    weights = LoraWeights(AdapterConfig(r=4, lora_alpha=4, target_modules=["q_proj"]), modules)
+    other = random_adapter(list(shapes), shapes, rank=2, seed=5)  # on pages 2 and 6, beside the adapter's pages
+
+    expected = {}
+    for slot, adapter in ((2, other), (4, weights), (6, other)):
+        runner.write_slot(slot, adapter)  # per module
+        expected[slot] = slot_state(runner, slot)
+    for rank_major in (False, True):
+        for slot in (2, 4, 6):
+            runner.write_slot(slot, None)
+        for slot, adapter in ((4, weights), (2, other), (6, other)):  # the neighbours after: they must not spill
+            runner.write_slot(slot, adapter.packed(runner.adapter_dtype, b_rank_major=rank_major))
+        for slot in (2, 4, 6):
+            got = slot_state(runner, slot)
+            for name in shapes:
+                for g, w in zip(got[name], expected[slot][name], strict=True):
+                    torch.testing.assert_close(g, w)
+    assert int(runner.lora_modules["model.layers.3.mlp.down_proj"].ranks[4]) == 2
+    assert int(runner.lora_modules["model.layers.10.self_attn.k_proj"].ranks[4]) == 0  # not in the adapter
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and events: GPU only")
