@@ -5,12 +5,14 @@ to an exact revision and reads it into the CPU cache, in the slots' dtype, as on
 (page-locked on a GPU, allocated once at start; `host_arena`). With `reader_processes` (the engine's default on a
 GPU) each read runs in a reader process that writes into the shared arena (`adapter_reader`), so the step loop's
 kernel launches never wait for the GIL behind a read; without, on the fetch thread itself, whose reads release the
-GIL (`load_lora`). `claim` puts a cached adapter into a free slot on the loader thread (one
-write at a time), so the step loop never waits for a disk read or a host-to-device copy, and a slow read never holds
-up a slot write. A write waits only for the device work queued before its claim (`fence`), the only work that may
-still read the slot's previous adapters, not for the steps queued since. A slot holds pins (requests that will run
-on it); only an unpinned slot is ever reused. A new revision of a repo replaces the old one: the old one leaves the
-CPU cache at once and its slot is the first to be reused once its last request ends.
+GIL (`load_lora`). `claim` puts a cached adapter into a free slot: with `issue_write` (the engine's default) the step
+loop queues the write itself once its step's forward is queued, and marks the slot ready once the copies are seen
+done; without, on the loader thread (one write at a time). Either way the step loop never waits for a disk read or a
+host-to-device copy, and a slow read never holds up a slot write. A write waits only for the device work queued
+before its claim (`fence`), the only work that may still read the slot's previous adapters, not for the steps queued
+since. A slot holds pins (requests that will run on it); only an unpinned slot is ever reused. A new revision of a
+repo replaces the old one: the old one leaves the CPU cache at once and its slot is the first to be reused once its
+last request ends.
 
 Slots are runs of pages of the slot memory (`slots.SlotLayout`): an adapter takes the power of two of pages its rank
 needs, aligned to that size (a buddy layout, so a run never straddles two runs of its size), and its slot index is

@@ -398,10 +398,10 @@ class ModelRunner:
     @property
     def cache_b_rank_major(self) -> bool:
         """Whether the CPU cache should hold B rank-major (turned when read) or as the file does. On a GPU it holds
-        B row-major and `write_slot` turns it on the device, where it costs two kernels a projection: turning it
-        on the CPU passed over every B twice more on the reading threads, beside the step loop (adapter read and slot
-        write time in W2 10.6 -> 8.45 s: BENCHMARKS.md, eighth day). On the CPU it is turned when read: the write
-        would do the same work, on the loader thread."""
+        B row-major and `issue_write` turns it on the device, in the copy into the slot: turning it on the CPU passed
+        over every B twice more on the reading threads, beside the step loop (adapter read and slot write time in W2
+        10.6 -> 8.45 s: BENCHMARKS.md, eighth day). On the CPU it is turned when read, and the write copies it as
+        it is."""
         return self.device.type != "cuda"
 
 
@@ -510,7 +510,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        # thread_local: the adapter loader thread may copy into slots (on its own stream) during a capture
+        # thread_local: an adapter loader thread (step_thread_slot_writes off) may copy into slots during a capture
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._forward(size, width, lora)
         return graph, logits

@@ -165,7 +165,7 @@ class PromptGraphs:
         graphs = []
         for function in functions.run:  # in order: piece 0's outputs (functions.state) are the later pieces' inputs
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the adapter loader thread may copy into slots (on its own stream) during a capture
+            # thread_local: an adapter loader thread (step_thread_slot_writes off) may copy into slots during a capture
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 function()
             graphs.append(graph)

@@ -10,7 +10,9 @@ is a `(pages, R, in)` view of that memory whose page p starts at row p·page_ran
 overlap), `lora_b` likewise `(pages, out, R)` over B's memory kept rank-major, `(rows, out)`, so that the kernels
 read a slot's B in whole rows of `out` values; with a true rank and scaling per page. Every read of a slot is
 bounded by its true rank, on the CPU and on the GPU, so rows past it (a neighbour's, or stale) are never read and
-a slot write never zeroes anything; a module an adapter does not target has rank 0 in that slot.
+a slot write never zeroes anything; a module an adapter does not target has rank 0 in that slot. A model allocates
+the memory of all its modules as one `SlotMemory` (per projection, every layer's A and Bᵀ in one tensor; every
+module's ranks and scalings in one table), so that an adapter is written into a slot with a few copies.
 
 `shrink` and `expand` are the two halves of `y += s·(x·Aᵀ)·Bᵀ`; the torch versions here are the reference that
 runs anywhere. On CUDA they dispatch to the Triton kernels of `lora_kernels.py` (same signatures) when that module
