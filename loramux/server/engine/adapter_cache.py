@@ -127,14 +127,16 @@ class AdapterCache:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-loader")
         # with `issue_write`: claims whose writes are not queued yet, and the writes queued and not seen complete
         self._to_write: list[tuple[int, str, LoraWeights, object]] = []
-        self._writing: list[tuple[int, str, LoraWeights, object, float]] = []
+        self._writing: list[tuple[int, str, LoraWeights, object]] = []
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
         # Counts the changes that may let a claim that found no room succeed (a slot unpinned, loaded or freed):
         # while it stands still, a claim that failed fails again (`Scheduler` skips it).
         self.freed = 0
         self.hits = self.misses = self.loads = self.slot_loads = self.outside_arena = 0
-        self.read_seconds = self.write_seconds = 0.0  # reads from the source; slot writes
+        # reads from the source; slot writes on the thread that made them (a loader thread: until the copies were
+        # done; the step loop with `issue_write`: the host time it spent queuing them)
+        self.read_seconds = self.write_seconds = 0.0
 
     # -- loader-thread side ------------------------------------------------------------------------------------
 
@@ -335,7 +337,9 @@ class AdapterCache:
                 with self._lock:
                     self._release(index)
                 continue
-            self._writing.append((index, key, weights, done, started))  # the weights kept until the copies are done
+            finally:
+                self.write_seconds += time.perf_counter() - started  # the host time it cost this thread
+            self._writing.append((index, key, weights, done))  # the weights kept until the copies are done
         if issued:
             self.complete_writes()  # those done already (on the CPU, all)
         return len(issued)
@@ -344,22 +348,19 @@ class AdapterCache:
         """Mark ready the slots whose queued writes are done (with `wait`, after waiting for all of them) -> how
         many writes are still under way."""
         under_way = []
-        finished = 0
         for write in self._writing:
-            index, key, _, done, started = write
+            index, key, _, done = write
             if done is not None and not wait and not done.query():
                 under_way.append(write)
                 continue
             if done is not None and wait:
                 done.synchronize()
-            finished += 1
             with self._lock:
                 slot = self.slots[index]
                 if slot.key == key:
                     slot.ready = True
                 self.freed += 1
                 self.slot_loads += 1
-                self.write_seconds += time.perf_counter() - started
         self._writing = under_way
         return len(under_way)
 
