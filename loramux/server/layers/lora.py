@@ -177,14 +177,12 @@ class SlotMemory:
         width = sum(len(site) for site in sites)
         self.ranks = torch.zeros(layout.pages, layers * width, device=device, dtype=torch.int32)
         self.scalings = torch.zeros(layout.pages, layers * width, device=device, dtype=torch.float32)
-        self.sites: list[tuple[list[str], torch.Tensor, int]] = []  # (projections, A memory, first column in a layer)
         self.a: dict[str, tuple[torch.Tensor, int]] = {}  # projection -> (its site's A memory, its first row)
         self.b: dict[str, torch.Tensor] = {}  # projection -> Bᵀ memory
         self.columns: dict[tuple[str, int], int] = {}  # (projection, layer) -> column of ranks and scalings
         column = 0
         for site in sites:
             a = torch.zeros(layers, len(site) * layout.rows, site[0][1], device=device, dtype=dtype)
-            self.sites.append(([name for name, _, _ in site], a, column))
             for g, (name, _, out_features) in enumerate(site):
                 self.a[name] = (a, g * layout.rows)
                 self.b[name] = torch.zeros(layers, layout.rows, out_features, device=device, dtype=dtype)
