@@ -256,14 +256,18 @@ class AdapterCache:
                 self._release(index)
             self.on_change()
             raise
+        self.write_seconds += time.perf_counter() - started
+        self._loaded(index, key)
+        self.on_change()
+
+    def _loaded(self, index: int, key: str) -> None:
+        """Mark slot `index` ready once `key`'s write is done (unless the slot was given to another adapter since)."""
         with self._lock:
             slot = self.slots[index]
             if slot.key == key:
                 slot.ready = True
             self.freed += 1
             self.slot_loads += 1
-            self.write_seconds += time.perf_counter() - started
-        self.on_change()
 
     # -- step-loop side ----------------------------------------------------------------------------------------
 
@@ -355,12 +359,7 @@ class AdapterCache:
                 continue
             if done is not None and wait:
                 done.synchronize()
-            with self._lock:
-                slot = self.slots[index]
-                if slot.key == key:
-                    slot.ready = True
-                self.freed += 1
-                self.slot_loads += 1
+            self._loaded(index, key)
         self._writing = under_way
         return len(under_way)
 
