@@ -14,7 +14,7 @@ from loramux.adapters.source import AdapterNotFoundError
 from loramux.registry.blobs import BlobError
 from loramux.server.api.errors import APIError, model_not_found, overloaded
 from loramux.server.api.state import ServerState
-from loramux.server.engine.errors import ContextLengthError, EngineStoppedError, QueueFullError
+from loramux.server.engine.errors import AdapterLoadError, ContextLengthError, EngineStoppedError, QueueFullError
 from loramux.server.engine.request import RequestOutput, SamplingParams
 
 
@@ -42,6 +42,15 @@ def api_error_for(exc: BaseException, model: str, prompt_param: str) -> APIError
             type="server_error",
             code="engine_stopped",
             headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, AdapterLoadError):  # the device refused the slot write (out of memory, say): try again
+        return APIError(
+            503,
+            f"The adapter '{model}' could not be loaded for serving: {exc}",
+            type="server_error",
+            param="model",
+            code="adapter_load_failed",
+            headers={"Retry-After": "1"},
         )
     if isinstance(exc, BlobError):  # the registry's copy is missing or no longer matches its sha256
         return APIError(

@@ -327,26 +327,29 @@ class AdapterCache:
             self._loader.submit(self._load_into_slot, index, key, weights, self.fence())
         return index
 
-    def issue_writes(self) -> int:
+    def issue_writes(self) -> list[tuple[int, str, Exception]]:
         """Queue the slot writes of the claims made since the last call (with `issue_write`; on the claiming thread,
-        the step loop: it calls this once a step's forward is queued, so the copies run beside that step) -> how many.
-        A write that fails frees its slot (logged), as on the loader thread."""
+        the step loop: it calls this once a step's forward is queued, so the copies run beside that step) -> the
+        writes that failed, (slot, key, error): each one's slot is freed (logged), and the requests pinned to it
+        are the caller's to end (their slot holds nothing)."""
         issued, self._to_write = self._to_write, []
+        failed = []
         for index, key, weights, after in issued:
             started = time.perf_counter()
             try:
                 done = self.issue_write(index, weights, after)  # type: ignore[misc]
-            except Exception:
+            except Exception as exc:
                 log.exception("writing adapter %s into slot %d failed", key, index)
                 with self._lock:
                     self._release(index)
+                failed.append((index, key, exc))
                 continue
             finally:
                 self.write_seconds += time.perf_counter() - started  # the host time it cost this thread
             self._writing.append((index, key, weights, done))  # the weights kept until the copies are done
         if issued:
             self.complete_writes()  # those done already (on the CPU, all)
-        return len(issued)
+        return failed
 
     def complete_writes(self, wait: bool = False) -> int:
         """Mark ready the slots whose queued writes are done (with `wait`, after waiting for all of them) -> how

@@ -1,6 +1,6 @@
 """The engine's typed errors. The HTTP layer maps them: invalid request/context length -> 400, unknown adapter ->
 404 (`loramux.adapters.source.AdapterNotFoundError`), adapter that does not fit -> 400 (`AdapterConfigError`),
-queue full -> 429, engine stopped -> 503."""
+queue full -> 429, engine stopped or an adapter that could not be written into GPU slot memory -> 503."""
 
 from __future__ import annotations
 
@@ -25,3 +25,8 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine has been shut down (or its step loop failed)."""
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter read fine could not be written into slot memory (the device refused the copies: out of memory,
+    say); the requests waiting for that slot end with it. Another request may succeed."""

@@ -19,7 +19,7 @@ from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.server.engine import adapter_cache
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, AdapterCache
 from loramux.server.engine.block_manager import BlockManager
-from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from loramux.server.engine.errors import AdapterLoadError, ContextLengthError, InvalidRequestError, QueueFullError
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
@@ -311,7 +311,8 @@ class LLMEngine:
                 for request, n in batch
             ]
             logits = self.runner.run(chunks)
-        self.adapters.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
+        for index, key, exc in self.adapters.issue_writes():  # this step's claims: their copies run beside the step
+            self._slot_write_failed(index, key, exc)
         sent = self._send()  # the previous step's tokens, while the device computes this one
         if logits is None:
             if self.adapters.writes_pending():  # nothing runs until they are done
@@ -333,6 +334,15 @@ class LLMEngine:
         if not self.overlap_outputs:
             self._send()
         return True
+
+    def _slot_write_failed(self, index: int, key: str, exc: Exception) -> None:
+        """End the requests that wait for slot `index`, whose write failed (the cache freed the slot)."""
+        error = AdapterLoadError(f"adapter {key} could not be written into slot memory: {exc}")
+        for request in [r for r in self.requests.values() if r.slot == index and r.status is RequestStatus.WAITING]:
+            request.slot = -1  # its pin went with the slot
+            self.scheduler.finish(request)
+            del self.requests[request.request_id]
+            self._fail(request, error)
 
     def _append_token(self, request: Request, token: int, logits: torch.Tensor) -> None:
         p = request.params

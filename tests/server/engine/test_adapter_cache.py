@@ -271,7 +271,7 @@ def test_writes_issued_by_the_claiming_thread_make_their_slot_ready_once_done():
         a_weights, b_weights = SimpleNamespace(max_rank=8), SimpleNamespace(max_rank=16)
         a, b = cache.claim("a", a_weights), cache.claim("b", b_weights)
         assert issued == [] and cache.writes_pending() == 2  # claimed: nothing written until issue_writes
-        assert cache.issue_writes() == 2 and cache.issue_writes() == 0
+        assert cache.issue_writes() == [] and cache.writes_pending() == 2 and cache.issue_writes() == []
         me = threading.current_thread().name
         assert issued == [(me, a, a_weights, 0), (me, b, b_weights, 1)]  # each with the fence of its claim
         assert not cache.is_ready(a) and not cache.is_ready(b)
@@ -287,16 +287,18 @@ def test_writes_issued_by_the_claiming_thread_make_their_slot_ready_once_done():
 
 
 def test_a_write_issued_with_no_handle_is_done_and_one_that_fails_frees_its_slot():
+    error = RuntimeError("out of memory")
+
     def issue(index: int, weights, after) -> None:
         if weights.max_rank == 16:
-            raise RuntimeError("device lost")
+            raise error
         return None  # done already, as on the CPU
 
     cache = AdapterCache(None, CONFIG, lambda *_: None, 1, 32, cpu_cache_bytes=0, issue_write=issue)
     try:
         a = cache.claim("a", SimpleNamespace(max_rank=8))
         b = cache.claim("b", SimpleNamespace(max_rank=16))
-        assert cache.issue_writes() == 2
+        assert cache.issue_writes() == [(b, "b", error)]
         assert cache.is_ready(a) and cache.writes_pending() == 0
         assert cache.resident() == {"a": a}  # b's slot was freed: its pages can be claimed again
         assert cache.claim("c", SimpleNamespace(max_rank=16)) == b

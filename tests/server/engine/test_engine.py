@@ -12,7 +12,12 @@ import torch
 import transformers
 
 from loramux.server.engine.engine import EngineConfig, LLMEngine
-from loramux.server.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from loramux.server.engine.errors import (
+    AdapterLoadError,
+    ContextLengthError,
+    InvalidRequestError,
+    QueueFullError,
+)
 from loramux.server.engine.llm_engine import merge_outputs
 from loramux.server.engine.request import RequestOutput, RequestStatus, SamplingParams
 from loramux.server.models.loader import load_base
@@ -149,6 +154,50 @@ def test_slot_writes_on_the_step_thread_serve_what_the_loader_thread_does(tiny):
     for got, want in zip(outputs[True], outputs[False], strict=True):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine_goes_on(tiny):
+    """The device refusing an adapter's copies (out of memory, say) ends the requests that wait for that slot with
+    AdapterLoadError; the others are served, the slot is free again, and the adapter loads on a later request."""
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    issue, refused, refusing = engine.adapters.issue_write, [], [True]
+
+    def refuse_b(index, weights, after):
+        if refusing[0] and weights.config is source_config(engine, "t/b"):
+            refused.append(index)
+            raise RuntimeError("CUDA out of memory")
+        return issue(index, weights, after)
+
+    engine.adapters.issue_write = refuse_b
+    ids = prompts(4, 5)
+    expected = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64)).generate(
+        ids, GREEDY, ["t/a", "t/b", "t/b", None]
+    )
+    items: dict[int, list] = {i: [] for i in range(4)}
+    for i, (prompt, adapter) in enumerate(zip(ids, ["t/a", "t/b", "t/b", None], strict=True)):
+        engine.add(engine.make_request(items[i].append, prompt_ids=prompt, adapter=adapter, params=GREEDY))
+    for _ in range(500):  # bounded: a request left waiting for the failed slot would never end
+        if not engine.has_unfinished():
+            break
+        engine.step() or engine.wait_for_work(0.05)
+    assert refused and not engine.has_unfinished()
+    for i in (1, 2):  # both waited for t/b's slot: one error each, nothing else
+        assert len(items[i]) == 1 and isinstance(items[i][0], AdapterLoadError) and "t/b" in str(items[i][0])
+    for i in (0, 3):
+        assert merge_outputs(items[i]).token_ids == expected[i].token_ids
+    stats = engine.stats()
+    assert stats["slots_used"] == 0 and stats["kv_blocks_used"] == 0 and not engine.requests
+    refusing[0] = False
+    again = engine.generate([ids[1]], GREEDY, ["t/b"])[0]  # the device takes it now
+    assert again.token_ids == expected[1].token_ids
+
+
+def source_config(engine: LLMEngine, name: str):
+    """The config object of `name`'s weights in the engine's CPU cache (the test's way to tell adapters apart)."""
+    from loramux.adapters.source import AdapterRef
+
+    return engine.adapters.fetch(AdapterRef.parse(name), None)[1].config
 
 
 def test_abort_frees_blocks_and_slot_at_once(tiny):
