@@ -309,10 +309,11 @@ class ModelRunner:
         place); then, per projection, one copy takes its A of every layer into the slot's rows of the projection's
         A memory and one its B (turned rank-major on the way where the buffer holds it as the file does), and one
         copy each sets the slot's rank and scaling in every module. So a write is a few torch calls a projection
-        whatever the layer count: it runs beside the step loop's own calls, and each one of them can keep the step
-        loop waiting for the GIL (the loader thread made ~900 calls for a W2 adapter's first write into a slot, ~4.8
-        ms of host time on the GPU host: BENCHMARKS.md, thirteenth day). The copies of a layout (its modules, their
-        ranks, where each lies in the buffer) are worked out once and kept (`_write_plans`), whatever the slot."""
+        whatever the layer count, host time the step loop spends while the device computes (a loader thread's calls
+        beside it would keep it waiting for the GIL). Before, the first write of a W2 adapter into a slot made ~900
+        calls, ~4.8 ms of host time on the GPU host (BENCHMARKS.md, thirteenth day). The copies of a layout (its
+        modules, their ranks, where each lies in the buffer) are worked out once and kept (`_write_plans`), whatever
+        the slot."""
         memory = self.model.lora_slot_memory
         buffer = weights.buffer
         if memory is None or buffer is None or buffer.dtype != memory.dtype:
@@ -365,6 +366,8 @@ class ModelRunner:
         buffer = weights.buffer
         assert memory is not None and buffer is not None
         start = buffer.storage_offset()
+        tensors = [t for m in weights.modules.values() for t in (m.a, m.b)]
+        assert sum(t.numel() for t in tensors) == buffer.numel() and tensors[0].data_ptr() == buffer.data_ptr()
         open_runs: dict[tuple[str, int], list] = {}  # (projection, rank) -> [layers, a at, a step, b at, b step]
         runs: list[tuple[str, int, list[int], int, int, int, int]] = []
         columns = []
