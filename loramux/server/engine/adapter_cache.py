@@ -61,6 +61,7 @@ class Slot:
     last_used: int = 0
     stale: bool = False  # a newer revision of its repo exists
     pages: int = 0  # pages of the run
+    failed: bool = False  # its write failed: held (not ready) until `failed_writes` hands it over, then freed
 
 
 class AdapterCache:
@@ -128,12 +129,13 @@ class AdapterCache:
         # with `issue_write`: claims whose writes are not queued yet, and the writes queued and not seen complete
         self._to_write: list[tuple[int, str, LoraWeights, object]] = []
         self._writing: list[tuple[int, str, LoraWeights, object]] = []
+        self._failed: list[tuple[int, str, Exception]] = []  # writes that failed, for `failed_writes`
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self._tick = 0
         # Counts the changes that may let a claim that found no room succeed (a slot unpinned, loaded or freed):
         # while it stands still, a claim that failed fails again (`Scheduler` skips it).
         self.freed = 0
-        self.hits = self.misses = self.loads = self.slot_loads = self.outside_arena = 0
+        self.hits = self.misses = self.loads = self.slot_loads = self.outside_arena = self.write_failures = 0
         # reads from the source; slot writes on the thread that made them (a loader thread: until the copies were
         # done; the step loop with `issue_write`: the host time it spent queuing them)
         self.read_seconds = self.write_seconds = 0.0
@@ -250,15 +252,33 @@ class AdapterCache:
         started = time.perf_counter()
         try:
             self.write_slot(index, weights, after)
-        except Exception:
-            log.exception("writing adapter %s into slot %d failed", key, index)
-            with self._lock:
-                self._release(index)
+        except Exception as exc:
+            self._write_failed(index, key, exc)
             self.on_change()
             raise
         self.write_seconds += time.perf_counter() - started
         self._loaded(index, key)
         self.on_change()
+
+    def _write_failed(self, index: int, key: str, exc: Exception) -> None:
+        """Hold slot `index` as failed until the step loop takes the failure (`failed_writes`): requests pinned to it
+        meanwhile are ended with the others, and no claim takes its pages before then."""
+        log.exception("writing adapter %s into slot %d failed", key, index)  # called where `exc` is handled
+        with self._lock:
+            self.write_failures += 1
+            if self.slots[index].key == key:
+                self.slots[index].failed = True
+                self._failed.append((index, key, exc))
+
+    def failed_writes(self) -> list[tuple[int, str, Exception]]:
+        """The slot writes that failed since the last call, (slot, key, error), their slots freed now: the caller
+        ends the requests pinned to those slots (their adapter is not there, and their pins went with the slot)."""
+        with self._lock:
+            failed, self._failed = self._failed, []
+            for index, key, _ in failed:
+                if self.slots[index].key == key and self.slots[index].failed:
+                    self._release(index)
+        return failed
 
     def _loaded(self, index: int, key: str) -> None:
         """Mark slot `index` ready once `key`'s write is done (unless the slot was given to another adapter since)."""
@@ -327,29 +347,24 @@ class AdapterCache:
             self._loader.submit(self._load_into_slot, index, key, weights, self.fence())
         return index
 
-    def issue_writes(self) -> list[tuple[int, str, Exception]]:
+    def issue_writes(self) -> int:
         """Queue the slot writes of the claims made since the last call (with `issue_write`; on the claiming thread,
-        the step loop: it calls this once a step's forward is queued, so the copies run beside that step) -> the
-        writes that failed, (slot, key, error): each one's slot is freed (logged), and the requests pinned to it
-        are the caller's to end (their slot holds nothing)."""
+        the step loop: it calls this once a step's forward is queued, so the copies run beside that step) -> how
+        many. A write that fails is held for `failed_writes`, as on the loader thread."""
         issued, self._to_write = self._to_write, []
-        failed = []
         for index, key, weights, after in issued:
             started = time.perf_counter()
             try:
                 done = self.issue_write(index, weights, after)  # type: ignore[misc]
             except Exception as exc:
-                log.exception("writing adapter %s into slot %d failed", key, index)
-                with self._lock:
-                    self._release(index)
-                failed.append((index, key, exc))
+                self._write_failed(index, key, exc)
                 continue
             finally:
                 self.write_seconds += time.perf_counter() - started  # the host time it cost this thread
             self._writing.append((index, key, weights, done))  # the weights kept until the copies are done
         if issued:
             self.complete_writes()  # those done already (on the CPU, all)
-        return failed
+        return len(issued)
 
     def complete_writes(self, wait: bool = False) -> int:
         """Mark ready the slots whose queued writes are done (with `wait`, after waiting for all of them) -> how
@@ -406,6 +421,7 @@ class AdapterCache:
                 "adapter_load_seconds": self.read_seconds + self.write_seconds,
                 "adapter_read_seconds": self.read_seconds,
                 "adapter_slot_write_seconds": self.write_seconds,
+                "adapter_slot_write_failures": self.write_failures,
                 "adapter_loads_outside_arena": self.outside_arena,
                 "adapter_reader_processes": self.readers.processes if self.readers is not None else 0,
                 "adapter_reader_restarts": self.readers.restarts if self.readers is not None else 0,

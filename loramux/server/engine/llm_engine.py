@@ -311,8 +311,8 @@ class LLMEngine:
                 for request, n in batch
             ]
             logits = self.runner.run(chunks)
-        for index, key, exc in self.adapters.issue_writes():  # this step's claims: their copies run beside the step
-            self._slot_write_failed(index, key, exc)
+        self.adapters.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
+        self._end_failed_writes()  # these, or a loader thread's
         sent = self._send()  # the previous step's tokens, while the device computes this one
         if logits is None:
             if self.adapters.writes_pending():  # nothing runs until they are done
@@ -335,14 +335,16 @@ class LLMEngine:
             self._send()
         return True
 
-    def _slot_write_failed(self, index: int, key: str, exc: Exception) -> None:
-        """End the requests that wait for slot `index`, whose write failed (the cache freed the slot)."""
-        error = AdapterLoadError(f"adapter {key} could not be written into slot memory: {exc}")
-        for request in [r for r in self.requests.values() if r.slot == index and r.status is RequestStatus.WAITING]:
-            request.slot = -1  # its pin went with the slot
-            self.scheduler.finish(request)
-            del self.requests[request.request_id]
-            self._fail(request, error)
+    def _end_failed_writes(self) -> None:
+        """End the requests that wait for a slot whose write failed (the cache frees the slot), with AdapterLoadError;
+        other requests for the adapter may load it again later."""
+        for index, key, exc in self.adapters.failed_writes():
+            error = AdapterLoadError(f"adapter {key} could not be written into slot memory: {exc}")
+            for request in [r for r in self.requests.values() if r.slot == index and r.status is RequestStatus.WAITING]:
+                request.slot = -1  # its pin went with the slot
+                self.scheduler.finish(request)
+                del self.requests[request.request_id]
+                self._fail(request, error)
 
     def _append_token(self, request: Request, token: int, logits: torch.Tensor) -> None:
         p = request.params

@@ -271,7 +271,7 @@ def test_writes_issued_by_the_claiming_thread_make_their_slot_ready_once_done():
         a_weights, b_weights = SimpleNamespace(max_rank=8), SimpleNamespace(max_rank=16)
         a, b = cache.claim("a", a_weights), cache.claim("b", b_weights)
         assert issued == [] and cache.writes_pending() == 2  # claimed: nothing written until issue_writes
-        assert cache.issue_writes() == [] and cache.writes_pending() == 2 and cache.issue_writes() == []
+        assert cache.issue_writes() == 2 and cache.issue_writes() == 0
         me = threading.current_thread().name
         assert issued == [(me, a, a_weights, 0), (me, b, b_weights, 1)]  # each with the fence of its claim
         assert not cache.is_ready(a) and not cache.is_ready(b)
@@ -286,7 +286,9 @@ def test_writes_issued_by_the_claiming_thread_make_their_slot_ready_once_done():
         cache.shutdown()
 
 
-def test_a_write_issued_with_no_handle_is_done_and_one_that_fails_frees_its_slot():
+def test_a_write_issued_with_no_handle_is_done_and_one_that_fails_frees_its_slot_when_taken():
+    """A write that fails holds its slot (not ready, not claimable) until the step loop takes the failure, so that
+    it can end the requests pinned to it; then the slot is free."""
     error = RuntimeError("out of memory")
 
     def issue(index: int, weights, after) -> None:
@@ -298,9 +300,30 @@ def test_a_write_issued_with_no_handle_is_done_and_one_that_fails_frees_its_slot
     try:
         a = cache.claim("a", SimpleNamespace(max_rank=8))
         b = cache.claim("b", SimpleNamespace(max_rank=16))
-        assert cache.issue_writes() == [(b, "b", error)]
-        assert cache.is_ready(a) and cache.writes_pending() == 0
+        assert cache.issue_writes() == 2
+        assert cache.is_ready(a) and not cache.is_ready(b) and cache.writes_pending() == 0
+        cache.pin(a)  # a request runs on a
+        assert cache.claim("c", SimpleNamespace(max_rank=16)) is None  # b's pages are held, a's in use
+        assert cache.failed_writes() == [(b, "b", error)] and cache.failed_writes() == []
         assert cache.resident() == {"a": a}  # b's slot was freed: its pages can be claimed again
         assert cache.claim("c", SimpleNamespace(max_rank=16)) == b
+    finally:
+        cache.shutdown()
+
+
+def test_a_write_that_fails_on_the_loader_thread_is_handed_over_the_same_way():
+    def write(index: int, weights, after) -> None:
+        raise RuntimeError("device lost")
+
+    cache = AdapterCache(None, CONFIG, write, 1, 32, cpu_cache_bytes=0)
+    try:
+        b = cache.claim("b", SimpleNamespace(max_rank=16))
+        for _ in range(400):
+            failed = cache.failed_writes()
+            if failed:
+                break
+            time.sleep(0.005)
+        assert [(index, key, str(exc)) for index, key, exc in failed] == [(b, "b", "device lost")]
+        assert cache.resident() == {} and cache.claim("c", SimpleNamespace(max_rank=16)) == b
     finally:
         cache.shutdown()

@@ -156,20 +156,26 @@ def test_slot_writes_on_the_step_thread_serve_what_the_loader_thread_does(tiny):
         torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
 
 
-def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine_goes_on(tiny):
+@pytest.mark.parametrize("on_step", [True, False], ids=["step-thread-writes", "loader-thread"])
+def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine_goes_on(tiny, on_step):
     """The device refusing an adapter's copies (out of memory, say) ends the requests that wait for that slot with
     AdapterLoadError; the others are served, the slot is free again, and the adapter loads on a later request."""
     base, source, _ = tiny
-    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
-    issue, refused, refusing = engine.adapters.issue_write, [], [True]
+    config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, step_thread_slot_writes=on_step)
+    engine = LLMEngine(base, source, config)
+    write = engine.adapters.issue_write if on_step else engine.adapters.write_slot
+    refused, refusing = [], [True]
 
     def refuse_b(index, weights, after):
         if refusing[0] and weights.config is source_config(engine, "t/b"):
             refused.append(index)
             raise RuntimeError("CUDA out of memory")
-        return issue(index, weights, after)
+        return write(index, weights, after)
 
-    engine.adapters.issue_write = refuse_b
+    if on_step:
+        engine.adapters.issue_write = refuse_b
+    else:
+        engine.adapters.write_slot = refuse_b
     ids = prompts(4, 5)
     expected = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64)).generate(
         ids, GREEDY, ["t/a", "t/b", "t/b", None]
@@ -188,6 +194,7 @@ def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine
         assert merge_outputs(items[i]).token_ids == expected[i].token_ids
     stats = engine.stats()
     assert stats["slots_used"] == 0 and stats["kv_blocks_used"] == 0 and not engine.requests
+    assert stats["adapter_slot_write_failures"] == len(refused) >= 1
     refusing[0] = False
     again = engine.generate([ids[1]], GREEDY, ["t/b"])[0]  # the device takes it now
     assert again.token_ids == expected[1].token_ids
