@@ -172,7 +172,6 @@ class SlotMemory:
         dtype: torch.dtype,
     ) -> None:
         self.layout = layout
-        self.layers = layers
         self.dtype = dtype
         width = sum(len(site) for site in sites)
         self.ranks = torch.zeros(layout.pages, layers * width, device=device, dtype=torch.int32)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from loramux.adapters.source import AdapterRef
 from loramux.server.engine.engine import EngineConfig, LLMEngine
 from loramux.server.engine.errors import (
     AdapterLoadError,
@@ -202,8 +203,6 @@ def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine
 
 def source_config(engine: LLMEngine, name: str):
     """The config object of `name`'s weights in the engine's CPU cache (the test's way to tell adapters apart)."""
-    from loramux.adapters.source import AdapterRef
-
     return engine.adapters.fetch(AdapterRef.parse(name), None)[1].config
 
 
