@@ -42,6 +42,11 @@ class RegistrySource:
         return ResolvedAdapter(repo=ref.repo, commit=revision.commit, path=target)
 
 
+def registry_source(data_dir: Path | None) -> RegistrySource:
+    """The source of the registry under `data_dir`, opened here (a picklable factory for another process)."""
+    return RegistrySource(Registry.open(data_dir))
+
+
 class HubSource:
     """Adapters of a remote hub, pulled once per commit into a cache under LORAMUX_HOME and checked by sha256."""
 

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loramux.server.engine.engine import EngineConfig, LLMEngine
+    from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
     from loramux.server.engine.request import SamplingParams
     from loramux.server.models.loader import load_base
 

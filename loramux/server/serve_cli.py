@@ -1,9 +1,14 @@
-"""`loramux serve`: the OpenAI-compatible API, the adapter hub and /metrics on one port, over one NF4 base."""
+"""`loramux serve`: the OpenAI-compatible API, the adapter hub and /metrics on one port, over one NF4 base.
+
+The engine runs in a process of its own; the API (HTTP, tokenization, detokenization, streaming) in this one, or,
+with `--api-servers N`, in N processes that share the port, this one supervising them and the engine."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 
 from loramux.registry.cli.common import add_data_dir_argument
 from loramux.registry.cli.hub import is_loopback
@@ -28,13 +33,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slots",
         type=int,
-        default=4,
+        default=None,
         help="adapter slot memory on the device: this many adapters of --max-lora-rank at once, more of lower rank "
         "(paged by rank 8 where --max-lora-rank is a multiple of 8: eight rank-8 adapters take one rank-64 slot; "
-        "default 4)",
+        "default: on a GPU as many as a tenth of the memory the weights leave holds, at most 64; 4 on the CPU)",
     )
     parser.add_argument("--max-lora-rank", type=int, default=64, help="highest adapter rank served (default 64)")
-    parser.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded in one batch (default 32)")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="requests decoded in one batch (default: 256 on a GPU, 32 on the CPU)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens computed in one step, prompt chunks included (default: 8192 on a GPU, 512 on the CPU)",
+    )
+    parser.add_argument(
+        "--api-servers",
+        type=int,
+        default=1,
+        help="processes serving HTTP for the one engine process (tokenization, streaming; default 1)",
+    )
     parser.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting beyond the batch before 429 (default 1024)"
     )
@@ -56,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlap-outputs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="stream each step's outputs while the next step computes (more tokens/s, each output one step later) "
-        "or before it starts (default: overlap on a GPU, not on the CPU)",
+        help="send each step's outputs to the API while the next step computes (more tokens/s, each output one step "
+        "later) or before it starts (default: overlap on a GPU, not on the CPU)",
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the base's)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -80,8 +102,8 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("slots", "max_queue", "adapter_cache_mb", "adapter_readers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("max_lora_rank", "max_num_seqs"):
-        if getattr(args, name) < 1:
+    for name in ("max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "api_servers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
@@ -90,8 +112,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     _check(args)
     from loramux.registry.registry import Registry
 
@@ -104,14 +124,14 @@ def run(args: argparse.Namespace) -> int:
             "or pass --allow-insecure-no-auth"
         )
 
-    from loramux.server.api.app import serve
-    from loramux.server.api.state import ServerSettings, ServerState
-    from loramux.server.engine.engine import EngineConfig
+    from loramux.server.api.state import ServerSettings
+    from loramux.server.engine.llm_engine import EngineConfig
 
     engine = EngineConfig(
         num_slots=args.slots,
         max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue,
         adapter_cache_bytes=args.adapter_cache_mb * MiB,
         adapter_reader_processes=args.adapter_readers,
@@ -119,25 +139,92 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
     )
     hub_token = args.hub_token or os.environ.get("LORAMUX_TOKEN") or os.environ.get("HF_TOKEN")
-    if args.hub:
-        from loramux.registry.source import HubSource
-
-        source = HubSource(args.hub, hub_token)
-    else:
-        from loramux.registry.source import RegistrySource
-
-        source = RegistrySource(registry)
     settings = ServerSettings(
         base=args.base,
         device=args.device,
         engine=engine,
+        data_dir=args.data_dir,
         hub_url=args.hub,
         hub_token=hub_token,
         shutdown_grace=args.shutdown_grace,
+        log_level=logging.getLogger().getEffectiveLevel(),
     )
     logging.getLogger("loramux.access").setLevel(logging.INFO)
     logging.getLogger("loramux.server.api.state").setLevel(logging.INFO)
     mode = "API keys required" if keys else "single-user mode (no API keys)"
     adapters = f"adapters from {args.hub}" if args.hub else "adapters from the local registry"
     print(f"loramux serve on http://{args.host}:{args.port} ({mode}; {adapters}); loading the model...", flush=True)
-    return serve(ServerState(settings, registry, source), args.host, args.port)
+    if args.api_servers == 1:
+        from loramux.server.api.app import serve
+        from loramux.server.api.state import ServerState
+
+        return serve(ServerState(settings, registry), args.host, args.port)
+    return _supervise(settings, args.host, args.port, args.api_servers)
+
+
+def _supervise(settings, host: str, port: int, count: int) -> int:
+    """Start the engine, then `count` API processes on one listening socket; on SIGTERM/SIGINT let them drain, then
+    stop the engine. Returns the exit status."""
+    import multiprocessing
+    import socket
+    import tempfile
+
+    from loramux.server.api.state import Attachment
+    from loramux.server.engine.core import EngineProcess, EngineStartError
+
+    # Every API process records its metrics in files here; a scrape of any one adds them all up.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir = tempfile.mkdtemp(prefix="loramux-metrics-")
+    engine = EngineProcess.start(settings.core_spec())
+    try:
+        info = engine.wait_ready()
+    except EngineStartError as exc:
+        raise ValueError(f"could not load the base model: {exc}") from None
+    for note in info.notes:
+        print(f"engine: {note}", flush=True)
+    listener = socket.create_server((host, port), backlog=2048)
+    attachment = Attachment(engine.address, info, engine.dead)
+    ctx = multiprocessing.get_context("spawn")
+    workers = [
+        ctx.Process(target=_api_process, args=(settings, attachment, listener), name=f"loramux-api-{i}")
+        for i in range(count)
+    ]
+    stopping: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stopping.append(signum)
+        if signum == signal.SIGTERM:  # SIGINT from a terminal reaches every process of the group by itself
+            for worker in workers:
+                if worker.is_alive():
+                    os.kill(worker.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for worker in workers:
+            worker.start()
+        print(f"model {info.name} ready: {count} API processes", flush=True)
+        while any(worker.is_alive() for worker in workers):
+            for worker in workers:
+                worker.join(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        listener.close()
+        engine.stop()
+        for path in os.scandir(metrics_dir):
+            os.unlink(path.path)
+        os.rmdir(metrics_dir)
+    failed = [w.exitcode for w in workers if w.exitcode not in (0, None)]
+    return 0 if stopping or not failed else 1
+
+
+def _api_process(settings, attachment, listener) -> None:
+    """One API process of several: serve on the shared socket, attached to the running engine."""
+    from loramux.registry.registry import Registry
+    from loramux.server.api.app import serve
+    from loramux.server.api.state import ServerState
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("loramux.access").setLevel(logging.INFO)
+    state = ServerState(settings, Registry.open(settings.data_dir), attach=attachment)
+    host, port = listener.getsockname()[:2]
+    raise SystemExit(serve(state, host, port, sockets=[listener]))

@@ -1,6 +1,6 @@
-"""The serving app: the OpenAI-compatible routes, the hub routes (local registry), `/metrics`, `/health` and
-`/ready` on one port; a request id and one structured log line per request; a uvicorn server whose SIGTERM lets
-requests in flight finish within a grace period and then ends their streams cleanly."""
+"""The serving app of an API process: the OpenAI-compatible routes, the hub routes (local registry), `/metrics`,
+`/health` and `/ready` on one port; a request id and one structured log line per request; a uvicorn server whose
+SIGTERM lets requests in flight finish within a grace period and then ends their streams cleanly."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ def create_app(state: ServerState) -> RequestLog:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        state.start_loading()
+        loading = asyncio.ensure_future(state.load())
         yield
+        loading.cancel()
         await asyncio.to_thread(state.close)
 
     app = FastAPI(title="loramux", version=__version__, lifespan=lifespan)
@@ -49,19 +50,27 @@ def create_app(state: ServerState) -> RequestLog:
     app.include_router(fine_tuning_router())
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok"}
+    def health() -> JSONResponse:
+        failure = state.engine_failure()
+        if failure is not None:  # the engine process is gone: this server cannot answer, and says so
+            return JSONResponse({"status": "engine_dead", "error": failure}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     def ready() -> JSONResponse:
-        if state.engine is not None and not state.draining:
+        failure = state.engine_failure()
+        if state.engine is not None and failure is None and not state.draining:
             return JSONResponse({"status": "ready", "model": state.base_id})
-        status = "failed" if state.load_error else "shutting_down" if state.draining else "loading"
-        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+        if failure is not None:
+            status, error = "engine_dead", failure
+        else:
+            status = "failed" if state.load_error else "shutting_down" if state.draining else "loading"
+            error = state.load_error
+        return JSONResponse({"status": status, "error": error}, status_code=503)
 
     @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(await state.engine_stats()), media_type=CONTENT_TYPE_LATEST)
 
     if state.settings.hub_url is None:
         from loramux.registry.hub import hub_router
@@ -129,8 +138,9 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(state: ServerState, host: str, port: int) -> int:
-    """Run the server until a signal (or a failed model load) stops it; returns the exit status."""
+def serve(state: ServerState, host: str, port: int, sockets: list | None = None) -> int:
+    """Run the server until a signal (or a failed model load) stops it; returns the exit status. `sockets`: a
+    listening socket shared by several API processes (else it binds `host:port`)."""
     config = uvicorn.Config(
         create_app(state),
         host=host,
@@ -150,7 +160,7 @@ def serve(state: ServerState, host: str, port: int) -> int:
     # process should end with status 0, not die of the signal.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if failed:

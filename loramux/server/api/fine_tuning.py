@@ -207,8 +207,7 @@ def _job(request: Request, who: Caller, job_id: str) -> FineTuningJob:
 
 def _max_rank(state: ServerState) -> int | None:
     """The highest adapter rank the running engine serves (a job must not train what it could not serve)."""
-    engine = getattr(state.engine, "engine", None)
-    return getattr(getattr(engine, "config", None), "max_lora_rank", None)
+    return getattr(state.info, "max_lora_rank", None)
 
 
 def _training_settings(body: JobRequest, max_rank: int | None) -> tuple[dict[str, Any], dict[str, Any]]:

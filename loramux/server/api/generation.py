@@ -1,6 +1,7 @@
-"""One HTTP completion request on its way through the engine: its `n` choices (one engine request each), the
-engine's errors mapped to API errors before any byte is sent, the choices' outputs merged into one stream, and
-the per-choice metrics. Both routes (chat and text completions) and both modes (streaming or not) use it."""
+"""One HTTP completion request on its way through the engine: its `n` choices (one engine request each, tokenized
+here), the engine's errors mapped to API errors before any byte is sent, the choices' outputs merged into one
+stream, and the per-choice metrics. Both routes (chat and text completions) and both modes (streaming or not) use
+it."""
 
 from __future__ import annotations
 
@@ -104,11 +105,14 @@ class Generation:
         engine = self.state.require_engine()
         self.state.in_flight[self.request_id] = ids = []
         try:
+            tokenized: dict[int, list[int]] = {}  # n choices of one prompt share its tokens
             for i, ((prompt_index, given), sampling) in enumerate(zip(inputs, params, strict=True)):
+                if prompt_index not in tokenized:
+                    tokenized[prompt_index] = self.state.inputs.prompt_ids(**given)
                 stream = engine.submit(
-                    **given,
+                    tokenized[prompt_index],
+                    sampling,
                     adapter=self.adapter,
-                    params=sampling,
                     tenant=self.tenant,
                     request_id=f"{self.request_id}-{i}",
                 )
@@ -122,7 +126,24 @@ class Generation:
             raise
 
     async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
-        """Every choice's outputs, interleaved as the engine produces them; ends when all choices finished."""
+        """Every choice's outputs, interleaved as the engine produces them; ends when all choices finished. Outputs
+        of one choice that arrived together (a client slower than the engine) come as one."""
+        if len(self.choices) == 1:
+            choice, out = self.choices[0], self._firsts[0]
+            while True:
+                out = _coalesce(out, choice.stream)
+                if isinstance(out, BaseException):
+                    raise api_error_for(out, self.model, "prompt")
+                choice.record(out)
+                yield choice, out
+                if out.finished:
+                    return
+                try:
+                    out = await anext(choice.stream)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:  # the engine stopped under a running request
+                    raise api_error_for(exc, self.model, "prompt") from exc
         merged: asyncio.Queue[tuple[Choice, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(choice: Choice, first: RequestOutput) -> None:
@@ -193,3 +214,24 @@ class Generation:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+
+
+def _coalesce(first: RequestOutput, stream) -> RequestOutput | BaseException:
+    """`first` and whatever else of the stream is waiting, as one output (or the error the stream ended with)."""
+    waiting = stream.ready() if not first.finished else []
+    if not waiting:
+        return first
+    items = [first]
+    for item in waiting:
+        if isinstance(item, BaseException):
+            return item
+        items.append(item)
+    last = items[-1]
+    return RequestOutput(
+        last.request_id,
+        "".join(i.text for i in items),
+        [t for i in items for t in i.token_ids],
+        last.finish_reason,
+        last.prompt_tokens,
+        last.completion_tokens,
+    )

@@ -1,10 +1,13 @@
 """Prometheus metrics. Request-level series are recorded by the routes; engine state (queue, KV cache, slots,
-adapter cache) is read from the engine's stats at scrape time, so it is never stale."""
+adapter cache) is asked of the engine process at scrape time, so it is never stale. With several API processes
+(`PROMETHEUS_MULTIPROC_DIR` set by their parent) every process records into files there and a scrape of any of
+them adds up all of them (prometheus_client's multiprocess mode)."""
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -34,17 +37,17 @@ class BoundedLabel:
 
 
 class _EngineStatsCollector:
-    def __init__(self, stats: Callable[[], Mapping[str, float]]) -> None:
+    def __init__(self, stats: Mapping[str, float]) -> None:
         self._stats = stats
 
     def collect(self):
-        for key, value in sorted(self._stats().items()):
+        for key, value in sorted(self._stats.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield GaugeMetricFamily(f"loramux_{key}", f"engine statistic {key}", value=float(value))
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], Mapping[str, float]] | None = None, label_limit: int = 50) -> None:
+    def __init__(self, label_limit: int = 50) -> None:
         self.registry = CollectorRegistry()
         self.adapter_label = BoundedLabel(label_limit)
         self.tenant_label = BoundedLabel(label_limit)
@@ -82,8 +85,6 @@ class Metrics:
         self.aborted = Counter(
             "loramux_requests_aborted", "generations cut short (client disconnect, shutdown)", ["reason"], registry=r
         )
-        if engine_stats is not None:
-            r.register(_EngineStatsCollector(engine_stats))
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -111,5 +112,26 @@ class Metrics:
             if completion_tokens > 1:
                 self.tpot.labels(adapter_l).observe((total - ttft) / (completion_tokens - 1))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, engine_stats: Mapping[str, float]) -> bytes:
+        """The exposition text: this process's series (every API process's, in multiprocess mode) and the engine's
+        counters as gauges."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = CollectorRegistry()
+            registry.register(_OwnSeries(self.registry))
+        registry.register(_EngineStatsCollector(engine_stats))
+        return generate_latest(registry)
+
+
+class _OwnSeries:
+    """This process's own series, for a scrape's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self):
+        return self._registry.collect()

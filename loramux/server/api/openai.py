@@ -124,11 +124,11 @@ async def _complete(
     chat: bool,
 ) -> Response:
     state = _state(request)
-    engine = state.require_engine()
+    state.require_engine()
     adapter = _adapter_of(state, body.model)
     request_id = request.state.request_id
     request.state.log.update(model=body.model, tenant=who.tenant, n=len(inputs))
-    default_max = engine.engine.max_model_len
+    default_max = state.info.max_model_len
     params = [_sampling(body, max_tokens, default_max, i % body.n) for i in range(len(inputs))]
     generation = Generation(state, request_id, body.model, adapter, who.tenant)
     await generation.start(inputs, params, "messages" if chat else "prompt")

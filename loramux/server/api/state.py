@@ -1,18 +1,19 @@
-"""What the serving app holds while it runs: the base model and engine (loaded in the background, so `/health`
-answers at once and `/ready` turns 200 when the model is in), the registry, the metrics and the requests in flight
-(so that a graceful shutdown can let them finish, then end them cleanly)."""
+"""What an API process holds while it runs: its handle on the engine (started in the background, so that `/health`
+answers at once and `/ready` turns 200 once the engine serves), the tokenizer side of requests, the registry, the
+metrics and the requests in flight (so that a graceful shutdown can let them finish, then end them cleanly).
+
+The engine runs in a process of its own (`loramux.server.engine.core`). The API process that starts it owns it and
+stops it last; with `--api-servers N` the parent starts it and each API process attaches to it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loramux.adapters.source import AdapterSource
 from loramux.registry.registry import Registry
 from loramux.server.api.errors import APIError
 from loramux.server.api.metrics import Metrics
@@ -27,18 +28,46 @@ class ServerSettings:
     base: str | None = None  # directory, hub id or None for the default model
     device: str | None = None
     engine: object = None
+    data_dir: Path | None = None  # the registry's (where adapters come from without `hub_url`)
     hub_url: str | None = None  # a remote hub as the adapter source instead of the local registry
     hub_token: str | None = None
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    log_level: int = logging.WARNING
+
+    def core_spec(self):
+        """What the engine process loads, with the adapter source it opens there."""
+        from functools import partial
+
+        from loramux.registry.source import HubSource, registry_source
+        from loramux.server.engine.core import CoreSpec
+
+        source = (
+            partial(HubSource, self.hub_url, self.hub_token)
+            if self.hub_url
+            else partial(registry_source, self.data_dir)
+        )
+        return CoreSpec(self.base, self.device, self.engine, source, self.log_level)
+
+
+@dataclass
+class Attachment:
+    """An engine already running (started by the parent of several API processes)."""
+
+    address: str
+    info: object  # EngineInfo
+    dead: object  # the parent's event, set when the engine process dies
 
 
 @dataclass
 class ServerState:
     settings: ServerSettings
     registry: Registry
-    source: AdapterSource
+    attach: Attachment | None = None  # None: this process starts (and stops) the engine
     metrics: Metrics = field(init=False)
-    engine: object = None  # AsyncEngine once loaded
+    engine: object = None  # EngineClient once the engine serves
+    inputs: object = None  # InputProcessor (tokenizer, context length)
+    info: object = None  # EngineInfo
+    process: object = None  # EngineProcess, where this process started it
     base_names: set[str] = field(default_factory=set)  # what `model` may say to mean the base
     base_id: str = ""  # the name /v1/models shows
     load_error: str | None = None
@@ -49,32 +78,41 @@ class ServerState:
     on_load_failure: Callable[[BaseException], None] = lambda exc: None
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(engine_stats=self.engine_stats)
-
-    def engine_stats(self) -> dict[str, float]:
-        return self.engine.stats() if self.engine is not None else {}
+        self.metrics = Metrics()
 
     # -- loading ---------------------------------------------------------------------------------------------
 
-    def start_loading(self) -> threading.Thread:
-        """Load the base and start the engine on a background thread."""
-        thread = threading.Thread(target=self._load, name="loramux-load", daemon=True)
-        thread.start()
-        return thread
-
-    def _load(self) -> None:
+    async def load(self) -> None:
+        """Start the engine process (or attach to the parent's), then the tokenizer side; on failure, say why on
+        `/ready` and call `on_load_failure`."""
         try:
-            from loramux.server.engine.engine import AsyncEngine, EngineConfig
-            from loramux.server.models.loader import load_base
+            from transformers import AutoTokenizer
+
+            from loramux.server.engine.client import EngineClient
+            from loramux.server.engine.core import EngineProcess
+            from loramux.server.engine.inputs import InputProcessor
 
             started = time.perf_counter()
-            base = load_base(self.settings.base, device=self.settings.device)
-            engine = AsyncEngine.start(base, source=self.source, config=self.settings.engine or EngineConfig())
-            self.base_id = base.path.name if Path(base.name).is_dir() else base.name
-            self.base_names = {base.name, base.path.name, str(base.path), self.base_id}
+            if self.attach is None:
+                self.process = EngineProcess.start(self.settings.core_spec())
+                info = await asyncio.to_thread(self.process.wait_ready)
+                attach = Attachment(self.process.address, info, self.process.dead)
+            else:
+                attach = self.attach
+            info = attach.info
+            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, info.path)
+            client = EngineClient(attach.address, info, tokenizer, dead=attach.dead)
+            await client.connect()
+            self.inputs = InputProcessor(tokenizer, info.vocab_size, info.max_model_len)
+            self.info = info
+            path = Path(info.path)
+            self.base_id = path.name if Path(info.name).is_dir() else info.name
+            self.base_names = {info.name, path.name, str(path), self.base_id}
             if self.settings.hub_url is None:  # pushes to this server's hub must fit what it serves
-                self.registry.adapter_checks.append(_base_fit_check(base.config))
-            self.engine = engine
+                self.registry.adapter_checks.append(_base_fit_check(path))
+            self.engine = client
+            for note in info.notes:
+                log.info("%s", note)
             log.info("model %s ready in %.1fs", self.base_id, time.perf_counter() - started)
         except BaseException as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -82,7 +120,8 @@ class ServerState:
             self.on_load_failure(exc)
 
     def require_engine(self):
-        """The engine, or a 503 while the model loads, after a failed load, or while the server shuts down."""
+        """The engine client, or a 503 while the model loads, after a failed load, once the engine process died, or
+        while the server shuts down."""
         if self.draining:
             raise APIError(
                 503,
@@ -94,7 +133,24 @@ class ServerState:
         if self.engine is None:
             message = f"The model failed to load: {self.load_error}" if self.load_error else "The model is loading."
             raise APIError(503, message, type="server_error", code="model_not_ready", headers={"Retry-After": "5"})
+        if self.engine.dead:
+            raise APIError(
+                503,
+                f"The engine is not running: {self.engine.failure}",
+                type="server_error",
+                code="engine_stopped",
+                headers={"Retry-After": "5"},
+            )
         return self.engine
+
+    def engine_failure(self) -> str | None:
+        """Why the engine is gone, once it is (None while it serves or loads)."""
+        return self.engine.failure if self.engine is not None else None
+
+    async def engine_stats(self) -> dict[str, float]:
+        if self.engine is None or self.engine.dead:
+            return {}
+        return await self.engine.stats()
 
     # -- shutdown --------------------------------------------------------------------------------------------
 
@@ -116,16 +172,20 @@ class ServerState:
 
     def close(self) -> None:
         if self.engine is not None:
-            self.engine.shutdown()
+            self.engine.close()
+        if self.process is not None:
+            self.process.stop()
             log.info("engine stopped")
 
 
-def _base_fit_check(config) -> Callable:
-    """The registry check that refuses adapters whose shapes `config`'s base (a ModelConfig) cannot serve. Ranks
-    are left to the registry's limit: another server on the same registry may serve higher ones."""
+def _base_fit_check(path: Path) -> Callable:
+    """The registry check that refuses adapters whose shapes the base in `path` cannot serve. Ranks are left to the
+    registry's limit: another server on the same registry may serve higher ones."""
     from functools import partial
 
     from loramux.adapters.validate import check_fits_base
     from loramux.adapters.weights import base_shapes
+    from loramux.server.models.checkpoint import load_config
 
+    config = load_config(path)
     return partial(check_fits_base, shapes=base_shapes(config), num_layers=config.num_hidden_layers)

@@ -1,14 +1,19 @@
-"""The engine's synchronous core: requests in, one step at a time (schedule, forward, sample), outputs out.
+"""The engine's synchronous core: requests of token ids in, one step at a time (schedule, run, sample), token ids
+out. It never tokenizes or detokenizes: that is the API side's work (`inputs.py`, `outputs.py`).
 
-`engine.py` wraps it for asyncio; `generate()` drives it on the calling thread (command line, benchmarks, tests).
+`core.py` runs it in a process of its own behind the API; `generate()` drives it on the calling thread (command line,
+benchmarks, tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import logging
+import os
 import queue
-import threading
+import select
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +26,10 @@ from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, Adapte
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.errors import AdapterLoadError, ContextLengthError, InvalidRequestError, QueueFullError
 from loramux.server.engine.host_arena import HostArena
+from loramux.server.engine.inputs import InputProcessor
 from loramux.server.engine.model_runner import Chunk, ModelRunner
-from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from loramux.server.engine.outputs import OutputProcessor
+from loramux.server.engine.request import EngineOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
 from loramux.server.layers.sampler import sample_tokens
 from loramux.server.layers.slots import SlotLayout
@@ -35,7 +42,12 @@ MiB = 1 << 20
 
 @dataclass
 class EngineConfig:
-    num_slots: int = 4  # slot memory: this many adapters of max_lora_rank resident at once, more of lower rank
+    """How the engine runs. The fields left None where None is allowed are fitted to the device when the engine
+    starts (`fit_to_device`)."""
+
+    # Slot memory: this many adapters of max_lora_rank resident at once, more of lower rank. None: 4 on the CPU; on a
+    # GPU as many as a tenth of the memory the weights leave holds (at most 64).
+    num_slots: int | None = None
     max_lora_rank: int = 64  # r_max of the slots; adapters of higher rank are refused
     # Rows of one page of slot memory (None: 8 where max_lora_rank is a multiple of 8; max_lora_rank: no paging, one
     # adapter per slot whatever its rank). An adapter of rank r holds the power of two of pages that covers r.
@@ -44,8 +56,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free memory at start
     gpu_memory_fraction: float = 0.85  # of the free GPU memory, after weights and slots, given to the KV cache
     cpu_kv_cache_bytes: int = 256 * MiB  # KV cache size on the CPU
-    max_num_seqs: int = 32  # requests in one batch
-    max_num_batched_tokens: int = 512  # tokens in one step (the prefill chunk size)
+    max_num_seqs: int | None = None  # requests in one batch; None: 256 on a GPU, 32 on the CPU
+    # Tokens in one step (the prefill chunk size); None: 8,192 on a GPU, 512 on the CPU.
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # context length; None: the base's max_position_embeddings
     max_queue: int = 1024  # requests accepted beyond max_num_seqs before QueueFullError
     adapter_cache_bytes: int = 2048 * MiB  # CPU cache of adapter weights, allocated when the engine starts
@@ -57,25 +70,56 @@ class EngineConfig:
     # once they have waited `max_prefill_delay` steps): fewer steps carry a prefill beside the decode batch.
     prefill_wave: int = 1
     max_prefill_delay: int = 0
-    # A step's outputs (text decoded, callbacks called) go out during the next step, while the device computes it,
-    # instead of before it starts: 2.5-6 ms of host time a step that the device waited for (BENCHMARKS.md, twelfth
-    # day), for one step more before each output is seen. None: on a GPU only (on the CPU the step computes on the
-    # host: nothing to overlap).
+    # The engine process sends a step's outputs during the next step, once its forward is queued on the device,
+    # instead of before that step starts: the device computes while the host packs and sends, for one step more
+    # before each output is seen. None: on a GPU only (on the CPU the step computes on the host: nothing to overlap).
     overlap_outputs: bool | None = None
-    # Slot writes queued by the step loop itself once a step's forward is queued (their copies run beside that step;
-    # slots marked ready when their copies are seen done), instead of on a loader thread that would keep the step
-    # loop's kernel launches waiting for the GIL while it makes its calls.
-    step_thread_slot_writes: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < (0 if name == "num_slots" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "num_slots" else 1):
+                raise ValueError(f"{name} must be positive, got {value}")
         if self.adapter_cache_bytes < 0:
             raise ValueError(f"adapter_cache_bytes must not be negative, got {self.adapter_cache_bytes}")
         if self.adapter_reader_processes is not None and self.adapter_reader_processes < 0:
             raise ValueError(f"adapter_reader_processes must not be negative, got {self.adapter_reader_processes}")
-        SlotLayout.of(self.num_slots, self.max_lora_rank, self.slot_page_rank)  # raises for a page rank unfit
+        if self.num_slots is not None:
+            SlotLayout.of(self.num_slots, self.max_lora_rank, self.slot_page_rank)  # raises for a page rank unfit
+
+
+# What a GPU of the H100 class serves an 8B-class model with (vLLM's defaults for its API server), and what a few CPU
+# cores can step.
+GPU_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
+CPU_DEFAULTS = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_slots": 4}
+SLOT_MEMORY_FRACTION = 0.1  # of the device memory the weights leave: the most that automatic slots take
+MAX_AUTO_SLOTS = 64
+
+
+def fit_to_device(config: EngineConfig, base: BaseModel) -> tuple[EngineConfig, list[str]]:
+    """`config` with its automatic fields decided for `base` on its device, and a line on each choice."""
+    on_gpu = base.device.type == "cuda"
+    chosen: dict[str, int] = {}
+    for name, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
+        if getattr(config, name) is None:
+            chosen[name] = value
+    device = "GPU" if on_gpu else "CPU"
+    flags = {"num_slots": "slots"}
+    notes = [
+        f"{flags.get(name, name).replace('_', '-')} {value} (the {device}'s default)" for name, value in chosen.items()
+    ]
+    if config.num_slots is None and on_gpu:
+        free, _total = torch.cuda.mem_get_info(base.device)
+        modules = base.model.lora_modules().values()
+        itemsize = torch.finfo(base.model.dtype).bits // 8
+        slot_bytes = sum(m.in_features + m.out_features for m in modules) * config.max_lora_rank * itemsize
+        chosen["num_slots"] = max(1, min(MAX_AUTO_SLOTS, int(free * SLOT_MEMORY_FRACTION) // max(1, slot_bytes)))
+        slots = chosen["num_slots"]
+        notes.append(
+            f"slots {slots} of rank {config.max_lora_rank} ({slots * slot_bytes / 2**30:.1f} GiB, at most a tenth of"
+            f" the {free / 2**30:.1f} GiB the weights leave)"
+        )
+    return (dataclasses.replace(config, **chosen) if chosen else config), notes
 
 
 def _kv_blocks_from_memory(base: BaseModel, config: EngineConfig) -> int:
@@ -89,14 +133,16 @@ def _kv_blocks_from_memory(base: BaseModel, config: EngineConfig) -> int:
 
 
 class LLMEngine:
-    """The engine driven synchronously: `add`/`abort` from any thread, `step()` from one thread.
+    """The engine driven synchronously, on one thread: `add`, `abort` and `step` are called there; adapter reads
+    finish on other threads and queue their follow-up for the next step (`wake_fd` tells a waiting loop).
 
     It allocates the KV cache and adapter slots inside `base.model`: one engine per loaded base at a time.
     """
 
     def __init__(self, base: BaseModel, source: AdapterSource | None = None, config: EngineConfig | None = None):
         self.base = base
-        self.config = config = config or EngineConfig()
+        self.config, self.notes = fit_to_device(config or EngineConfig(), base)
+        config = self.config
         if config.num_slots:  # slots first, so that the KV cache is sized from the memory that remains
             base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank, config.slot_page_rank)
         num_blocks = config.num_kv_blocks or _kv_blocks_from_memory(base, config)
@@ -117,13 +163,17 @@ class LLMEngine:
         on_gpu = self.runner.device.type == "cuda"
         readers = config.adapter_reader_processes
         if readers is None:
-            readers = adapter_cache.FETCH_THREADS if on_gpu else 0  # read here: a benchmark may change it
+            readers = adapter_cache.FETCH_THREADS if on_gpu else 0
         if config.num_slots > 0 and source is not None:
             try:
                 arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu, shared=readers > 0)
             except OSError as exc:  # no memory file here (memfd_create refused): the fetch threads read instead
                 log.warning("the adapter cache cannot be shared with reader processes (%s); reading in-process", exc)
                 arena, readers = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu), 0
+        # Another thread's news (an adapter read, a slot loaded) wakes a waiting step loop through this pipe.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         self.adapters = AdapterCache(
             source,
             base.config,
@@ -141,7 +191,7 @@ class LLMEngine:
             b_rank_major=self.runner.cache_b_rank_major,
             fence=self.runner.step_fence,
             reader_processes=readers,
-            issue_write=self.runner.issue_write if config.step_thread_slot_writes else None,
+            issue_write=self.runner.issue_write,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -154,13 +204,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         overlap = config.overlap_outputs
         self.overlap_outputs = self.runner.device.type == "cuda" if overlap is None else overlap
-        # tokens appended and not yet streamed: (request, finish reason decided when the token came, or None)
-        self._unsent: list[tuple[Request, str | None]] = []
+        self._outputs: list[EngineOutput] = []  # this step's, so far
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
-        self._accepted = 0  # requests accepted and not finished (for the queue limit)
-        self._accepted_lock = threading.Lock()
-        self._base_stop_ids = base.stop_token_ids()
+        self.stop_token_ids = base.stop_token_ids()
         log.info(
             "engine: %d KV blocks of %d tokens, %d adapter slots of rank %d in pages of rank %d",
             num_blocks,
@@ -172,78 +218,66 @@ class LLMEngine:
 
     # -- requests in ---------------------------------------------------------------------------------------------
 
-    def make_request(
+    def add(
         self,
-        on_output: Callable[[RequestOutput | BaseException], None],
-        *,
-        prompt: str | None = None,
-        prompt_ids: list[int] | None = None,
-        messages: list[dict[str, str]] | None = None,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
         adapter: str | None = None,
-        params: SamplingParams | None = None,
         tenant: str | None = None,
-        request_id: str | None = None,
-    ) -> Request:
-        """Check and tokenize a request (no I/O); raises InvalidRequestError, ContextLengthError."""
-        params = params or SamplingParams()
-        if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
-            raise InvalidRequestError("give exactly one of prompt, prompt_ids or messages")
-        if messages is not None:
-            if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            ):
-                raise InvalidRequestError("messages must be a list of {role, content} objects with string values")
-            ids = self.base.chat_prompt_ids(messages)
-        elif prompt is not None:
-            ids = self.base.tokenizer(prompt)["input_ids"]
-        else:
-            ids = list(prompt_ids)
-            vocab = self.base.config.vocab_size
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        limit = self.max_model_len - 1
-        if len(ids) > limit:
+    ) -> None:
+        """Queue a request of token ids (`inputs.InputProcessor` makes them). Raises InvalidRequestError (an id in
+        use, an adapter name that cannot be one, an adapter on an engine without slots), ContextLengthError and
+        QueueFullError (as many requests held as `max_num_seqs + max_queue`). What needs the adapter source comes
+        back as an output with `error` (`AdapterNotFoundError`, `AdapterConfigError`, ...)."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if len(self.requests) >= self.config.max_num_seqs + self.config.max_queue:
+            raise QueueFullError(f"the engine holds {len(self.requests)} requests; retry later")
+        if not prompt_ids or len(prompt_ids) >= self.max_model_len:
             raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens; this model's context allows at most {limit} prompt tokens"
+                f"the prompt has {len(prompt_ids)} tokens; this engine takes 1 to {self.max_model_len - 1}"
             )
-        ref = AdapterRef.parse(adapter) if adapter is not None else None
+        try:
+            ref = AdapterRef.parse(adapter) if adapter is not None else None
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         if ref is not None and not self.config.num_slots:
             raise InvalidRequestError("this engine has no adapter slots: it serves the base model only")
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._base_stop_ids)
-        return Request(request_id or uuid.uuid4().hex, ids, params, ref, tenant, stop_ids, on_output)
-
-    def add(self, request: Request) -> None:
-        """Queue a request made by `make_request` (any thread). Raises QueueFullError when overloaded."""
-        with self._accepted_lock:
-            if self._accepted >= self.config.max_num_seqs + self.config.max_queue:
-                raise QueueFullError(f"the engine holds {self._accepted} requests; retry later")
-            self._accepted += 1
-        self._post(lambda: self._add(request))
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_token_ids)
+        request = Request(request_id, prompt_ids, params, ref, tenant, stop_ids)
+        self.requests[request_id] = request
+        if ref is None:
+            self.scheduler.add(request)
+            return
+        future = self.adapters.fetch_async(ref, tenant or None)
+        future.add_done_callback(lambda f: self._post(lambda: self._adapter_fetched(request, f)))
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request (any thread); its stream ends with finish_reason "abort"."""
-        self._post(lambda: self._abort(request_id))
+        """End a request now (its KV blocks and slot pin free); its last output says "abort". Unknown ids (ended
+        already) are ignored."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._end(request)
+            self._outputs.append(EngineOutput(request_id, [], "abort"))
 
     def _post(self, fn: Callable[[], None]) -> None:
         self._inbox.put(fn)
         self._wake()
 
     def _wake(self) -> None:
-        self._wakeup.set()
+        # a full pipe means a wake-up is pending anyway; a closed one, that the engine is shut down
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"\0")
 
-    def _add(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            self._fail(request, InvalidRequestError(f"request id {request.request_id!r} is already in use"))
-            return
-        self.requests[request.request_id] = request
-        if request.adapter is None:
-            self.scheduler.add(request)
-            return
-        future = self.adapters.fetch_async(request.adapter, request.tenant or None)
-        future.add_done_callback(lambda f: self._post(lambda: self._adapter_fetched(request, f)))
+    @property
+    def wake_fd(self) -> int:
+        """Readable when another thread queued work for the step loop (poll it beside other sources of work)."""
+        return self._wake_read
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until another thread queues work, or `timeout` seconds."""
+        select.select([self._wake_read], [], [], timeout)
 
     def _adapter_fetched(self, request: Request, future) -> None:
         if request.status is not RequestStatus.RESOLVING:
@@ -252,88 +286,79 @@ class LLMEngine:
         if exc is not None:
             del self.requests[request.request_id]
             request.status = RequestStatus.FINISHED
-            self._fail(request, exc)
+            self._outputs.append(EngineOutput(request.request_id, [], error=exc))
             return
         request.adapter_key, request.lora = future.result()
         self.scheduler.add(request)
 
-    def _fail(self, request: Request, exc: BaseException) -> None:
-        self._release()
-        request.on_output(exc)
-
-    def _release(self) -> None:
-        with self._accepted_lock:
-            self._accepted -= 1
-
-    def _abort(self, request_id: str) -> None:
-        request = self.requests.get(request_id)
-        if request is not None:
-            self._send(request)  # what it generated before goes out first (a stop string may end it there)
-            if request.status is not RequestStatus.FINISHED:
-                self._finish(request, "abort", [])
-
     # -- the step ------------------------------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._unsent) or not self._inbox.empty()
+        return bool(self.requests) or bool(self._outputs) or not self._inbox.empty()
 
-    def wait_for_work(self, timeout: float) -> None:
-        self._wakeup.wait(timeout)
-        self._wakeup.clear()
+    def step(self, on_forward_queued: Callable[[], None] | None = None) -> list[EngineOutput] | None:
+        """Schedule, run and sample one step -> its outputs (tokens sampled, and requests ended otherwise: aborts,
+        errors), or None when there was nothing to do (the caller may `wait_for_work`).
 
-    def step(self) -> bool:
-        """Run one step: apply queued adds/aborts, schedule, forward, sample, stream. False if there was no work.
+        `on_forward_queued` is called once the step's forward is queued on the device and before its tokens are read
+        back (the engine process sends the previous step's outputs there, so that the device computes meanwhile).
+        The slot writes of the adapters claimed in scheduling are queued right after the forward (their copies run
+        beside it), and their slots are ready for the first step that begins after the copies are done."""
+        self._apply_inbox()
+        self.adapters.complete_writes()  # slots whose writes are done are ready for this step
+        batch = self.scheduler.schedule()
+        logits = self.runner.run([self._chunk(request, n) for request, n in batch]) if batch else None
+        self.adapters.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
+        self._end_failed_writes()
+        if on_forward_queued is not None:
+            on_forward_queued()
+        if logits is not None:
+            self._sample(batch, logits)
+        elif self.adapters.writes_pending():  # nothing runs until they are done
+            self.adapters.complete_writes(wait=True)
+        elif not self._outputs:
+            return None
+        outputs, self._outputs = self._outputs, []
+        return outputs
 
-        With `overlap_outputs`, the tokens a step samples are appended at once (and a request that ends by a stop
-        token or its length leaves the scheduler at once), but streamed during the next step, after its forward is
-        queued on the device: text decoding and the callbacks run while the device computes. A request that a stop
-        string ends then is already in that step; its token from it is dropped.
-
-        With `step_thread_slot_writes`, the slot writes of the adapters claimed in scheduling are queued once the
-        forward is (the copies run beside it), and their slots are ready for the first step that begins after the
-        copies are done; a step that runs nothing while writes are under way waits for them."""
+    def _apply_inbox(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
         while True:
             try:
                 self._inbox.get_nowait()()
             except queue.Empty:
-                break
-        self.adapters.complete_writes()  # slots whose writes are done are ready for this step
-        batch = self.scheduler.schedule()
-        logits = None
-        if batch:
-            chunks = [
-                Chunk(
-                    request.token_ids(request.num_computed, request.num_computed + n),
-                    request.num_computed,
-                    request.block_table,
-                    request.slot,
-                )
-                for request, n in batch
-            ]
-            logits = self.runner.run(chunks)
-        self.adapters.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
-        self._end_failed_writes()  # these, or a loader thread's
-        sent = self._send()  # the previous step's tokens, while the device computes this one
-        if logits is None:
-            if self.adapters.writes_pending():  # nothing runs until they are done
-                self.adapters.complete_writes(wait=True)
-                return True
-            return sent
+                return
+
+    @staticmethod
+    def _chunk(request: Request, n: int) -> Chunk:
+        start = request.num_computed
+        return Chunk(request.token_ids(start, start + n), start, request.block_table, request.slot)
+
+    def _sample(self, batch, logits: list[torch.Tensor]) -> None:
         ready: list[tuple[Request, torch.Tensor]] = []
         for (request, n), rows in zip(batch, logits, strict=True):
-            if request.status is RequestStatus.FINISHED:  # a stop string ended it while this step was queued
-                continue
             request.num_computed += n
             if request.num_computed == request.num_tokens:  # the whole sequence is in the cache: sample
                 ready.append((request, rows[-1]))
-        if ready:
-            settings = [(r.params.temperature, r.params.top_k, r.params.top_p, r.generator) for r, _ in ready]
-            tokens = sample_tokens([row for _, row in ready], settings)
-            for (request, row), token in zip(ready, tokens, strict=True):
-                self._append_token(request, token, row)
-        if not self.overlap_outputs:
-            self._send()
-        return True
+        if not ready:
+            return
+        settings = [(r.params.temperature, r.params.top_k, r.params.top_p, r.generator) for r, _ in ready]
+        tokens = sample_tokens([row for _, row in ready], settings)
+        for (request, row), token in zip(ready, tokens, strict=True):
+            request.output_ids.append(token)
+            finish = None
+            if token in request.stop_ids:
+                finish = "stop"
+            elif len(request.output_ids) >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
+                finish = "length"
+            if finish is not None:
+                self._end(request)  # out of the scheduler now: the next step does not run it
+            logits_row = row.detach().float().cpu()[None] if request.params.capture_logits else None
+            self._outputs.append(EngineOutput(request.request_id, [token], finish, logits=logits_row))
 
     def _end_failed_writes(self) -> None:
         """End the requests that wait for a slot whose write failed (the cache frees the slot), with AdapterLoadError;
@@ -342,110 +367,14 @@ class LLMEngine:
             error = AdapterLoadError(f"adapter {key} could not be written into slot memory: {exc}")
             for request in [r for r in self.requests.values() if r.slot == index and r.status is RequestStatus.WAITING]:
                 request.slot = -1  # its pin went with the slot
-                self.scheduler.finish(request)
-                del self.requests[request.request_id]
-                self._fail(request, error)
-
-    def _append_token(self, request: Request, token: int, logits: torch.Tensor) -> None:
-        p = request.params
-        request.output_ids.append(token)
-        if p.capture_logits:
-            request.pending_logits.append(logits.detach().float().cpu())
-        finish = None
-        if token in request.stop_ids:
-            finish = "stop"
-        elif len(request.output_ids) >= p.max_tokens or request.num_tokens >= self.max_model_len:
-            finish = "length"
-        if finish is not None:
-            self._end(request)  # out of the scheduler now: the next step does not run it
-        self._unsent.append((request, finish))
-
-    def _send(self, only: Request | None = None) -> bool:
-        """Stream the tokens appended since the last call (only `only`'s, where given). False if there were none."""
-        if not self._unsent:
-            return False
-        if only is None:
-            unsent, self._unsent = self._unsent, []
-        else:
-            unsent = [item for item in self._unsent if item[0] is only]
-            self._unsent = [item for item in self._unsent if item[0] is not only]
-        for request, finish in unsent:
-            self._stream(request, finish)
-        return bool(unsent)
-
-    def flush(self) -> None:
-        """Stream every token appended and not streamed yet (`overlap_outputs` holds a step's back until the next)."""
-        self._send()
-
-    def unsent_count(self) -> int:
-        """Tokens appended and not streamed yet."""
-        return len(self._unsent)
-
-    def discard_unsent(self) -> list[Request]:
-        """Drop the tokens appended and not streamed yet (after a failed step) -> their requests, some of them ended
-        already, so that the caller can end their streams."""
-        unsent, self._unsent = self._unsent, []
-        return list(dict.fromkeys(request for request, _ in unsent))
-
-    def _stream(self, request: Request, finish: str | None) -> None:
-        ids = request.output_ids
-        text_ids = ids[:-1] if finish == "stop" and ids and ids[-1] in request.stop_ids else ids
-        request.text += self._detokenize(request, text_ids, final=finish is not None)
-        text = request.text
-        stops = request.params.stop
-        if stops:
-            # only text not yet streamed can hold a new match: what was streamed was checked (and held back) before
-            found = [text.find(s, max(0, request.sent_chars - len(s) + 1)) for s in stops]
-            hits = [i for i in found if i >= 0]
-            if hits:
-                text, finish = text[: min(hits)], "stop"
-        if finish is None:
-            # Hold back what may still change: a partial UTF-8 character, or the start of a stop string.
-            end = len(text.rstrip("\ufffd"))
-            if stops:
-                end = min(end, len(text) - max(len(s) for s in stops) + 1)
-            text = text[: max(end, request.sent_chars)]
-        delta_text = text[request.sent_chars :]
-        request.sent_chars = len(text)
-        if finish is not None:
-            if request.status is not RequestStatus.FINISHED:  # a stop string: it ends now
                 self._end(request)
-            self._emit(request, finish, ids[request.sent_tokens :], delta_text)
-            return
-        self._emit(request, None, ids[request.sent_tokens :], delta_text)
-
-    def _detokenize(self, request: Request, ids: list[int], final: bool) -> str:
-        text, request.prefix_offset, request.read_offset = decode_increment(
-            self.base.tokenizer, ids, request.prefix_offset, request.read_offset, final
-        )
-        return text
-
-    def _emit(self, request: Request, finish: str | None, token_ids: list[int], text: str) -> None:
-        logits = torch.stack(request.pending_logits) if request.pending_logits else None
-        request.pending_logits = []
-        request.sent_tokens += len(token_ids)
-        request.on_output(
-            RequestOutput(
-                request.request_id,
-                text,
-                list(token_ids),
-                finish,
-                len(request.prompt_ids),
-                len(request.output_ids),
-                logits,
-            )
-        )
-
-    def _finish(self, request: Request, reason: str, token_ids: list[int], text: str = "") -> None:
-        self._end(request)
-        self._emit(request, reason, token_ids, text)
+                self._outputs.append(EngineOutput(request.request_id, [], error=error))
 
     def _end(self, request: Request) -> None:
         """Take a request out of the engine: its KV blocks and slot pin free, its place in the queue limit given
-        back. Its last output is emitted by the caller."""
+        back. Its last output is the caller's to add."""
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
-        self._release()
 
     # -- introspection and the synchronous driver ----------------------------------------------------------------
 
@@ -455,7 +384,7 @@ class LLMEngine:
         stats: dict[str, float] = {
             "requests_waiting": s.num_waiting,
             "requests_running": len(s.running),
-            "requests_resolving": sum(1 for r in list(self.requests.values()) if r.status is RequestStatus.RESOLVING),
+            "requests_resolving": sum(1 for r in self.requests.values() if r.status is RequestStatus.RESOLVING),
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_used": self.blocks.num_blocks - self.blocks.num_free,
             "slot_hits": s.slot_hits,
@@ -465,6 +394,12 @@ class LLMEngine:
         stats.update(self.adapters.stats())
         return stats
 
+    def input_processor(self) -> InputProcessor:
+        return InputProcessor(self.base.tokenizer, self.base.config.vocab_size, self.max_model_len)
+
+    def output_processor(self) -> OutputProcessor:
+        return OutputProcessor(self.base.tokenizer, self.stop_token_ids)
+
     def generate(
         self,
         prompts: list[str | list[int]],
@@ -472,35 +407,49 @@ class LLMEngine:
         adapters: list[str | None] | None = None,
         tenants: list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts to completion on the calling thread; one merged RequestOutput per prompt, in order."""
+        """Run prompts (texts or token ids) to completion on the calling thread; one merged RequestOutput per prompt,
+        in order. Raises the first request's error (after ending the others)."""
+        params = params or SamplingParams()
         adapters = adapters or [None] * len(prompts)
         tenants = tenants or [None] * len(prompts)
-        results: list[list[RequestOutput]] = [[] for _ in prompts]
-        errors: list[BaseException] = []
-        for i, (prompt, adapter, tenant) in enumerate(zip(prompts, adapters, tenants, strict=True)):
-
-            def collect(item, i=i):
-                (errors.append if isinstance(item, BaseException) else results[i].append)(item)
-
-            kind = "prompt" if isinstance(prompt, str) else "prompt_ids"
-            self.add(self.make_request(collect, **{kind: prompt}, adapter=adapter, params=params, tenant=tenant))
-        while self.has_unfinished() and not errors:
-            if not self.step():
+        inputs, outputs = self.input_processor(), self.output_processor()
+        run = uuid.uuid4().hex[:8]
+        ids = [f"generate-{run}-{i}" for i in range(len(prompts))]
+        results: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        for rid, prompt, adapter, tenant in zip(ids, prompts, adapters, tenants, strict=True):
+            prompt_ids = inputs.prompt_ids(**{"prompt" if isinstance(prompt, str) else "prompt_ids": prompt})
+            outputs.add(rid, params, len(prompt_ids))
+            self.add(rid, prompt_ids, params, adapter, tenant)
+        error: BaseException | None = None
+        while len(outputs) and error is None:
+            step_outputs = self.step()
+            if step_outputs is None:
                 self.wait_for_work(0.05)
-        if errors:  # end the others too, so that the engine is left as it was found
-            for request_id in list(self.requests):
-                self.abort(request_id)
-            self.step()
-            raise errors[0]
-        return [merge_outputs(items) for items in results]
+                continue
+            for out in step_outputs:
+                if out.error is not None:
+                    error = error or out.error
+                    outputs.drop(out.request_id)
+                    continue
+                item, stopped = outputs.process(out)
+                if item is not None:
+                    results[out.request_id].append(item)
+                if stopped:
+                    self.abort(out.request_id)
+        for rid in ids:  # what a stop string or an error ended: the engine forgets it too
+            self.abort(rid)
+        self._outputs = [o for o in self._outputs if o.request_id not in results]
+        if error is not None:
+            raise error
+        return [merge_outputs(results[rid]) for rid in ids]
 
     def warm_up(self) -> None:
         """Before serving: the runner's warm-up (on a GPU: kernels compiled, decode graphs captured), the adapter reader
         processes started (`AdapterCache.wait_ready`; a reader that cannot start fails the warm-up), then every object
         alive now (the model, its modules, the tokenizer, the engine's own state) moved out of the garbage collector's
-        generations (`gc.freeze`). A full collection otherwise walks all of them again and again while serving, with
-        the GIL held, stalling the step loop and the adapter threads alike (W2 spent 0.6-1.1 s of its 13-18 s in the
-        collector before, 0.2-0.3 s after: BENCHMARKS.md, seventh day). `shutdown` gives them back."""
+        generations (`gc.freeze`): a full collection would otherwise walk all of them again and again while serving,
+        with the GIL held, stalling the step loop and the adapter threads alike (0.6-1.1 s of a 13-18 s run before).
+        `shutdown` gives them back."""
         self.runner.warm_up()
         self.adapters.wait_ready()
         gc.collect()
@@ -510,24 +459,9 @@ class LLMEngine:
         self.adapters.shutdown()
         if self.adapters.arena is not None:
             self.adapters.arena.close()
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
         gc.unfreeze()  # what this engine held may be collected again once it is dropped
-
-
-def decode_increment(
-    tokenizer, ids: list[int], prefix_offset: int, read_offset: int, final: bool
-) -> tuple[str, int, int]:
-    """The text that output ids `ids` add since the last call, and the new (prefix_offset, read_offset).
-
-    Decoding the whole output every step costs O(n) a step; instead the window `ids[prefix_offset:read_offset]`
-    (already accounted for) is decoded with and without the new ids and the difference taken, which keeps the
-    tokenizer's leading-space and byte-merging rules right. While the new text ends in a partial UTF-8 character
-    nothing is taken, unless this is the final call.
-    """
-    prefix = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)
-    if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
-        return "", prefix_offset, read_offset
-    return full[len(prefix) :], read_offset, len(ids)
 
 
 def merge_outputs(items: list[RequestOutput]) -> RequestOutput:

@@ -1,9 +1,9 @@
-"""A request's state on its way through the engine, its sampling parameters, and what it streams back."""
+"""A request's state on its way through the engine, its sampling parameters, and what comes back: the engine's
+token ids per step (`EngineOutput`), which the API side turns into text (`RequestOutput`, `outputs.py`)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -48,6 +48,21 @@ class SamplingParams:
 
 
 @dataclass
+class EngineOutput:
+    """What one step did for one request, as the engine reports it: token ids, never text."""
+
+    request_id: str
+    token_ids: list[int]  # sampled this step (the final stop token included); empty for an error or an abort
+    finish_reason: str | None = None  # "stop" (a stop token), "length" or "abort"; None while it runs
+    error: BaseException | None = None  # the request ended with this error instead (no tokens were sampled)
+    logits: torch.Tensor | None = None  # (len(token_ids), vocab) fp32, only with SamplingParams.capture_logits
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass
 class RequestOutput:
     """One item of a request's stream: what is new since the last item, and the running counts."""
 
@@ -80,7 +95,6 @@ class Request:
         adapter: AdapterRef | None,
         tenant: str | None,
         stop_ids: set[int],
-        on_output: Callable[[RequestOutput | BaseException], None],
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
@@ -89,7 +103,6 @@ class Request:
         self.tenant = tenant or ""
         self.arrival = next(_arrivals)
         self.stop_ids = stop_ids
-        self.on_output = on_output
         self.status = RequestStatus.RESOLVING if adapter is not None else RequestStatus.WAITING
 
         self.adapter_key: str | None = None  # repo@commit once resolved
@@ -98,16 +111,6 @@ class Request:
         self.output_ids: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
-        self.finish_reason: str | None = None
-        self.text = ""  # all text decoded so far (before stop-string truncation)
-        # Incremental detokenization: output ids [prefix_offset, read_offset) are the context window whose text is
-        # already in `text`; decoding that window plus the new ids and taking the difference gives the new text
-        # without decoding the whole output every step.
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.sent_chars = 0  # characters of `text` already streamed
-        self.sent_tokens = 0
-        self.pending_logits: list[torch.Tensor] = []
         self.generator = torch.Generator()  # its own, so batch mates never change what it samples
         if params.seed is not None:
             self.generator.manual_seed(params.seed)

@@ -36,10 +36,16 @@ class BaseModel:
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of `messages` rendered with the base's chat template, ready for the assistant's turn."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"base model {self.name} has no chat template; use a plain prompt")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` rendered with `tokenizer`'s chat template, ready for the assistant's turn; raises
+    ValueError where the tokenizer has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this base model has no chat template; use a plain prompt")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def default_device() -> torch.device:

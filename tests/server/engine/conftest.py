@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,37 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
-
-
-class DirSource:
-    """Adapter revisions copied under a directory; `publish` adds a revision, the newest one serves by default."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.revisions: dict[str, list[str]] = {}
-        self.owners: dict[str, str | None] = {}
-
-    def publish(self, repo: str, adapter_dir: Path, tenant: str | None = None) -> str:
-        digest = hashlib.sha256()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            digest.update((adapter_dir / name).read_bytes())
-        commit = digest.hexdigest()[:40]
-        target = self.root / repo / commit
-        if not target.exists():
-            shutil.copytree(adapter_dir, target)
-        self.revisions.setdefault(repo, []).append(commit)
-        self.owners[repo] = tenant
-        return commit
-
-    def resolve(self, ref: AdapterRef, tenant: str | None) -> ResolvedAdapter:
-        commits = self.revisions.get(ref.repo)
-        if not commits or self.owners[ref.repo] not in (None, tenant):
-            raise AdapterNotFoundError(f"adapter {ref} not found")
-        commit = commits[-1] if ref.revision is None else ref.revision
-        if commit not in commits:
-            raise AdapterNotFoundError(f"adapter {ref} not found")
-        return ResolvedAdapter(ref.repo, commit, self.root / ref.repo / commit)
+from tests.server.engine.driving import DirSource
 
 
 @pytest.fixture

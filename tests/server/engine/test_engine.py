@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 
 import pytest
 import torch
 import transformers
 
 from loramux.adapters.source import AdapterRef
-from loramux.server.engine.engine import EngineConfig, LLMEngine
 from loramux.server.engine.errors import (
     AdapterLoadError,
     ContextLengthError,
     InvalidRequestError,
     QueueFullError,
 )
-from loramux.server.engine.llm_engine import merge_outputs
-from loramux.server.engine.request import RequestOutput, RequestStatus, SamplingParams
+from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
+from loramux.server.engine.request import RequestStatus, SamplingParams
 from loramux.server.models.loader import load_base
+from tests.server.engine.driving import Driver
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, capture_logits=True)
 
@@ -46,12 +45,6 @@ def tiny(tiny_checkpoint, tmp_path, peft_helpers):
 
 def prompts(n: int, length: int) -> list[list[int]]:
     return [[(7 * i + 3 * j) % 250 + 1 for j in range(length)] for i in range(n)]
-
-
-def run(engine: LLMEngine) -> None:
-    while engine.has_unfinished():
-        if not engine.step():
-            engine.wait_for_work(0.05)
 
 
 def test_chunked_prefill_and_preemption_give_the_same_answers(tiny):
@@ -86,85 +79,44 @@ def test_chunked_prefill_and_preemption_give_the_same_answers(tiny):
 def test_a_tenants_burst_does_not_hold_back_another_tenant(tiny):
     """Policy: least recently served tenant first. B's one request runs right after A's first, not after A's six."""
     base, source, _ = tiny
-    engine = LLMEngine(base, source, EngineConfig(num_slots=1, num_kv_blocks=64, max_num_seqs=1))
-    finished: list[str] = []
-
-    def on_output(item: RequestOutput) -> None:
-        if item.finished:
-            finished.append(item.request_id)
-
+    driver = Driver(LLMEngine(base, source, EngineConfig(num_slots=1, num_kv_blocks=64, max_num_seqs=1)))
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     for i, ids in enumerate(prompts(6, 5)):
-        engine.add(engine.make_request(on_output, prompt_ids=ids, params=params, tenant="A", request_id=f"A{i}"))
-    engine.step()
-    engine.add(engine.make_request(on_output, prompt_ids=[5, 6], params=params, tenant="B", request_id="B0"))
-    run(engine)
-    assert finished[:3] == ["A0", "B0", "A1"]
+        driver.add(f"A{i}", ids, params, tenant="A")
+    driver.step()
+    driver.add("B0", [5, 6], params, tenant="B")
+    driver.run()
+    assert driver.finished[:3] == ["A0", "B0", "A1"]
 
 
 def test_slot_rotation_lets_a_waiting_adapter_in(tiny):
     """One slot: requests for t/a keep arriving, yet the waiting t/b request gets the slot before the later ones."""
     base, source, _ = tiny
     engine = LLMEngine(base, source, EngineConfig(num_slots=1, max_lora_rank=8, num_kv_blocks=64))
-    finished: list[str] = []
+    driver = Driver(engine)
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-
-    def add(name: str, adapter: str) -> None:
-        engine.add(
-            engine.make_request(
-                lambda o: finished.append(o.request_id) if o.finished else None,
-                prompt_ids=[1, 2, 3],
-                adapter=adapter,
-                params=params,
-                request_id=name,
-            )
-        )
-
-    add("a0", "t/a")
-    add("a1", "t/a")
-    add("b0", "t/b")
+    driver.add("a0", [1, 2, 3], params, "t/a")
+    driver.add("a1", [1, 2, 3], params, "t/a")
+    driver.add("b0", [1, 2, 3], params, "t/b")
     # until b0's adapter is read and b0 waits for the slot (while it is still being read, it waits for nothing)
     while "b0" not in engine.requests or engine.requests["b0"].status is RequestStatus.RESOLVING:
-        engine.step() or engine.wait_for_work(0.1)
-    engine.step()
-    add("a2", "t/a")
-    add("a3", "t/a")
-    run(engine)
+        driver.step()
+    driver.step()
+    driver.add("a2", [1, 2, 3], params, "t/a")
+    driver.add("a3", [1, 2, 3], params, "t/a")
+    driver.run()
+    finished = driver.finished
     assert sorted(finished) == ["a0", "a1", "a2", "a3", "b0"]
     assert finished.index("b0") < finished.index("a2")
     assert engine.stats()["slots_used"] == 0
 
 
-def test_slot_writes_on_the_step_thread_serve_what_the_loader_thread_does(tiny):
-    """One slot, three adapters taking turns: the writes the step loop queues itself give the same tokens and logits
-    as writes on the loader thread, and none of them runs on another thread."""
-    base, source, _ = tiny
-    ids = prompts(6, 7)
-    adapters = ["t/a", "t/b", "t/c", None, "t/b", "t/a"]
-    outputs, threads = {}, []
-    for on_step in (True, False):
-        config = EngineConfig(num_slots=1, max_lora_rank=8, num_kv_blocks=64, step_thread_slot_writes=on_step)
-        engine = LLMEngine(base, source, config)
-        issue = engine.adapters.issue_write
-        if issue is not None:
-            engine.adapters.issue_write = lambda *a, issue=issue: threads.append(threading.get_ident()) or issue(*a)
-        outputs[on_step] = engine.generate(ids, GREEDY, adapters)
-        assert engine.stats()["adapter_slot_loads"] >= 4 and engine.adapters.writes_pending() == 0
-        engine.shutdown()
-    assert len(threads) >= 4 and set(threads) == {threading.get_ident()}  # `generate` steps on this thread
-    for got, want in zip(outputs[True], outputs[False], strict=True):
-        assert got.token_ids == want.token_ids
-        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("on_step", [True, False], ids=["step-thread-writes", "loader-thread"])
-def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine_goes_on(tiny, on_step):
+def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine_goes_on(tiny):
     """The device refusing an adapter's copies (out of memory, say) ends the requests that wait for that slot with
     AdapterLoadError; the others are served, the slot is free again, and the adapter loads on a later request."""
     base, source, _ = tiny
-    config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, step_thread_slot_writes=on_step)
-    engine = LLMEngine(base, source, config)
-    write = engine.adapters.issue_write if on_step else engine.adapters.write_slot
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    write = engine.adapters.issue_write
     refused, refusing = [], [True]
 
     def refuse_b(index, weights, after):
@@ -173,26 +125,22 @@ def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine
             raise RuntimeError("CUDA out of memory")
         return write(index, weights, after)
 
-    if on_step:
-        engine.adapters.issue_write = refuse_b
-    else:
-        engine.adapters.write_slot = refuse_b
+    engine.adapters.issue_write = refuse_b
     ids = prompts(4, 5)
+    adapters = ["t/a", "t/b", "t/b", None]
     expected = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64)).generate(
-        ids, GREEDY, ["t/a", "t/b", "t/b", None]
+        ids, GREEDY, adapters
     )
-    items: dict[int, list] = {i: [] for i in range(4)}
-    for i, (prompt, adapter) in enumerate(zip(ids, ["t/a", "t/b", "t/b", None], strict=True)):
-        engine.add(engine.make_request(items[i].append, prompt_ids=prompt, adapter=adapter, params=GREEDY))
-    for _ in range(500):  # bounded: a request left waiting for the failed slot would never end
-        if not engine.has_unfinished():
-            break
-        engine.step() or engine.wait_for_work(0.05)
-    assert refused and not engine.has_unfinished()
-    for i in (1, 2):  # both waited for t/b's slot: one error each, nothing else
-        assert len(items[i]) == 1 and isinstance(items[i][0], AdapterLoadError) and "t/b" in str(items[i][0])
+    driver = Driver(engine)
+    for i, (prompt, adapter) in enumerate(zip(ids, adapters, strict=True)):
+        driver.add(str(i), prompt, GREEDY, adapter)
+    driver.run(max_steps=500)  # bounded: a request left waiting for the failed slot would never end
+    assert refused
+    for i in ("1", "2"):  # both waited for t/b's slot: one error each, nothing else
+        (only,) = driver.outputs[i]
+        assert isinstance(only.error, AdapterLoadError) and "t/b" in str(only.error) and not only.token_ids
     for i in (0, 3):
-        assert merge_outputs(items[i]).token_ids == expected[i].token_ids
+        assert driver.tokens(str(i)) == expected[i].token_ids
     stats = engine.stats()
     assert stats["slots_used"] == 0 and stats["kv_blocks_used"] == 0 and not engine.requests
     assert stats["adapter_slot_write_failures"] == len(refused) >= 1
@@ -209,21 +157,40 @@ def source_config(engine: LLMEngine, name: str):
 def test_abort_frees_blocks_and_slot_at_once(tiny):
     base, source, _ = tiny
     engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
-    items: list[RequestOutput] = []
+    driver = Driver(engine)
     p = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     for i, adapter in enumerate(["t/a", None]):
-        request = engine.make_request(items.append, prompt_ids=[3] * 20, adapter=adapter, params=p, request_id=str(i))
-        engine.add(request)
+        driver.add(str(i), [3] * 20, p, adapter)
     while engine.stats()["requests_running"] < 2:
-        engine.step() or engine.wait_for_work(0.05)
-    engine.step()
+        driver.step()
+    driver.step()
     assert engine.stats()["kv_blocks_used"] > 0 and engine.stats()["slots_used"] == 1
     engine.abort("0")
     engine.abort("1")
-    engine.step()
-    stats = engine.stats()
-    assert stats["kv_blocks_used"] == 0 and stats["slots_used"] == 0 and not engine.has_unfinished()
-    assert sorted(o.request_id for o in items if o.finish_reason == "abort") == ["0", "1"]
+    stats = engine.stats()  # at once, before any step
+    assert stats["kv_blocks_used"] == 0 and stats["slots_used"] == 0 and not engine.requests
+    driver.step()
+    assert not engine.has_unfinished()
+    assert driver.finish_reason("0") == driver.finish_reason("1") == "abort"
+    assert 0 < len(driver.tokens("0")) < 100
+
+
+def test_the_hook_runs_once_the_forward_is_queued_and_before_the_tokens_are_read(tiny):
+    """`step(on_forward_queued)`: where the engine process sends the previous step's outputs while the device
+    computes. It runs right after each forward is queued; the step's own outputs come back after it."""
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    driver = Driver(engine)
+    driver.add("r", [3] * 5, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), "t/a")
+    order: list[str] = []
+    runs = engine.runner.run
+    engine.runner.run = lambda chunks: order.append("forward") or runs(chunks)  # type: ignore[method-assign]
+    while not driver.finished:
+        if driver.step(lambda: order.append("hook")):
+            order.append("outputs")
+    steps = ",".join(order).split("forward,")[1:]
+    assert len(steps) == 3 and all(step.startswith("hook,outputs") for step in steps)
+    assert len(driver.tokens("r")) == 3 and driver.finish_reason("r") == "length"
 
 
 def test_stop_strings_and_stop_tokens(tiny):
@@ -245,75 +212,6 @@ def test_stop_strings_and_stop_tokens(tiny):
     assert by_token.finish_reason == "stop"
     assert by_token.token_ids == full.token_ids[: first + 1]
     assert by_token.text == base.tokenizer.decode(full.token_ids[:first])
-
-
-def test_outputs_streamed_during_the_next_step_are_the_ones_streamed_at_once(tiny):
-    """`overlap_outputs` (the default on a GPU) streams a step's tokens during the next step: the same tokens, text,
-    logits and finish reasons, each request's items in order with exactly one final item, and everything freed; a
-    stop string ends its request although the request is already in the next step."""
-    base, source, _ = tiny
-    ids = prompts(4, 7)
-    adapters = ["t/a", None, "t/b", "t/a"]
-
-    def config(overlap: bool) -> EngineConfig:
-        return EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, overlap_outputs=overlap)
-
-    at_once = LLMEngine(base, source, config(False))  # one engine on a base at a time: each allocates its slots
-    full = at_once.generate(ids, GREEDY, adapters)
-    # a stop string met early (so its request is already in the next step when the string is found)
-    cut_at, stop = next((i, out.text[1]) for i, out in enumerate(full) if len(out.text) > 2 and out.text[1].isascii())
-    cut = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, capture_logits=True, stop=[stop])
-    wanted = [(params, at_once.generate(ids, params, adapters)) for params in (GREEDY, cut)]
-    at_once.shutdown()
-    overlapped = LLMEngine(base, source, config(True))
-    assert overlapped.overlap_outputs and not at_once.overlap_outputs
-    for params, want in wanted:
-        items: dict[int, list[RequestOutput]] = {i: [] for i in range(len(ids))}
-        for i, (prompt, adapter) in enumerate(zip(ids, adapters, strict=True)):
-            overlapped.add(overlapped.make_request(items[i].append, prompt_ids=prompt, adapter=adapter, params=params))
-        run(overlapped)
-        for i, expected in enumerate(want):
-            finals = [item.finished for item in items[i]]
-            assert finals.count(True) == 1 and finals[-1]
-            got = merge_outputs(items[i])
-            assert (got.token_ids, got.text, got.finish_reason) == (
-                expected.token_ids, expected.text, expected.finish_reason)  # fmt: skip
-            torch.testing.assert_close(got.logits, expected.logits)
-        stats = overlapped.stats()
-        assert stats["kv_blocks_used"] == 0 and stats["slots_used"] == 0 and not overlapped.has_unfinished()
-    want = wanted[1][1]
-    assert want[cut_at].finish_reason == "stop" and len(want[cut_at].token_ids) < len(full[cut_at].token_ids)
-
-
-def test_an_abort_streams_the_tokens_held_back_first(tiny):
-    base, source, _ = tiny
-    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, overlap_outputs=True))
-    items: list[RequestOutput] = []
-    p = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
-    engine.add(engine.make_request(items.append, prompt_ids=[3] * 5, adapter="t/a", params=p, request_id="r"))
-    while not engine.unsent_count():
-        engine.step() or engine.wait_for_work(0.05)
-    held = engine.unsent_count()
-    engine.abort("r")
-    engine.step()
-    assert [item.finish_reason for item in items][-1] == "abort"
-    assert sum(len(item.token_ids) for item in items) == held
-    stats = engine.stats()
-    assert stats["kv_blocks_used"] == 0 and stats["slots_used"] == 0 and not engine.has_unfinished()
-
-
-def test_tokens_held_back_can_be_dropped_after_a_failure(tiny):
-    base, source, _ = tiny
-    engine = LLMEngine(base, source, EngineConfig(num_slots=0, num_kv_blocks=64, overlap_outputs=True))
-    items: list[RequestOutput] = []
-    p = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    request = engine.make_request(items.append, prompt_ids=[4, 5, 6], params=p, request_id="x")
-    engine.add(request)
-    while not engine.unsent_count():
-        engine.step() or engine.wait_for_work(0.05)
-    assert not engine.requests and engine.has_unfinished()  # ended (its one token), its last output not sent
-    assert engine.discard_unsent() == [request]
-    assert not engine.has_unfinished() and items == []
 
 
 def test_same_seed_same_output_whatever_the_batch(tiny):
@@ -384,31 +282,37 @@ def test_bad_requests_are_refused_clearly(tiny):
     for kwargs in ({"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"stop": [""]}):
         with pytest.raises(InvalidRequestError):
             SamplingParams(**kwargs)
-    noop = lambda _: None  # noqa: E731
+    inputs = engine.input_processor()
     with pytest.raises(InvalidRequestError, match="exactly one"):
-        engine.make_request(noop, prompt="hi", prompt_ids=[1])
+        inputs.prompt_ids(prompt="hi", prompt_ids=[1])
     with pytest.raises(InvalidRequestError, match="token ids"):
-        engine.make_request(noop, prompt_ids=[1, 10_000])
+        inputs.prompt_ids(prompt_ids=[1, 10_000])
     with pytest.raises(InvalidRequestError, match="empty"):
-        engine.make_request(noop, prompt_ids=[])
+        inputs.prompt_ids(prompt_ids=[])
     with pytest.raises(ContextLengthError, match="at most 63"):
-        engine.make_request(noop, prompt_ids=[1] * 64)
-    with pytest.raises(ValueError, match="not an adapter name"):
-        engine.make_request(noop, prompt_ids=[1], adapter="../etc")
+        inputs.prompt_ids(prompt_ids=[1] * 64)
     messages = [{"role": "user", "content": "hi"}]
-    assert engine.make_request(noop, messages=messages).prompt_ids == base.chat_prompt_ids(messages)
+    assert inputs.prompt_ids(messages=messages) == base.chat_prompt_ids(messages)
     with pytest.raises(InvalidRequestError, match="messages"):
-        engine.make_request(noop, messages=[{"role": "user"}])
-    engine.add(engine.make_request(noop, prompt_ids=[1]))
-    engine.add(engine.make_request(noop, prompt_ids=[1]))
+        inputs.prompt_ids(messages=[{"role": "user"}])
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(InvalidRequestError, match="not an adapter name"):
+        engine.add("x", [1], params, adapter="../etc")
+    with pytest.raises(ContextLengthError):
+        engine.add("x", [1] * 64, params)
+    driver = Driver(engine)
+    driver.add("a", [1], params)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        driver.add("a", [1], params)
+    driver.add("b", [1], params)
     with pytest.raises(QueueFullError):
-        engine.add(engine.make_request(noop, prompt_ids=[1]))
-    run(engine)  # the accepted ones still complete
-    assert engine.stats()["kv_blocks_used"] == 0
+        driver.add("c", [1], params)
+    driver.run()  # the accepted ones still complete
+    assert driver.finished == ["a", "b"] and engine.stats()["kv_blocks_used"] == 0
     # (a new engine takes over the base's KV cache and slots: one engine per loaded base)
     slotless = LLMEngine(base, source, EngineConfig(num_slots=0, num_kv_blocks=8))
     with pytest.raises(InvalidRequestError, match="base model only"):
-        slotless.make_request(noop, prompt_ids=[1], adapter="t/a")
+        slotless.add("x", [1], params, adapter="t/a")
 
 
 def test_warm_up_takes_the_model_out_of_the_collectors_walks_until_shutdown(tiny):

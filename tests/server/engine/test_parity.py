@@ -8,16 +8,19 @@ the reference's logits at every step and the same greedy tokens.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
 
 from loramux.adapters.source import AdapterNotFoundError
 from loramux.adapters.weights import AdapterMismatchError
-from loramux.server.engine.engine import EngineConfig, LLMEngine, merge_outputs
 from loramux.server.engine.errors import AdapterTooLargeError, ContextLengthError
+from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.layers.nf4_linear import NF4Linear
+from tests.server.engine.driving import Driver
 
 pytestmark = pytest.mark.slow
 
@@ -102,23 +105,21 @@ def test_answer_does_not_depend_on_batch_mates_or_arrival(world):
     requests = [(prompt_ids(base, i + 2), a) for i, a in enumerate(adapters)]
     config = EngineConfig(num_slots=4, max_lora_rank=32, num_kv_blocks=32, block_size=4, max_num_batched_tokens=3)
     engine = LLMEngine(base, source, config)
-    outputs: dict[int, list] = {i: [] for i in range(len(requests))}
+    driver = Driver(engine)
 
     def submit(i: int) -> None:
         ids, adapter = requests[i]
-        engine.add(engine.make_request(outputs[i].append, prompt_ids=ids, adapter=adapter, params=GREEDY))
+        driver.add(str(i), ids, GREEDY, adapter)
 
     submit(0)
     submit(1)
     for _ in range(3):  # the first two are under way before the others arrive
-        if not engine.step():
-            engine.wait_for_work(0.1)
+        driver.step()
     for i in range(2, len(requests)):
         submit(i)
-    while engine.has_unfinished():
-        if not engine.step():
-            engine.wait_for_work(0.1)
-    check_against_reference(world, requests, [merge_outputs(outputs[i]) for i in range(len(requests))])
+    driver.run()
+    got = [SimpleNamespace(token_ids=driver.tokens(str(i)), logits=driver.logits(str(i))) for i in range(len(requests))]
+    check_against_reference(world, requests, got)
     assert_all_free(engine)
     engine.shutdown()
 
@@ -154,7 +155,7 @@ def test_bad_input_is_refused_and_the_engine_keeps_serving(world, tiny_checkpoin
     with pytest.raises(AdapterTooLargeError, match="rank 32"):
         engine.generate([ids], GREEDY, ["t/pat32"])
     with pytest.raises(ContextLengthError, match="at most 127 prompt tokens"):
-        engine.make_request(lambda _: None, prompt_ids=[1] * 500)
+        engine.input_processor().prompt_ids(prompt_ids=[1] * 500)
     # and it still serves, with an adapter, exactly
     (out,) = engine.generate([ids], GREEDY, ["t/rs16"])
     check_against_reference(world, [(ids, "t/rs16")], [out])

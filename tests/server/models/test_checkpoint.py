@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loramux.server.engine.engine import EngineConfig, LLMEngine
+from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models import checkpoint
 from loramux.server.models.checkpoint import BaseModelError, load_state_dict, resolve_base
