@@ -226,5 +226,6 @@ def _api_process(settings, attachment, listener) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("loramux.access").setLevel(logging.INFO)
     state = ServerState(settings, Registry.open(settings.data_dir), attach=attachment)
+    state.prepare()  # before it takes connections: a request here never meets a tokenizer still loading
     host, port = listener.getsockname()[:2]
     raise SystemExit(serve(state, host, port, sockets=[listener]))

@@ -86,38 +86,42 @@ class ServerState:
         """Start the engine process (or attach to the parent's), then the tokenizer side; on failure, say why on
         `/ready` and call `on_load_failure`."""
         try:
-            from transformers import AutoTokenizer
-
             from loramux.server.engine.client import EngineClient
             from loramux.server.engine.core import EngineProcess
-            from loramux.server.engine.inputs import InputProcessor
 
             started = time.perf_counter()
             if self.attach is None:
                 self.process = EngineProcess.start(self.settings.core_spec())
                 info = await asyncio.to_thread(self.process.wait_ready)
-                attach = Attachment(self.process.address, info, self.process.dead)
-            else:
-                attach = self.attach
-            info = attach.info
-            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, info.path)
-            client = EngineClient(attach.address, info, tokenizer, dead=attach.dead)
+                self.attach = Attachment(self.process.address, info, self.process.dead)
+            if self.inputs is None:
+                await asyncio.to_thread(self.prepare)
+            client = EngineClient(self.attach.address, self.info, self.inputs.tokenizer, dead=self.attach.dead)
             await client.connect()
-            self.inputs = InputProcessor(tokenizer, info.vocab_size, info.max_model_len)
-            self.info = info
-            path = Path(info.path)
-            self.base_id = path.name if Path(info.name).is_dir() else info.name
-            self.base_names = {info.name, path.name, str(path), self.base_id}
-            if self.settings.hub_url is None:  # pushes to this server's hub must fit what it serves
-                self.registry.adapter_checks.append(_base_fit_check(path))
             self.engine = client
-            for note in info.notes:
+            for note in self.info.notes:
                 log.info("%s", note)
             log.info("model %s ready in %.1fs", self.base_id, time.perf_counter() - started)
         except BaseException as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("loading the base model failed: %s", self.load_error)
             self.on_load_failure(exc)
+
+    def prepare(self) -> None:
+        """The tokenizer side of the attached engine's base: tokenizer, names, the registry's fit check."""
+        from transformers import AutoTokenizer
+
+        from loramux.server.engine.inputs import InputProcessor
+
+        info = self.attach.info
+        tokenizer = AutoTokenizer.from_pretrained(info.path)
+        self.inputs = InputProcessor(tokenizer, info.vocab_size, info.max_model_len)
+        self.info = info
+        path = Path(info.path)
+        self.base_id = path.name if Path(info.name).is_dir() else info.name
+        self.base_names = {info.name, path.name, str(path), self.base_id}
+        if self.settings.hub_url is None:  # pushes to this server's hub must fit what it serves
+            self.registry.adapter_checks.append(_base_fit_check(path))
 
     def require_engine(self):
         """The engine client, or a 503 while the model loads, after a failed load, once the engine process died, or

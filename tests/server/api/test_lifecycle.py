@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from loramux.registry.registry import Registry
 from tests.conftest import REPO, make_tiny_checkpoint
-from tests.server.api.serving import launch, serve_command
+from tests.server.api.serving import launch, metric, serve_command
 
 LONG = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True}
 
@@ -79,3 +82,63 @@ def test_single_user_queue_full_and_graceful_sigterm(base, tmp_path):
             httpx.get(f"{server.url}/health")
     finally:
         server.stop()
+
+
+def engine_process(server) -> psutil.Process:
+    """The engine process of a `loramux serve` (its child running the step loop)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for child in psutil.Process(server.process.pid).children(recursive=True):
+            if "loramux-engine" in " ".join(child.cmdline()) or child.name() == "loramux-engine":
+                return child
+        # spawn's children run `python -c "from multiprocessing.spawn import spawn_main ..."`: the engine is the one
+        # that is neither the resource tracker nor an adapter reader
+        spawned = [c for c in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        if spawned:
+            return spawned[0]
+        time.sleep(0.2)
+    raise AssertionError("no engine process found")
+
+
+def test_an_engine_process_that_dies_ends_the_streams_and_the_server_says_so(base, tmp_path):
+    server = launch(tmp_path / "home", "--base", str(base), "--data-dir", str(tmp_path / "data"))
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=LONG, timeout=60) as running:
+            lines = running.iter_lines()
+            assert first_events(lines, 2)[0]["choices"][0]["finish_reason"] is None
+            engine_process(server).kill()
+            rest = [line for line in lines if line.startswith("data:")]  # ends: no hang
+        assert "error" in json.loads(rest[-1][5:]) and "engine" in json.loads(rest[-1][5:])["error"]["message"]
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "engine_dead"
+        assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
+        refused = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["code"] == "engine_stopped"
+        assert server.process.poll() is None  # the server stays up to say so
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_several_api_processes_serve_one_engine(base, tmp_path):
+    server = launch(
+        tmp_path / "home", "--base", str(base), "--data-dir", str(tmp_path / "data"), "--api-servers", "2"
+    )  # fmt: skip
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
+        def ask(_: int) -> dict:
+            with httpx.Client(timeout=60) as client:  # a connection each: the kernel spreads them over the processes
+                return client.post(f"{server.url}/v1/completions", json=body).json()
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(24)))
+        assert {a["choices"][0]["text"] for a in answers} == {answers[0]["choices"][0]["text"]}  # greedy: the same
+        assert all(a["usage"]["completion_tokens"] == 4 for a in answers)
+        workers = [c for c in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) >= 3  # the engine and two API processes
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text  # any process's scrape adds up all of them
+        assert metric(text, "loramux_requests_total", endpoint="completions", status="200") == 24
+        assert metric(text, "loramux_kv_blocks_used") == 0
+    finally:
+        assert server.stop() == 0, server.output()
