@@ -2,7 +2,7 @@
 VENV ?= .venv
 export LORAMUX_VENV := $(VENV)
 
-.PHONY: serve test lint install
+.PHONY: serve test gpu-test lint install
 
 install:
 	@scripts/setup.sh
@@ -14,6 +14,12 @@ test:
 	@scripts/setup.sh dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Every test marked gpu (the Triton kernels, CUDA graphs, streams, pinned copies), on a machine with an NVIDIA GPU;
+# it stops with an error where torch sees no CUDA device or Triton is missing, rather than skipping them.
+gpu-test:
+	@scripts/setup.sh dev
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -rs -m gpu --require-gpu $(PYTEST_ARGS)
 
 lint:
 	@scripts/setup.sh dev

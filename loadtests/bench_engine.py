@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from loadtests.record import dated_json_path
 from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.adapters.weights import base_shapes, load_lora
 from loramux.server.engine import adapter_cache, llm_engine
@@ -841,7 +842,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny model and workload (smoke test, any device)")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
-    p.add_argument("--json", type=Path, help="write all figures here")
+    p.add_argument(
+        "--json",
+        type=Path,
+        help="write all figures here (default: a new dated file under loadtests/results/; none with --tiny)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--w1-requests", type=int, default=256)
     p.add_argument("--w1-adapters", type=int, default=32)
@@ -885,6 +890,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.w2_requests, args.w2_adapters, args.w2_slots, args.w2_cpu_cache, args.w2_rate = 12, 10, 3, 5, 5000.0
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.json is None and not args.tiny:
+        args.json = dated_json_path("engine")
     args.parts = [x for x in args.only.split(",") if x]
     unknown = set(args.parts) - set(PARTS)
     if unknown:
@@ -916,6 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
+            print(f"wrote {args.json}")
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from loadtests.record import commit, dated_json_path
 from loramux.server.layers import lora_kernels as lk
 
 MODULES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
@@ -246,7 +247,9 @@ def bench_plan(batch: str) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument(
+        "--json", type=Path, help="write every figure here (default: a new dated file in loadtests/results/)"
+    )
     parser.add_argument("--batches", nargs="*", default=list(BATCHES), choices=list(BATCHES))
     parser.add_argument(
         "--b-layout", default="rank-major", choices=B_LAYOUTS, help="how B is stored (default: as the engine does)"
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_lora_kernels: error: needs a CUDA device", file=sys.stderr)
         return 1
+    args.json = args.json or dated_json_path("lora-kernels")
     torch.manual_seed(0)
     rows: list[Row] = []
     for batch in args.batches:
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {
             "command": "python " + " ".join(sys.argv),
+            "commit": commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
@@ -282,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "b_layout": args.b_layout,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+        print(f"wrote {args.json}")
     bad = [r for r in rows if r.rel_err is not None and not r.rel_err < 2e-2]
     for r in bad:
         print(f"MISMATCH {r.module} {r.batch} {r.adapters} {r.impl}: relative error {r.rel_err}", file=sys.stderr)

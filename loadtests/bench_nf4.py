@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.bench_lora_kernels import time_graph
+from loadtests.record import commit, dated_json_path
 from loramux.server.layers import nf4_kernels as nk
 from loramux.server.layers.nf4_linear import NF4Linear, _nf4_dequantize_kernel
 
@@ -97,13 +98,16 @@ def fused_call(x: torch.Tensor, layer: NF4Linear, cfg: nk.Config | None) -> Call
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument(
+        "--json", type=Path, help="write every figure here (default: a new dated file in loadtests/results/)"
+    )
     parser.add_argument("--rows", type=int, nargs="*", default=list(ROWS))
     parser.add_argument("--search", action="store_true", help="also time every candidate launch configuration")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
+    args.json = args.json or dated_json_path("nf4")
     device = torch.device("cuda")
     dequantize = _nf4_dequantize_kernel(DTYPE)
     results: list[dict] = []
@@ -152,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {m:5}  " + "  ".join(f"{v:7.2f}" for v in total.values()))
     if args.json:
         meta = {
+            "command": "python " + " ".join(sys.argv),
+            "commit": commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(device),
             "torch": torch.__version__,
             "python": platform.python_version(),
         }
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

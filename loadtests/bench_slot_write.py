@@ -7,7 +7,7 @@ Adapters of ranks 8, 16, 32 and 64 on q_proj and v_proj of every layer, written 
 slot's rank changes with each write; the model has the 8B shape's layer count and module names but small matrices,
 so that the Python work shows rather than the copies. On a GPU the copies are asynchronous launches and the figure
 is the host time until each write returned (it waits for its copies). `--row-major`: buffers with B as files hold
-it (what a GPU engine's CPU cache keeps since the eighth day), else rank-major. `--fresh`: every write as the first
+it (what a GPU engine's CPU cache keeps), else rank-major. `--fresh`: every write as the first
 one into its slot with its adapter's layout (the views it copies between made anew). Prints the fastest round's mean
 and a profile of one round.
 """

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; nothing may be downloaded
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from loadtests.record import commit, dated_json_path
 from loramux.adapters.config import LINEAR_MODULES
 from loramux.adapters.train import TrainingEvent, train
 from loramux.adapters.train_data import IGNORE_INDEX, Row, build_rows, load_chat_jsonl, tokenize_dataset
@@ -468,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, help="tokens per row (default 1024; 128 with --tiny)")
     parser.add_argument("--batch-size", type=positive, default=1, help="rows per optimizer step (default 1)")
     parser.add_argument("--workdir", type=Path, help="keep the checkpoint here and reuse it (default: a temp dir)")
-    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write the results to this JSON file (default: a new dated file in loadtests/results/; none with --tiny)",
+    )
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
@@ -484,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("bench_train: error: the full-size run needs a CUDA device (--tiny runs on the CPU)", file=sys.stderr)
         return 1
+    if args.json is None and not args.tiny:
+        args.json = dated_json_path("train")
 
     keep = args.workdir is not None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loramux-bench-train-"))
@@ -524,6 +531,7 @@ def bench(
     print_table(results)
     if args.json:
         meta = {
+            "commit": commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(device),
             "shape": label,

@@ -5,7 +5,8 @@ of Zipf popularity, with open-loop Poisson arrivals or a fixed concurrency, for 
         --api-key acme=KEY1 --api-key globex=KEY2 --rate 4 --duration 60 --json out/load.json
 
 It writes a JSON report (throughput, TTFT/TPOT/end-to-end percentiles, errors by kind, per-tenant and per-model
-shares, a timeline and every request) and a PNG of latency and throughput over time. It refuses to target anything
+shares, a timeline and every request; by default a new dated file in loadtests/results/) and a PNG of latency and
+throughput over time beside it. It refuses to target anything
 but a loopback address unless given --allow-remote. From Python: `asyncio.run(run_load(LoadConfig(...)))`.
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 
 from loadtests.client import ENDPOINTS, RequestRecord, send_request, start_record
+from loadtests.record import dated_json_path
 from loadtests.report import build_report, plot, summary_text, write_json
 from loadtests.workload import LengthDist, RequestPlan, Tenant, Workload, poisson_arrivals
 
@@ -296,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain", type=float, help="seconds in-flight requests get after sending stops (the timeout)")
     p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: drop arrivals beyond this (1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix and the arrivals (0)")
-    p.add_argument("--json", type=Path, default=Path("loadgen.json"), help="report path (%(default)s)")
+    p.add_argument(
+        "--json", type=Path, help="report path (default: a new dated file in loadtests/results/, one per run)"
+    )
     p.add_argument("--png", type=Path, help="plot path (default: the report path with .png)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--fail-on-errors", action="store_true", help="exit 1 if any request failed or was dropped")
@@ -377,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(summary_text(report))
     try:
+        args.json = args.json or dated_json_path("loadgen")
         write_json(report, args.json)
         print(f"report: {args.json}")
         if not args.no_plot:

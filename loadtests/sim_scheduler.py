@@ -1,10 +1,11 @@
 """W2's scheduling on the CPU, without a model: the engine's own Scheduler and AdapterCache (slot writes do
 nothing) driven by W2's workload on a simulated clock, each step costed by a model fitted to GPU runs (`--costs`):
 
-- h100-eager (the default; BENCHMARKS.md, fourth day): a decode step 24.5 ms + 0.04 ms a sequence (29 ms at W2's
-  ~124, 35 ms at W1's 256); a step with prompt tokens adds an eager pass, 85 ms + 0.018 ms a prompt token.
-- h200-graphs (ninth day, prompt passes through piecewise graphs): a decode step 17 ms + 0.05 ms a sequence; a pass
-  over prompt chunks 13.5 ms + 0.029 ms a prompt token.
+- h100-eager (the default; fitted to `bench_engine.py` runs on an H100, 2026-11-23, with eager prompt passes): a
+  decode step 24.5 ms + 0.04 ms a sequence (29 ms at W2's ~124, 35 ms at W1's 256); a step with prompt tokens adds an
+  eager pass, 85 ms + 0.018 ms a prompt token.
+- h200-graphs (fitted to runs on an H200, 2026-11-29, prompt passes through piecewise graphs): a decode step 17 ms +
+  0.05 ms a sequence; a pass over prompt chunks 13.5 ms + 0.029 ms a prompt token.
 
 Prints steps, the mean running batch, simulated tokens/s and TTFT, so that scheduling policies can be compared in
 seconds, deterministically.

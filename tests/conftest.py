@@ -20,9 +20,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-gpu",
+        action="store_true",
+        help="stop with an error, instead of skipping the gpu tests, where there is no CUDA device or no Triton",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    if config.getoption("--require-gpu"):
+        from importlib.util import find_spec
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--require-gpu: torch {torch.__version__} sees no CUDA device")
+        if find_spec("triton") is None:
+            raise pytest.UsageError("--require-gpu: Triton is not installed (torch's CUDA build brings it)")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

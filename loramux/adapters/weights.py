@@ -135,7 +135,7 @@ def load_lora(
     layout (with `b_rank_major`, each B is then turned in place, a projection's B of every layer at once), else into
     a scratch buffer converted with one copy per tensor (B transposed as it is copied). A step loop on another thread is
     therefore not held up (safetensors' `load_file` keeps the GIL while it copies: with four threads loading, a loop
-    of 1,500 kernel launches took 28x as long; BENCHMARKS.md, fourth day).
+    of 1,500 kernel launches took 28x as long on an H100 host).
     """
     plan = plan_lora(directory, base)
     nbytes = plan.nbytes(dtype)
@@ -212,8 +212,8 @@ def fill_lora(plan: LoraPlan, buffer: torch.Tensor, dtype: torch.dtype, b_rank_m
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether no value of `t` is NaN or infinite, in one reduction: the minimum and maximum are NaN if any value is,
     and -inf or inf if any value is. `torch.isfinite(t).all()` first writes a flag per value: on a 2-core CPU it took
-    154 ms for the 27 million values of a rank-64 q/v adapter of the 8B shape, against 2.4 ms (BENCHMARKS.md, seventh
-    day), and that pass ran on every core beside the step loop for each adapter read while serving."""
+    154 ms for the 27 million values of a rank-64 q/v adapter of the 8B shape, against 2.4 ms, and that pass would
+    run on every core beside the step loop for each adapter read while serving."""
     if t.numel() == 0:
         return True
     low, high = torch.aminmax(t)

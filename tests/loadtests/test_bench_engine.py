@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from loadtests.bench_engine import main
+from loadtests.bench_engine import main, parse_args
+from loadtests.record import RESULTS
 
 
 def test_tiny_benchmark_runs_every_part_and_writes_its_figures(tmp_path: Path, capsys):
@@ -32,3 +34,11 @@ def test_repeated_runs_report_the_median_run_and_keep_every_run(tmp_path: Path, 
     assert len(w2["step_series"]) == w2["steps"] and w2["step_series_fields"][0] == "ms"
     assert 0 < w2["saturated_seconds"] <= w2["seconds"]
     assert "W2, each run" in capsys.readouterr().out
+
+
+def test_a_run_writes_a_new_dated_json_under_loadtests_results_unless_told_otherwise(tmp_path):
+    path = parse_args([]).json
+    assert path.parent == RESULTS and re.fullmatch(r"\d{4}-\d\d-\d\d-engine-\w+(-dirty)?(-\d+)?\.json", path.name)
+    assert not path.exists()  # named, not yet written
+    assert parse_args(["--json", str(tmp_path / "x.json")]).json == tmp_path / "x.json"
+    assert parse_args(["--tiny"]).json is None  # a smoke test keeps no record

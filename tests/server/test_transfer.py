@@ -7,7 +7,7 @@ import torch
 
 from loramux.server.transfer import to_device
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _host_tensors() -> list[torch.Tensor]:

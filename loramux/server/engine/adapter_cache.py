@@ -44,9 +44,9 @@ from loramux.server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Adapters read from the source at once. Two, measured on an H100 host with 16 cores (BENCHMARKS.md, fourth day):
-# they read 128 adapters/s and slowed a loop of kernel launches on the step thread 2.6x; four read 77/s and slowed
-# it 3.6x (the readers and the step loop contend for the GIL between their torch calls).
+# Adapters read from the source at once. Two: on an H100 host with 16 cores, two readers read 128 adapters/s and
+# slowed a loop of kernel launches on the step thread 2.6x; four read 77/s and slowed it 3.6x (the readers and the
+# step loop contend for the GIL between their torch calls).
 FETCH_THREADS = 2
 FETCH_CPU_THREADS_ON_GPU = 1  # CPU threads each fetch thread's torch calls use when the engine runs on a GPU
 

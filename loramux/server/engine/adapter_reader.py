@@ -4,7 +4,7 @@ An adapter read on a thread of the serving process (a fetch thread of `adapter_c
 header, checks, views) under the GIL and takes the GIL back after each of its torch calls and reads; the step loop
 releases the GIL at every kernel launch and then waits to get it back. On an H200 the first round of W2's requests
 ran its mixed steps twice as long as the same steps of the second round, whose adapters had been read beforehand:
-the step thread waited 60-200 ms a step beside two reads (BENCHMARKS.md, eleventh day). A `ReaderPool` moves the
+the step thread waited 60-200 ms a step beside two reads. A `ReaderPool` moves the
 reads into reader processes. Each maps the CPU cache's arena (`HostArena(shared=True)`, a memory file), and a read,
 from a fetch thread, goes:
 

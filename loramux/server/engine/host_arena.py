@@ -1,8 +1,8 @@
 """One block of host memory, allocated once, that the adapter CPU cache is carved from.
 
 On a GPU the block is page-locked, so that a slot write is one asynchronous copy. Page-locking memory while the
-engine serves stalls it: with one thread allocating 54 MB page-locked buffers (what each new adapter in the cache
-took before), a loop of kernel launches on another thread stalled for up to 6 s (BENCHMARKS.md, fourth day). The
+engine serves stalls it: with four threads allocating 54 MB page-locked buffers (what each new adapter in the cache
+would take), a loop of kernel launches on another thread stalled for up to 6 s on an H100 host. The
 arena page-locks its whole capacity at start instead, and regions are handed out first-fit, at 256-byte alignment.
 A region returns to the arena when `free` is called; the adapter cache calls it when the last reference to the
 weights in it is gone (a request waiting for a slot, or a slot write in progress, keeps the region alive). That can

@@ -310,10 +310,10 @@ class ModelRunner:
         A memory and one its B (turned rank-major on the way where the buffer holds it as the file does), and one
         copy each sets the slot's rank and scaling in every module. So a write is a few torch calls a projection
         whatever the layer count, host time the step loop spends while the device computes (a loader thread's calls
-        beside it would keep it waiting for the GIL). Before, the first write of a W2 adapter into a slot made ~900
-        calls, ~4.8 ms of host time on the GPU host (BENCHMARKS.md, thirteenth day). The copies of a layout (its
-        modules, their ranks, where each lies in the buffer) are worked out once and kept (`_write_plans`), whatever
-        the slot."""
+        beside it would keep it waiting for the GIL). Views of every module's part of the slot would take ~900 calls
+        for the first write of a W2 adapter into a slot, ~4.8 ms of host time on an H200 host. The copies of a layout
+        (its modules, their ranks, where each lies in the buffer) are worked out once and kept (`_write_plans`),
+        whatever the slot."""
         memory = self.model.lora_slot_memory
         buffer = weights.buffer
         if memory is None or buffer is None or buffer.dtype != memory.dtype:
@@ -402,9 +402,9 @@ class ModelRunner:
     def cache_b_rank_major(self) -> bool:
         """Whether the CPU cache should hold B rank-major (turned when read) or as the file does. On a GPU it holds
         B row-major and `issue_write` turns it on the device, in the copy into the slot: turning it on the CPU passed
-        over every B twice more on the reading threads, beside the step loop (adapter read and slot write time in W2
-        10.6 -> 8.45 s: BENCHMARKS.md, eighth day). On the CPU it is turned when read, and the write copies it as
-        it is."""
+        over every B twice more on the reading threads, beside the step loop (adapter read and slot write time over
+        the W2 benchmark on an H200: 10.6 s that way, 8.45 s turned on the device). On the CPU it is turned when
+        read, and the write copies it as it is."""
         return self.device.type != "cuda"
 
 

@@ -2,7 +2,7 @@
 
 A pass over prompt chunks was launched kernel by kernel: about 1,400 launches for the 8B shape, 58-69 ms of host
 time for one prompt of 128 tokens on an H200, so a step of a few prompts was bound by the host (through the graphs:
-21 ms, 5 ms of it host time; BENCHMARKS.md, ninth day). Its attention cannot be one graph for all steps
+21 ms, 5 ms of it host time). Its attention cannot be one graph for all steps
 (its shapes follow the chunks: how many prompts, how long, how much context), but everything else depends only on
 the number of tokens. So, as vLLM's piecewise graphs do, the pass is cut at each layer's attention: piece 0 embeds
 the tokens and makes layer 0's queries (storing its keys and values), piece i finishes layer i - 1 from its

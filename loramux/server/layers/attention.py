@@ -35,7 +35,7 @@ TRITON_DECODE = True
 # The SDPA backends the batched causal attention of prompts' first chunks may take (torch picks among them). cuDNN's
 # is left out: on an H200 (torch 2.11) it spent 42-100 ms of host time building a plan the first time it met each
 # (prompts, length) shape, which most steps under changing load do, against 0-2.4 ms for flash attention
-# (BENCHMARKS.md, ninth day). None: torch's own choice among all. (Chunks that continue a prompt, attended one by one
+# on the same machine. None: torch's own choice among all. (Chunks that continue a prompt, attended one by one
 # with a mask, keep torch's choice.)
 SDPA_BACKENDS: list[SDPBackend] | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

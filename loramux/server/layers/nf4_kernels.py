@@ -10,7 +10,7 @@ Status: correct (tests/server/layers/test_nf4_kernels.py) but not used: `NF4Line
 `nf4_linear.FUSED_MAX_ROWS` rows, 0 by default, since on an H200 it was slower than bitsandbytes at every row count
 (`loadtests/bench_nf4.py`; summed over a decode step's 224 layers of the 8B shape, the best configuration found per
 shape against bitsandbytes: 9.6 against 4.0 ms at 1 row, 10.4 against 10.3 at 16, 13.3 against 12.3 at 64, 31.0
-against 14.0 at 256: BENCHMARKS.md, twelfth day). What bounds it is the work per weight value, not the bytes: the
+against 14.0 at 256). What bounds it is the work per weight value, not the bytes: the
 code's table is looked up once per value (one load or a tree of 15 selects), the value scaled and rounded, and the
 tile moved into the layout the tensor cores read, for every row tile of x; bitsandbytes' dequantization kernel spends
 about as long per value, but once per weight. A faster lookup (two values per byte-indexed load, or a register

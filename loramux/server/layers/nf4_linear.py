@@ -22,7 +22,7 @@ BLOCK_SIZE = 64  # values per absmax block, as in QLoRA
 DIRECT_DEQUANT_MIN_ROWS = 65
 # On a GPU, calls of up to this many rows would multiply with `nf4_kernels.nf4_matmul`, which reads the 4-bit weight
 # as it is stored instead of writing a bf16 copy of it first. 0, the default: on an H200 that kernel was slower than
-# bitsandbytes' paths at every row count measured (BENCHMARKS.md, twelfth day), so it is off until it is faster. Read
+# bitsandbytes' paths at every row count measured (`loadtests/bench_nf4.py`), so it is off until it is faster. Read
 # at each call: CUDA graphs keep the path they were captured with.
 FUSED_MAX_ROWS = 0
 
@@ -56,7 +56,7 @@ class NF4Linear(nn.Module):
     them: bitsandbytes otherwise dequantizes them again on every call (two more kernels and their host time wherever
     it dequantizes the weight to multiply, as it does for prompt chunks). The values are the ones bitsandbytes
     computes each call, so the outputs are too; the cost is 4 bytes of GPU memory per 64 weights beside the 8-bit
-    constants (0.42 GiB for the 8B shape, BENCHMARKS.md, seventh day). Calls of `DIRECT_DEQUANT_MIN_ROWS` rows or
+    constants (0.42 GiB for the 8B shape). Calls of `DIRECT_DEQUANT_MIN_ROWS` rows or
     more (prompt chunks) dequantize with bitsandbytes' kernel and multiply here, without its Python layers. Calls of
     up to `FUSED_MAX_ROWS` rows (0, none, by default: it is slower so far) go through `nf4_kernels.nf4_matmul`.
     """

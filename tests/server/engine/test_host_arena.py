@@ -44,7 +44,7 @@ def test_free_never_blocks_even_while_the_arena_is_busy_in_the_same_thread():
     assert arena.allocate(2 * ALIGNMENT)[0] == offset
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_a_shared_arena_on_a_gpu_is_page_locked_so_copies_from_it_do_not_wait():
     arena = HostArena(1 << 20, pin_memory=True, shared=True)
     assert arena.pinned and arena.fd is not None

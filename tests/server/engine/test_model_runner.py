@@ -31,7 +31,7 @@ def slot_state(runner: ModelRunner, slot: int) -> dict[str, tuple[torch.Tensor, 
     return state
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU: pinned buffer, staged copy
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # on a GPU: pinned buffer, staged copy
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,7 +140,7 @@ def test_packed_writes_of_adapters_in_file_order_with_mixed_ranks_into_paged_slo
     assert int(runner.lora_modules["model.layers.10.self_attn.k_proj"].ranks[4]) == 0  # not in the adapter
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and events: GPU only")
+@pytest.mark.gpu  # streams and events
 def test_a_write_waits_for_the_work_before_its_fence_and_not_for_what_came_after(tiny_checkpoint):
     """A slot write waits for the step work queued before the slot was claimed (`step_fence`), which may still read
     the slot's previous adapter, and not for steps queued after it (they do not use the slot)."""

@@ -14,7 +14,7 @@ from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.engine.prompt_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
 from loramux.server.models.loader import load_base
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BLOCK = 4
 
 
