@@ -87,6 +87,7 @@ def request_body(plan: RequestPlan, endpoint: str, extra_body: dict[str, Any]) -
         body["messages"] = [{"role": "user", "content": plan.prompt}]
     else:
         body["prompt"] = plan.prompt
+    body.update(plan.sampling)
     body.update(extra_body)
     return body
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import json
+import multiprocessing
 import signal
 import sys
 import time
@@ -31,7 +33,7 @@ import httpx
 from loadtests.client import ENDPOINTS, RequestRecord, send_request, start_record
 from loadtests.record import dated_json_path
 from loadtests.report import build_report, plot, summary_text, write_json
-from loadtests.workload import LengthDist, RequestPlan, Tenant, Workload, poisson_arrivals
+from loadtests.workload import SAMPLING, LengthDist, RequestPlan, Tenant, Workload, poisson_arrivals
 
 
 @dataclass
@@ -53,9 +55,14 @@ class LoadConfig:
     drain_s: float | None = None
     max_in_flight: int = 1024
     allow_remote: bool = False
+    # Client processes sharing the load (each a share of the concurrency, rate and requests), so that the client's
+    # own parsing never bounds what is measured at thousands of tokens/s.
+    processes: int = 1
 
     def __post_init__(self) -> None:
         self.url = check_target(self.url, self.allow_remote)
+        if self.processes < 1:
+            raise ValueError(f"processes must be >= 1, got {self.processes}")
         if (self.rate is None) == (self.concurrency is None):
             raise ValueError("give exactly one of a rate (Poisson arrivals) and a concurrency")
         if self.rate is not None and self.rate <= 0:
@@ -104,6 +111,8 @@ class LoadConfig:
             "drain_s": self.drain_s,
             "max_in_flight": self.max_in_flight,
             "seed": w.seed,
+            "sampling": w.sampling,
+            "processes": self.processes,
         }
 
 
@@ -136,19 +145,12 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> dic
     early (the CLI sets it on Ctrl-C); in-flight requests then drain as at the end of the duration."""
     stop = stop or asyncio.Event()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    records: list[RecordedTask] = []
-    slots = config.concurrency or config.max_in_flight
-    limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-    # trust_env=False: no proxy from the environment may sit between the generator and the target.
-    async with httpx.AsyncClient(
-        base_url=config.url, timeout=httpx.Timeout(config.timeout_s), limits=limits, trust_env=False
-    ) as client:
-        t0 = time.perf_counter()
-        runner = _Runner(config, client, t0, stop, records)
-        dropped = await runner.run()
-        wall_s = time.perf_counter() - t0
+    if config.processes > 1:
+        records, dropped, wall_s = await asyncio.to_thread(_run_shares, config)
+    else:
+        records, dropped, wall_s = await _run_share(config, time.perf_counter(), stop)
     report = build_report(
-        [r.record for r in records],
+        records,
         config=config.describe(),
         tenants=[t.name for t in config.workload.tenants],
         models=config.workload.models,
@@ -158,6 +160,73 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> dic
     )
     report["interrupted"] = stop.is_set()  # sending stopped before the duration or count was reached
     return report
+
+
+async def _run_share(config: LoadConfig, t0: float, stop: asyncio.Event) -> tuple[list[RequestRecord], int, float]:
+    """Run `config` in this process from `t0` (a `perf_counter` value) -> (records, dropped, wall seconds)."""
+    records: list[RecordedTask] = []
+    slots = config.concurrency or config.max_in_flight
+    limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+    # trust_env=False: no proxy from the environment may sit between the generator and the target.
+    async with httpx.AsyncClient(
+        base_url=config.url, timeout=httpx.Timeout(config.timeout_s), limits=limits, trust_env=False
+    ) as client:
+        runner = _Runner(config, client, t0, stop, records)
+        dropped = await runner.run()
+        wall_s = time.perf_counter() - t0
+    return [r.record for r in records], dropped, wall_s
+
+
+def split(config: LoadConfig) -> list[LoadConfig]:
+    """`config` cut into one config per client process: the concurrency, the request count and the rate divided
+    (N Poisson streams of rate r/N make one of rate r), each share with its own seed."""
+    n = config.processes
+    for total in (config.concurrency, config.requests):
+        if total is not None:
+            n = min(n, total)
+
+    def part(total: int | None, i: int) -> int | None:
+        return None if total is None else total // n + (i < total % n)
+
+    return [
+        dataclasses.replace(
+            config,
+            processes=1,
+            concurrency=part(config.concurrency, i),
+            requests=part(config.requests, i),
+            rate=None if config.rate is None else config.rate / n,
+            max_in_flight=max(1, config.max_in_flight // n),
+            workload=dataclasses.replace(config.workload, seed=config.workload.seed * 1000 + i),
+        )
+        for i in range(n)
+    ]
+
+
+def _run_shares(config: LoadConfig) -> tuple[list[RequestRecord], int, float]:
+    """Run the shares in client processes that start together -> their records (renumbered), drops, wall time."""
+    parts = split(config)
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, start = ctx.Barrier(len(parts) + 1), ctx.Barrier(len(parts) + 1), ctx.Value("d", 0.0)
+    results = ctx.Queue()
+    workers = [ctx.Process(target=_share_process, args=(part, ready, go, start, results)) for part in parts]
+    for worker in workers:
+        worker.start()
+    ready.wait()
+    start.value = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of the machine
+    go.wait()
+    got = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    records = sorted((r for part_records, _, _ in got for r in part_records), key=lambda r: r.start)
+    for index, record in enumerate(records):
+        record.index = index
+    return records, sum(d for _, d, _ in got), max(w for _, _, w in got)
+
+
+def _share_process(config: LoadConfig, ready, go, start, results) -> None:
+    ready.wait()
+    go.wait()
+    results.put(asyncio.run(_run_share(config, start.value, asyncio.Event())))
 
 
 @dataclass
@@ -299,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: drop arrivals beyond this (1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix and the arrivals (0)")
     p.add_argument(
+        "--sampling",
+        choices=sorted(SAMPLING),
+        default="default",
+        help="sampling fields per request: default (none: the server's defaults), greedy (temperature 0), or mix "
+        "(45%% default, 25%% top_p 0.9, 20%% greedy, 10%% seeded; like real traffic)",
+    )
+    p.add_argument(
+        "--processes", type=int, default=1, help="client processes sharing the load (for thousands of tokens/s)"
+    )
+    p.add_argument(
         "--json", type=Path, help="report path (default: a new dated file in loadtests/results/, one per run)"
     )
     p.add_argument("--png", type=Path, help="plot path (default: the report path with .png)")
@@ -332,6 +411,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         zipf_exponent=args.zipf,
         tenant_weights=weights,
         seed=args.seed,
+        sampling=args.sampling,
     )
     return LoadConfig(
         url=args.url,
@@ -346,6 +426,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         drain_s=args.drain,
         max_in_flight=args.max_in_flight,
         allow_remote=args.allow_remote,
+        processes=args.processes,
     )
 
 

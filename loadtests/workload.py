@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Common English words: prompts made of them tokenize to roughly 1.2-1.5 tokens per word with BPE tokenizers.
 WORDS = (  # noqa: SIM905 (a word list reads better as text)
@@ -106,7 +106,8 @@ class Tenant:
 
 @dataclass(frozen=True)
 class RequestPlan:
-    """One request to send: who sends it, which adapter, the prompt (in words) and the output budget."""
+    """One request to send: who sends it, which adapter, the prompt (in words), the output budget and the sampling
+    fields of its body (none: the server's defaults)."""
 
     index: int
     tenant: Tenant
@@ -114,6 +115,17 @@ class RequestPlan:
     prompt: str
     prompt_words: int
     max_tokens: int
+    sampling: dict = field(default_factory=dict)
+
+
+# Sampling settings as users send them: (share of requests, body fields). `mix` is a blend like real traffic: most
+# requests leave the temperature at the server's default, many cut the tail with top_p, some ask for greedy answers
+# and some for reproducible ones (a seed).
+SAMPLING = {
+    "default": [(1.0, {})],
+    "greedy": [(1.0, {"temperature": 0})],
+    "mix": [(0.45, {}), (0.25, {"top_p": 0.9}), (0.2, {"temperature": 0}), (0.1, {"seed": None})],
+}
 
 
 @dataclass
@@ -127,8 +139,11 @@ class Workload:
     zipf_exponent: float = 1.0
     tenant_weights: list[float] | None = None
     seed: int = 0
+    sampling: str = "default"  # a key of SAMPLING
 
     def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling {self.sampling!r}: choose from {', '.join(SAMPLING)}")
         if not self.models:
             raise ValueError("need at least one model (adapter) to send requests to")
         if len(set(self.models)) != len(self.models):
@@ -148,6 +163,8 @@ class Workload:
 
     def plans(self) -> Iterator[RequestPlan]:
         rng = random.Random(self.seed)
+        sampling_rng = random.Random(self.seed + 2)  # its own stream: the rest of the mix does not depend on it
+        kinds = SAMPLING[self.sampling]
         tenant_weights = self.tenant_weights or [1.0] * len(self.tenants)
         index = 0
         while True:
@@ -155,7 +172,10 @@ class Workload:
             model = rng.choices(self.models, weights=self.model_probabilities)[0]
             words = self.prompt_words.sample(rng)
             prompt = " ".join(rng.choice(WORDS) for _ in range(words))
-            yield RequestPlan(index, tenant, model, prompt, words, self.max_tokens.sample(rng))
+            fields = dict(sampling_rng.choices([f for _, f in kinds], weights=[w for w, _ in kinds])[0])
+            if "seed" in fields:
+                fields["seed"] = sampling_rng.randrange(2**31)
+            yield RequestPlan(index, tenant, model, prompt, words, self.max_tokens.sample(rng), fields)
             index += 1
 
 

@@ -382,3 +382,35 @@ def test_workload_distributions_are_seeded_and_in_range() -> None:
 
     assert first(50, seed=5) == first(50, seed=5) != first(50, seed=6)
     assert all(2 <= len(prompt.split()) <= 9 for _, _, prompt, _ in first(50, seed=5))
+
+
+def test_a_sampling_mix_sends_each_request_its_own_settings(server: FakeServer, tmp_path: Path) -> None:
+    rc, report = run_cli(
+        server, tmp_path, "--model", "m", "--concurrency", "8", "--requests", "200", "--max-tokens", "2",
+        "--sampling", "mix", "--no-plot",
+    )  # fmt: skip
+    assert rc == 0 and report["config"]["sampling"] == "mix"
+    bodies = [r["body"] for r in server.received]
+    kinds = Counter(
+        "greedy" if b.get("temperature") == 0 else "top_p" if "top_p" in b else "seeded" if "seed" in b else "default"
+        for b in bodies
+    )
+    assert set(kinds) == {"default", "top_p", "greedy", "seeded"}
+    assert 0.3 < kinds["default"] / 200 < 0.6 and 0.1 < kinds["greedy"] / 200 < 0.3  # near 45% and 20%
+    assert all(b["top_p"] == 0.9 for b in bodies if "top_p" in b)
+    assert len({b["seed"] for b in bodies if "seed" in b}) == kinds["seeded"]  # a seed of its own each
+
+
+def test_several_client_processes_share_the_load_and_one_report_counts_it_all(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    server.reset(per_token_s=0.001)
+    rc, report = run_cli(
+        server, tmp_path, "--model", "a,b", "--concurrency", "6", "--requests", "30", "--max-tokens", "4",
+        "--processes", "3", "--no-plot",
+    )  # fmt: skip
+    assert rc == 0 and len(server.received) == 30
+    assert report["requests"]["sent"] == report["requests"]["completed"] == 30
+    assert report["tokens"]["output"] == 120
+    assert sorted(s["index"] for s in report["samples"]) == list(range(30))  # one numbering for all processes
+    assert report["config"]["processes"] == 3
