@@ -1,18 +1,21 @@
-"""End-to-end engine benchmark on a model of the Llama-3-8B shape with random weights, against transformers + PEFT.
+"""The engine alone (no HTTP, no text: what the engine process does) on a model of the Llama-3-8B shape with random
+weights, or on a checkpoint, against transformers + PEFT. A diagnostic: the benchmark of record is `bench_serve.py`.
 
-    python loadtests/bench_engine.py --json engine.json             # the full run, on a GPU
-    python loadtests/bench_engine.py --tiny --json tiny.json        # a tiny model, any device (CI smoke test)
-    python loadtests/bench_engine.py --only w1,stream               # a subset
+    python loadtests/bench_engine.py                                   # the full run, on a GPU
+    python loadtests/bench_engine.py --tiny --json tiny.json           # a tiny model, any device (CI smoke test)
+    python loadtests/bench_engine.py --only w1,stream --base CKPT      # a subset, on a checkpoint (bench_serve)
 
-Weights are generated layer by layer on the device and each decoder linear layer is quantized to NF4 (double
+Random weights are generated layer by layer on the device and each decoder linear layer is quantized to NF4 (double
 quantization) as it is made, as the loader does: no full-precision copy of the model ever exists. Speed does not
-depend on the weights' values. Parts (`--only`):
+depend on the weights' values. Requests go in as token ids and their tokens come out as ids, step by step, as in
+the engine process. Parts (`--only`):
 
 - w1: 256 requests at once, 128 prompt tokens, exactly 128 generated (EOS ignored), 32 adapters of rank 16 on all
-  seven modules, round-robin; loramux with the adapters and with none.
+  seven modules, round-robin; with the adapters and with none; for each `--sampling` (greedy, default: temperature
+  1.0, mix: the load generator's mix of default, top_p 0.9, greedy and seeded requests).
 - peft / hf: transformers + PEFT mixed batch (`adapter_names`) and transformers `generate` base only, batches of 32
   (bitsandbytes NF4 base). Measured on `--baseline-batches` batches of `--baseline-gen` tokens: a rate in tokens/s.
-- stream: 1 request, 128 prompt tokens, 512 generated.
+- stream: 1 request, 128 prompt tokens, 512 generated, with an adapter and without (greedy).
 - w2: distinct adapters of ranks 8 to 64 on q_proj and v_proj, Zipf popularity (exponent 1), Poisson arrivals at a
   rate above what the engine serves, 64 slots (the memory of 64 rank-64 adapters, paged by rank 8: it holds more
   adapters of lower rank) and a CPU cache of 256 adapters: tokens/s, time to first token.
@@ -35,7 +38,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -47,17 +49,15 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.record import dated_json_path
+from loadtests.workload import SAMPLING
 from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.adapters.weights import base_shapes, load_lora
-from loramux.server.engine import adapter_cache, llm_engine
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
-from loramux.server.layers import attention
 from loramux.server.models.config import ModelConfig
 from loramux.server.models.llama import LINEAR_MODULES, LlamaForCausalLM
-from loramux.server.models.loader import BaseModel, compute_dtype_for
+from loramux.server.models.loader import BaseModel, compute_dtype_for, load_base
 
-CPU_THREADS = torch.get_num_threads()  # torch's intra-op threads at start, before any fetch thread changed the default
 PARTS = ("w1", "peft", "hf", "stream", "w2", "load")
 LLAMA3_8B = {
     "vocab_size": 128256,
@@ -103,22 +103,11 @@ class RandomWeights(dict):
         return w.normal_(0.0, 0.02, generator=self.generator)
 
 
-class CharTokenizer:
-    """Token id -> one printable character: detokenizing costs about what a real tokenizer's decode does per id,
-    without a 128k-entry vocabulary to build."""
-
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(33 + i % 90) for i in ids)
-
-
 def build_base(raw: dict, device: torch.device) -> BaseModel:
     config = ModelConfig(**raw)
     dtype = compute_dtype_for(device)
     model = LlamaForCausalLM(config, RandomWeights(config, device, dtype), dtype).to(device).eval()
-    return BaseModel("random", Path("."), config, model, CharTokenizer())
+    return BaseModel("random", Path("."), config, model, tokenizer=None)
 
 
 def write_adapter(
@@ -178,101 +167,103 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-class StepPhases:
-    """Host seconds of the phases of each engine step: scheduling, sampling (which waits for the device to finish the
-    step's forward) and, measured by the caller, the forward until it returned; the rest of a step is the queued
-    adds, the chunks and appending and streaming the tokens. Installed on one engine until `remove`."""
+def sampling_params(kind: str, n: int, gen: int, seed: int = 0) -> list[SamplingParams]:
+    """n requests' sampling as the load generator sends them (`loadtests.workload.SAMPLING`), EOS ignored; fields a
+    request leaves out take the server's defaults (temperature 1.0)."""
+    rng = random.Random(seed)
+    kinds = SAMPLING[kind]
+    out = []
+    for _ in range(n):
+        fields = dict(rng.choices([f for _, f in kinds], weights=[w for w, _ in kinds])[0])
+        if "seed" in fields:
+            fields["seed"] = rng.randrange(2**31)
+        out.append(SamplingParams(max_tokens=gen, ignore_eos=True, **fields))
+    return out
+
+
+class Timed:
+    """Host seconds in the scheduler and the forward of each step, recorded on one engine (its instance's methods
+    wrapped) until `remove`."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.current = {"schedule": 0.0, "sample": 0.0}
-        schedule, sample = engine.scheduler.schedule, llm_engine.sample_tokens
+        self.schedule = self.forward = 0.0
+        self.decode_only = False
+        schedule, run = engine.scheduler.schedule, engine.runner.run
 
         def timed_schedule():
             begun = time.perf_counter()
             try:
                 return schedule()
             finally:
-                self.current["schedule"] += time.perf_counter() - begun
+                self.schedule += time.perf_counter() - begun
 
-        def timed_sample(*args, **kwargs):
+        def timed_run(chunks):
+            self.decode_only = all(len(c.token_ids) == 1 for c in chunks)
             begun = time.perf_counter()
             try:
-                return sample(*args, **kwargs)
+                return run(chunks)
             finally:
-                self.current["sample"] += time.perf_counter() - begun
+                self.forward += time.perf_counter() - begun
 
         engine.scheduler.schedule = timed_schedule  # type: ignore[method-assign]
-        llm_engine.sample_tokens = timed_sample
-        self._sample = sample
+        engine.runner.run = timed_run  # type: ignore[method-assign]
 
-    def take(self) -> dict[str, float]:
-        """The phases since the last call, and start again."""
-        taken, self.current = self.current, {"schedule": 0.0, "sample": 0.0}
+    def take(self) -> tuple[float, float, bool]:
+        taken = (self.schedule, self.forward, self.decode_only)
+        self.schedule = self.forward = 0.0
+        self.decode_only = False
         return taken
 
     def remove(self) -> None:
-        del self.engine.scheduler.schedule
-        llm_engine.sample_tokens = self._sample
+        del self.engine.scheduler.schedule, self.engine.runner.run
 
 
-def phase_medians(steps: list[dict]) -> dict[str, float | None]:
-    """Median milliseconds of each phase over `steps` (dicts of *_ms figures)."""
-    keys = ("ms", "schedule_ms", "forward_host_ms", "forward_gpu_ms", "sample_ms", "rest_ms")
-    return {k: statistics.median(x[k] for x in steps) if steps and steps[0].get(k) is not None else None for k in keys}
-
-
-def run_batch(engine: LLMEngine, ids: list[list[int]], gen: int, adapters: list[str | None]) -> dict:
-    """Submit all at once, run to completion: generated tokens/s over the wall time."""
-    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+def run_batch(
+    engine: LLMEngine, ids: list[list[int]], params: list[SamplingParams], adapters: list[str | None]
+) -> dict:
+    """Add every request at once and step until all are done, as the engine process does (token ids in and out):
+    generated tokens/s over the wall time, and each step's host time by phase."""
+    timed = Timed(engine)
     steps: list[tuple[float, bool]] = []  # (seconds, decode tokens only) of every step that ran
     decode_phases: list[dict] = []  # host milliseconds by phase of each decode step
-    run_chunks, decode_only, forward = engine.runner.run, [False], [0.0]
-
-    def run(chunks):
-        decode_only[0] = all(len(c.token_ids) == 1 for c in chunks)
-        begun = time.perf_counter()
-        try:
-            return run_chunks(chunks)
-        finally:
-            forward[0] = time.perf_counter() - begun
-
-    def step() -> bool:
-        phases.take()
-        begun = time.perf_counter()
-        worked = LLMEngine.step(engine)
-        if worked:
-            wall = time.perf_counter() - begun
-            steps.append((wall, decode_only[0]))
-            if decode_only[0]:
-                taken = phases.take()
-                rest = wall - forward[0] - taken["schedule"] - taken["sample"]
-                decode_phases.append({"ms": 1e3 * wall, "schedule_ms": 1e3 * taken["schedule"],
-                                      "forward_host_ms": 1e3 * forward[0], "sample_ms": 1e3 * taken["sample"],
-                                      "rest_ms": 1e3 * rest})  # fmt: skip
-        return worked
-
-    engine.runner.run, engine.step = run, step  # type: ignore[method-assign]
-    phases = StepPhases(engine)
+    tokens = 0
     try:
         sync(engine.base.device)
         started = time.perf_counter()
-        outs = engine.generate(ids, params, adapters=adapters)
+        for i, (prompt, p, adapter) in enumerate(zip(ids, params, adapters, strict=True)):
+            engine.add(f"b{i}", prompt, p, adapter)
+        while engine.has_unfinished():
+            timed.take()
+            begun = time.perf_counter()
+            outputs = engine.step()
+            if outputs is None:
+                engine.wait_for_work(0.01)
+                continue
+            wall = time.perf_counter() - begun
+            schedule, forward, decode_only = timed.take()
+            for out in outputs:
+                if out.error is not None:
+                    raise out.error
+                tokens += len(out.token_ids)
+            steps.append((wall, decode_only))
+            if decode_only:
+                decode_phases.append({"ms": 1e3 * wall, "schedule_ms": 1e3 * schedule, "forward_host_ms": 1e3 * forward,
+                                      "sample_and_rest_ms": 1e3 * (wall - schedule - forward)})  # fmt: skip
         sync(engine.base.device)
         seconds = time.perf_counter() - started
     finally:
-        phases.remove()
-        del engine.runner.run, engine.step  # back to the class's methods
-    tokens = sum(len(o.token_ids) for o in outs)
-    assert tokens == gen * len(ids), f"generated {tokens} tokens, expected {gen * len(ids)}"
-    print(f"  {len(ids)} requests x {gen} tokens: {tokens / seconds:.1f} tokens/s", flush=True)
+        timed.remove()
+    expected = sum(p.max_tokens for p in params)
+    assert tokens == expected, f"generated {tokens} tokens, expected {expected}"
+    print(f"  {len(ids)} requests x {params[0].max_tokens} tokens: {tokens / seconds:.1f} tokens/s", flush=True)
     decode = [t for t, d in steps if d]
     return {"requests": len(ids), "generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "steps": len(steps), "decode_steps": len(decode),
             "decode_step_ms_median": 1e3 * statistics.median(decode) if decode else None,
-            "decode_phase_ms_median": phase_medians(decode_phases),
+            "decode_phase_ms_median": {k: statistics.median(x[k] for x in decode_phases) for k in decode_phases[0]}
+            if decode_phases else None,
             "decode_seconds": sum(decode), "other_step_seconds": sum(t for t, d in steps if not d),
-            "other_step_ms": [round(1e3 * t, 1) for t, d in steps if not d],
             "outside_steps_seconds": seconds - sum(t for t, _ in steps)}  # fmt: skip
 
 
@@ -287,62 +278,54 @@ def median_run(runs: list[dict]) -> dict:
     return chosen
 
 
+def w1_config(args, n: int, plen: int, gen: int) -> EngineConfig:
+    blocks = n * math.ceil((plen + gen) / 16) + 64
+    return EngineConfig(
+        num_slots=args.slots or args.w1_adapters, max_lora_rank=args.max_lora_rank or args.w1_rank,
+        num_kv_blocks=blocks, max_num_seqs=args.max_num_seqs or n, max_num_batched_tokens=args.max_batched_tokens,
+        max_queue=4 * n, adapter_cache_bytes=16 * 2**30,  # all 32 (84 MB each, bf16 in pinned memory) stay cached
+    )  # fmt: skip
+
+
 def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
     n, plen, gen = args.w1_requests, args.prompt, args.gen
     source = LocalSource()
-    modules = list(LINEAR_MODULES)
     # 32 distinct adapters (names, cache entries, slots); their weights files are 4 distinct ones, linked, since
     # speed does not depend on the values and writing 32 x 84 MB of random weights would dominate the run
     for i in range(args.w1_adapters):
         if i < 4:
-            path = write_adapter(root / f"w1-{i}", 16, modules, base.config, seed=i)
+            path = write_adapter(root / f"w1-{i}", args.w1_rank, list(LINEAR_MODULES), base.config, seed=i)
         else:
             path = alias_adapter(root, f"w1-{i}", root / f"w1-{i % 4}")
         source.add(f"bench/w1-{i}", path)
-    blocks = n * math.ceil((plen + gen) / 16) + 64
-    config = EngineConfig(
-        num_slots=args.w1_adapters, max_lora_rank=16, num_kv_blocks=blocks, max_num_seqs=n,
-        max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * n,
-        adapter_cache_bytes=16 * 2**30,  # all 32 (84 MB each, bf16 in pinned memory) stay cached
-    )  # fmt: skip
     ids = prompts(n, plen, base.config.vocab_size, seed=1)
-    names = [f"bench/w1-{i % args.w1_adapters}" for i in range(n)]
-    if args.compare_attention:  # first with decode attention through the padded gather (the path before the kernel)
-        attention.TRITON_DECODE = False
-        engine = LLMEngine(base, source, config)
-        try:
-            engine.warm_up()
-            run_batch(engine, ids, min(gen, 8), names)
-            results["w1_lora_gather"] = run_batch(engine, ids, gen, names)
-            results["w1_base_gather"] = run_batch(engine, ids, gen, [None] * n)
-        finally:
-            attention.TRITON_DECODE = True
-            engine.shutdown()
-            gc.collect()
-    engine = LLMEngine(base, source, config)
+    names = [f"bench/w1-{i % args.w1_adapters}" for i in range(n)] if args.w1_adapters else [None] * n
+    engine = LLMEngine(base, source, w1_config(args, n, plen, gen))
     try:
         # warm-up: every decode graph, the slots filled, the kernels compiled
         engine.warm_up()
-        run_batch(engine, ids, min(gen, 8), names)
-        run_batch(engine, ids, min(gen, 8), [None] * n)
-        lora_runs, base_runs, at_once_runs = [], [], []
-        overlap = engine.overlap_outputs
-        for _ in range(args.repeats):  # in turn, so that a slow spell of the machine meets both
-            lora_runs.append(run_batch(engine, ids, gen, names))
-            base_runs.append(run_batch(engine, ids, gen, [None] * n))
-            if args.compare_overlap:  # the same engine streaming each step's outputs before the next step
-                engine.overlap_outputs = False
-                at_once_runs.append(run_batch(engine, ids, gen, names))
-                engine.overlap_outputs = overlap
-        results["w1_lora"], results["w1_base"] = median_run(lora_runs), median_run(base_runs)
-        if at_once_runs:
-            results["w1_lora_at_once"] = median_run(at_once_runs)
+        warm = sampling_params("mix", n, min(gen, 8))
+        run_batch(engine, ids, warm, names)
+        run_batch(engine, ids, warm, [None] * n)
+        if "w1" in args.parts:
+            for kind in args.sampling:
+                params = sampling_params(kind, n, gen)
+                lora_runs, base_runs = [], []
+                for _ in range(args.repeats):  # in turn, so that a slow spell of the machine meets both
+                    if args.w1_adapters:
+                        lora_runs.append(run_batch(engine, ids, params, names))
+                    base_runs.append(run_batch(engine, ids, params, [None] * n))
+                if lora_runs:
+                    results[f"w1_lora_{kind}"] = median_run(lora_runs)
+                results[f"w1_base_{kind}"] = median_run(base_runs)
         if "stream" in args.parts:
             one = prompts(1, plen, base.config.vocab_size, seed=2)
-            run_batch(engine, one, 8, [names[0]])
-            results["stream"] = run_batch(engine, one, args.stream_gen, [names[0]])
-            results["stream_base"] = run_batch(engine, one, args.stream_gen, [None])
-        if "load" in args.parts:
+            run_batch(engine, one, sampling_params("greedy", 1, 8), [names[0]])
+            results["stream_greedy"] = run_batch(engine, one, sampling_params("greedy", 1, args.stream_gen), [names[0]])
+            results["stream_base_greedy"] = run_batch(
+                engine, one, sampling_params("greedy", 1, args.stream_gen), [None]
+            )
+        if "load" in args.parts and args.w1_adapters:
             results["load"] = bench_load(engine, root / "w1-0", base)
         if args.profile and base.device.type == "cuda":
             results["decode_profile"] = profile_decode(engine, ids, names)
@@ -415,16 +398,15 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
     """Where a decode step of the W1 batch spends its GPU time: NF4 matmuls, attention, LoRA, the rest (eager)."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner, graphs = engine.runner, engine.runner.graphs
-    engine.runner.graphs = None  # eager, so that the profiler sees every kernel
-    engine.runner.graph_prompts = False
+    runner = engine.runner
+    graphs, prompt_graphs = runner.graphs, runner.prompt_graphs
+    runner.graphs = runner.prompt_graphs = None  # eager, so that the profiler sees every kernel
     walls: dict[int, float] = {}  # wall seconds of the profiled runs, by tokens generated
 
     def by_kernel(max_tokens: int) -> dict[str, float]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         begun = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.generate(ids, params, adapters=names)
+            run_batch(engine, ids, sampling_params("greedy", len(ids), max_tokens), names)
         walls[max_tokens] = time.perf_counter() - begun
         return {e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()}
 
@@ -448,7 +430,7 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
         # the prefill steps are the same in both runs: the difference is 4 decode steps of the whole batch
         one, five = by_kernel(1), by_kernel(5)
     finally:
-        runner.graphs, runner.graph_prompts = graphs, True
+        runner.graphs, runner.prompt_graphs = graphs, prompt_graphs
     step = {k: (five.get(k, 0.0) - one.get(k, 0.0)) / 4 for k in five.keys() | one.keys()}
     kinds = by_kind(step)
     total = sum(kinds.values())
@@ -476,51 +458,9 @@ def triton_variants() -> int:
     return count
 
 
-SERIES_FIELDS = ("ms", "kind", "decode_tokens", "prompt_tokens", "running", "waiting", "schedule_ms", "forward_host_ms",
-                 "forward_cpu_ms", "others_cpu_ms", "forward_gpu_ms", "sample_ms", "rest_ms")  # fmt: skip
-
-W2_VARIANTS = {  # --w2-variants: engine settings W2 is also run with, each beside the default
-    "no_split": {"split_mixed": False},  # mixed steps in one pass (piecewise graphs), not a decode graph + prompt pass
-    "wave": {"prefill_wave": 16, "max_prefill_delay": 8},  # admissions grouped in waves
-    "slots128": {"num_slots": 128},  # twice the slots: what more resident adapters would give
-    "gather": {"triton_decode": False},  # decode attention through the padded gather + SDPA
-    "at_once": {"overlap_outputs": False},  # each step's outputs streamed before the next step (not during it)
-    "unpaged": {"slot_page_rank": 64},  # one adapter per slot whatever its rank (slot memory not paged by rank)
-    "repeat": {},  # the same again: what is left of first-time costs (compiles, allocations) shows as a difference
-    "warm": {"cpu_cache_warm": True},  # every adapter W2 asks for read into the CPU cache before the clock starts
-    "fetch_all_cores": {"fetch_cpu_threads": "all"},  # the fetch threads' torch calls on every core (torch's default)
-    "fetch1": {"fetch_threads": 1},  # adapters read one at a time
-    "fetch4": {"fetch_threads": 4},  # four read at once
-    "switch": {"switch_interval": 0.0002},  # a thread waiting for the GIL gets it after 0.2 ms instead of 5
-    "switch20": {"switch_interval": 0.02},  # ... after 20 ms: the step loop's Python runs on, the readers wait
-    "switch50": {"switch_interval": 0.05},
-    "eager_prompts": {"graph_prompts": False},  # passes over prompt chunks launched kernel by kernel (no graphs)
-    "any_sdpa": {"sdpa_backends": None},  # the prompts' attention on torch's choice of backend (cuDNN's included)
-    "rate200": {"rate": 200.0},  # arrivals twice as fast
-    "rate400": {"rate": 400.0},
-    "burst": {"rate": math.inf},  # every request submitted at the start
-    "unfenced": {"fence": False},  # each slot write waits for all the work queued on the step stream (as before)
-    "in_process": {"adapter_reader_processes": 0},  # adapters read on the fetch threads, beside the step loop (before)
-    "loader_thread": {"step_thread_slot_writes": False},  # slot writes on a loader thread beside the step loop (before)
-}
-
-
-def bench_w2(
-    base: BaseModel, args, root: Path, results: dict, variant: str | None = None, profile: bool = False
-) -> None:
-    """Many adapters, Zipf popularity, Poisson arrivals above the serving rate: tokens/s and TTFT percentiles."""
-    changes = dict(W2_VARIANTS[variant]) if variant else {}
-    split_mixed = changes.pop("split_mixed", True)
-    cpu_cache_warm = changes.pop("cpu_cache_warm", False)
-    fetch_cpu_threads = changes.pop("fetch_cpu_threads", None)
-    fetch_threads = changes.pop("fetch_threads", adapter_cache.FETCH_THREADS)
-    switch_interval = changes.pop("switch_interval", sys.getswitchinterval())
-    graph_prompts = changes.pop("graph_prompts", True)
-    fenced = changes.pop("fence", True)
-    rate = changes.pop("rate", args.w2_rate)  # requests/s, above what W1 sustains (W1 tokens/s / gen)
-    default_backends = attention.SDPA_BACKENDS
-    attention.SDPA_BACKENDS = changes.pop("sdpa_backends", default_backends)
-    attention.TRITON_DECODE = changes.pop("triton_decode", True)
+def bench_w2(base: BaseModel, args, root: Path) -> dict:
+    """Many adapters, Zipf popularity, Poisson arrivals above the serving rate: tokens/s and TTFT percentiles. Arrivals
+    are added between steps, as the engine process takes them from its socket."""
     rng = random.Random(3)
     ranks = (8, 16, 32, 64)
     modules = ["q_proj", "v_proj"]
@@ -530,187 +470,71 @@ def bench_w2(
         source.add(f"bench/w2-{i}", alias_adapter(root / "w2", f"a{i}", shared[ranks[i % len(ranks)]]))
     dtype = compute_dtype_for(base.device)  # the CPU cache holds adapters in the slots' dtype
     per_adapter = {r: load_lora(shared[r], dtype=dtype).nbytes() for r in ranks}
-    cache_bytes = int(args.w2_cpu_cache * statistics.mean(per_adapter.values()))
     n, plen, gen = args.w2_requests, args.prompt, args.gen
     blocks = args.w1_requests * math.ceil((plen + gen) / 16) + 64
-    settings = dict(
+    config = EngineConfig(
         num_slots=args.w2_slots, max_lora_rank=64, num_kv_blocks=blocks, max_num_seqs=args.w1_requests,
-        max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * n, adapter_cache_bytes=cache_bytes,
+        max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * n,
+        adapter_cache_bytes=int(args.w2_cpu_cache * statistics.mean(per_adapter.values())),
     )  # fmt: skip
-    config = EngineConfig(**(settings | changes))
     weights = [1.0 / (k + 1) for k in range(args.w2_adapters)]  # Zipf, exponent 1
     chosen = rng.choices(range(args.w2_adapters), weights=weights, k=n)
     ids = prompts(n, plen, base.config.vocab_size, seed=4)
-    gc_seconds, gc_began = [0.0], [0.0]
-
-    def on_gc(phase: str, info: dict) -> None:  # time spent in Python's garbage collector during the run
-        if phase == "start":
-            gc_began[0] = time.perf_counter()
-        else:
-            gc_seconds[0] += time.perf_counter() - gc_began[0]
-
-    gc.callbacks.append(on_gc)
-    default_switch_interval = sys.getswitchinterval()
-    default_fetch_threads, adapter_cache.FETCH_THREADS = adapter_cache.FETCH_THREADS, fetch_threads
-    try:
-        engine = LLMEngine(base, source, config)
-    finally:
-        adapter_cache.FETCH_THREADS = default_fetch_threads
-    engine.runner.split_mixed = split_mixed
-    if not fenced:
-        engine.adapters.fence = lambda: None
-    engine.runner.graph_prompts = graph_prompts
-    if fetch_cpu_threads == "all":  # set explicitly: a thread starts with the count the last fetch thread set
-        engine.adapters.fetch_cpu_threads = CPU_THREADS
+    arrivals, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(args.w2_rate)
+        arrivals.append(t)
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    engine = LLMEngine(base, source, config)
     first: dict[int, float] = {}
     submitted: dict[int, float] = {}
-    done = threading.Event()
-    remaining = [n]
-    lock = threading.Lock()
-    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    kinds: dict[str, list[float]] = {"decode": [], "mixed": [], "prefill": []}  # step walls by kind
+    running: list[int] = []
+    timed = Timed(engine)
     try:
-        sys.setswitchinterval(switch_interval)  # given back in `finally` below
         engine.warm_up()
-        run_batch(engine, ids[:4], 4, [f"bench/w2-{k}" for k in range(4)])  # warm-up
-        if cpu_cache_warm:  # the least popular first, so that the most popular are the last evicted if any are
-            for k in sorted(set(chosen), reverse=True):
-                engine.adapters.fetch(AdapterRef.parse(f"bench/w2-{k}"), None)
-        arrivals, t = [], 0.0
-        for _ in range(n):
-            t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
-            arrivals.append(t)
-
-        def on_output(i: int, out) -> None:
-            if isinstance(out, BaseException):
-                raise out
-            first.setdefault(i, time.perf_counter())
-            if out.finish_reason is not None:
-                with lock:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        done.set()
-
-        started = time.perf_counter()
-
-        def submit() -> None:
-            for i, at in enumerate(arrivals):
-                delay = started + at - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                submitted[i] = time.perf_counter()
-                engine.add(engine.make_request(lambda o, i=i: on_output(i, o), prompt_ids=ids[i],
-                                               adapter=f"bench/w2-{chosen[i]}", params=params))  # fmt: skip
-
-        feeder = threading.Thread(target=submit, daemon=True)
-        feeder.start()
-        running: list[int] = []  # requests in each step's batch
-        kinds: dict[str, list[float]] = {"decode": [], "mixed": [], "prefill": []}  # step walls by kind
-        run_chunks, kind = engine.runner.run, ["decode"]
-
-        shapes: list[tuple[int, int, int]] = []  # each step's (decode tokens, prompt tokens, distinct slots)
-        # each step's forward: host seconds until it returned, its CUDA events (GPU time, read after the run), the
-        # adapter reads and slot writes under way when it began (what competes with the step thread for the GIL), and
-        # the step thread's CPU time in it (host seconds well above it: the thread waited, for the GIL or a core), and
-        # the CPU time of this process's other threads meanwhile (on a GPU the fetch and loader threads, who compete
-        # for the GIL; on the CPU torch's own worker threads too)
-        forwards: list[tuple[float, tuple | None, int, int, float, float]] = []
-        cache = engine.adapters
-
-        def run(chunks):
-            decode = sum(len(c.token_ids) == 1 for c in chunks)
-            kind[0] = "decode" if decode == len(chunks) else "mixed" if decode else "prefill"
-            shapes.append((decode, sum(len(c.token_ids) for c in chunks) - decode, len({c.slot for c in chunks})))
-            reads = len(cache._reading)
-            writes = cache._loader._work_queue.qsize() + cache.writes_pending()  # on the loader thread, or the step's
-            events = None
-            if base.device.type == "cuda":
-                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                events[0].record()
-            begun, cpu_begun, process_begun = time.perf_counter(), time.thread_time(), time.process_time()
-            out = run_chunks(chunks)
-            host, cpu = time.perf_counter() - begun, time.thread_time() - cpu_begun
-            others = time.process_time() - process_begun - cpu  # this process's other threads (fetch, loader, ...)
-            if events is not None:
-                events[1].record()
-            forwards.append((host, events, reads, writes, cpu, others))
-            return out
-
-        engine.runner.run = run  # type: ignore[method-assign]
-        phases = StepPhases(engine)
-        walls: list[tuple] = []
-        queued: list[int] = []  # requests waiting after each step's scheduling (0: the engine ran all it had)
         compiled = triton_variants()
-        gc_seconds[0] = 0.0
-        try:
-            while not done.is_set():
-                phases.take()
-                begun = time.perf_counter()
-                ran = len(forwards)
-                if engine.step():
-                    if len(forwards) == ran:  # a step that only streamed the last step's outputs (overlap_outputs)
-                        continue
-                    kinds[kind[0]].append(time.perf_counter() - begun)
-                    walls.append((time.perf_counter() - begun, kind[0], *shapes[-1], phases.take()))
-                    running.append(len(engine.scheduler.running))
-                    queued.append(engine.scheduler.num_waiting)
-                else:
-                    engine.wait_for_work(0.01)
-            seconds = time.perf_counter() - started
-        finally:
-            phases.remove()
-        sync(base.device)
-        gpu_ms = [ev[0].elapsed_time(ev[1]) if ev is not None else None for _, ev, *_ in forwards]
-        steps_detail = [
-            {"ms": round(1e3 * w, 1), "kind": k, "decode_tokens": d, "prompt_tokens": p, "slots": s,
-             "schedule_ms": round(1e3 * ph["schedule"], 2), "forward_host_ms": round(1e3 * f[0], 1),
-             "forward_cpu_ms": round(1e3 * f[4], 1), "others_cpu_ms": round(1e3 * f[5], 1),
-             "forward_gpu_ms": None if g is None else round(g, 1),
-             "sample_ms": round(1e3 * ph["sample"], 2),
-             "rest_ms": round(1e3 * (w - f[0] - ph["schedule"] - ph["sample"]), 2),
-             "reads_under_way": f[2], "slot_writes_queued": f[3], "running": r, "waiting": q}
-            for (w, k, d, p, s, ph), f, g, r, q in zip(walls, forwards, gpu_ms, running, queued, strict=True)
-        ]  # fmt: skip
-        # the engine is saturated while requests wait (it runs a full batch, or waits for their adapters' slots)
-        saturated = sum(x["ms"] for x in steps_detail if x["waiting"] > 0 or x["running"] >= config.max_num_seqs)
-        full_at = next((i for i, x in enumerate(steps_detail) if x["running"] >= config.max_num_seqs), None)
+        started = time.perf_counter()
+        added, done = 0, 0
+        while done < n:
+            now = time.perf_counter() - started
+            while added < n and arrivals[added] <= now:
+                engine.add(str(added), ids[added], params, f"bench/w2-{chosen[added]}")
+                submitted[added] = started + arrivals[added]
+                added += 1
+            timed.take()
+            begun = time.perf_counter()
+            outputs = engine.step()
+            if outputs is None:
+                wait = arrivals[added] - (time.perf_counter() - started) if added < n else 0.01
+                engine.wait_for_work(max(0.0, min(wait, 0.01)))
+                continue
+            wall = time.perf_counter() - begun
+            for out in outputs:
+                if out.error is not None:
+                    raise out.error
+                i = int(out.request_id)
+                first.setdefault(i, time.perf_counter())
+                done += out.finished
+            _, _, decode_only = timed.take()
+            kinds["decode" if decode_only else "mixed"].append(wall)
+            running.append(len(engine.scheduler.running))
+        seconds = time.perf_counter() - started
         ttft = sorted(first[i] - submitted[i] for i in range(n))
-        key = f"w2_{variant}" if variant else "w2"
-        results[key] = {
+        result = {
             "requests": n, "adapters": args.w2_adapters, "distinct_used": len(set(chosen)), "slots": args.w2_slots,
-            "cpu_cache_adapters": args.w2_cpu_cache, "arrival_rate_per_s": rate, "seconds": seconds,
+            "cpu_cache_adapters": args.w2_cpu_cache, "arrival_rate_per_s": args.w2_rate, "seconds": seconds,
             "tokens_per_s": n * gen / seconds, "ttft_p50_s": ttft[len(ttft) // 2],
-            "saturated_seconds": saturated / 1e3,
-            "first_full_batch_s": None if full_at is None else sum(x["ms"] for x in steps_detail[:full_at]) / 1e3,
-            "phase_ms_median": {k: phase_medians([x for x in steps_detail if x["kind"] == k]) for k in kinds},
             "ttft_p99_s": ttft[min(n - 1, int(0.99 * n))], "steps": len(running),
-            "running_mean": statistics.mean(running), "settings": W2_VARIANTS[variant] if variant else {},
+            "running_mean": statistics.mean(running) if running else 0.0,
             "steps_by_kind": {k: {"steps": len(v), "seconds": sum(v),
                                   "ms_median": 1e3 * statistics.median(v) if v else None} for k, v in kinds.items()},
-            "slowest_steps_ms": {k: sorted((round(1e3 * t, 1) for t in v), reverse=True)[:8] for k, v in kinds.items()},
-            "gc_seconds": gc_seconds[0], "stats": engine.stats(),
-            "triton_variants_compiled": triton_variants() - compiled,
-            "slowest_steps": sorted(steps_detail, key=lambda x: -x["ms"])[:12],
-            "steps_with_prompts": [x for x in steps_detail if x["kind"] != "decode"],
-            "step_series_fields": list(SERIES_FIELDS),  # every step, compactly, in order
-            "step_series": [[x[f] for f in SERIES_FIELDS] for x in steps_detail],
-            "forward_seconds_by_kind": {
-                k: {"host": sum(x["forward_host_ms"] for x in steps_detail if x["kind"] == k) / 1e3,
-                    "gpu": sum(x["forward_gpu_ms"] or 0 for x in steps_detail if x["kind"] == k) / 1e3}
-                for k in kinds},
+            "stats": engine.stats(), "triton_variants_compiled": triton_variants() - compiled,
         }  # fmt: skip
-        print(f"  W2{' ' + variant if variant else ''}: {results[key]['tokens_per_s']:.1f} tokens/s", flush=True)
-        if profile and base.device.type == "cuda":
-            # a decode step of a W1-sized batch, round-robin over the adapters W2 left resident (its ranks, q/v modules)
-            resident = sorted(k.split("@")[0] for k in engine.adapters.resident())
-            names = [resident[i % len(resident)] for i in range(args.w1_requests)]
-            engine.runner.run = run_chunks  # type: ignore[method-assign]
-            results[key]["decode_profile"] = profile_decode(engine, ids[: args.w1_requests], names)
-            results[key]["decode_profile"]["adapters"] = len(resident)
+        print(f"  W2: {result['tokens_per_s']:.1f} tokens/s", flush=True)
+        return result
     finally:
-        attention.TRITON_DECODE = True
-        attention.SDPA_BACKENDS = default_backends
-        sys.setswitchinterval(default_switch_interval)
-        gc.callbacks.remove(on_gc)
+        timed.remove()
         engine.shutdown()
         gc.collect()
 
@@ -791,39 +615,31 @@ def bench_baselines(raw: dict, args, device: torch.device, results: dict) -> Non
 
 
 def table(results: dict) -> str:
-    rows = [
-        ("loramux W1, 32 adapters", "w1_lora"),
-        ("loramux W1, no adapters", "w1_base"),
+    rows = [(f"loramux W1, {who}, {kind}", f"w1_{key}_{kind}") for kind in ("greedy", "default", "mix")
+            for who, key in (("32 adapters", "lora"), ("no adapters", "base"))]  # fmt: skip
+    rows += [
         ("transformers + PEFT mixed batch (32)", "peft_mixed"),
         ("transformers generate base only (32)", "hf_base"),
-        ("loramux one stream (adapter)", "stream"),
-        ("loramux one stream (base)", "stream_base"),
+        ("loramux one stream (adapter)", "stream_greedy"),
+        ("loramux one stream (base)", "stream_base_greedy"),
         ("loramux W2 (Zipf, Poisson)", "w2"),
-        ("W1, 32 adapters, gather attention", "w1_lora_gather"),
-        ("W1, no adapters, gather attention", "w1_base_gather"),
-        ("W1, 32 adapters, outputs streamed at once", "w1_lora_at_once"),
-    ]
-    rows += [
-        (f"loramux W2, {key[3:]}", key) for key in results if key.startswith("w2_") and "tokens_per_s" in results[key]
     ]
     lines = [f"{'system':44} {'tokens/s':>10}", "-" * 56]
     for label, key in rows:
         if key in results:
             lines.append(f"{label:44} {results[key]['tokens_per_s']:10.1f}")
-    if "w1_lora" in results and "w1_base" in results:
-        ratio = results["w1_lora"]["tokens_per_s"] / results["w1_base"]["tokens_per_s"]
-        lines.append(f"{'W1 adapters / no adapters':44} {ratio:10.3f}")
+    lora, base = results.get("w1_lora_greedy"), results.get("w1_base_greedy")
+    if lora and base:
+        lines.append(f"{'W1 adapters / no adapters (greedy)':44} {lora['tokens_per_s'] / base['tokens_per_s']:10.3f}")
     if "w2" in results:
         w2 = results["w2"]
-        if "w1_lora" in results:
-            lines.append(
-                f"{'W2 / W1 (with adapters)':44} {w2['tokens_per_s'] / results['w1_lora']['tokens_per_s']:10.3f}"
-            )
+        if lora:
+            lines.append(f"{'W2 / W1 (with adapters, greedy)':44} {w2['tokens_per_s'] / lora['tokens_per_s']:10.3f}")
         lines.append(f"{'W2 TTFT p50 / p99 (s)':44} {w2['ttft_p50_s']:.3f} / {w2['ttft_p99_s']:.3f}")
-    for key, label in (("w1_lora", "W1 with adapters"), ("w1_base", "W1 without"), ("w2", "W2")):
-        if "runs" in results.get(key, {}):
+    for key in results:
+        if "runs" in results[key] if isinstance(results[key], dict) else False:
             each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[key]["runs"])
-            lines.append(f"{label + ', each run (the median above)':44} {each}")
+            lines.append(f"{key + ', each run':44} {each}")
     if "load" in results:
         ld = results["load"]
         label = "adapter -> slot: CPU cache / disk (ms)"
@@ -831,8 +647,6 @@ def table(results: dict) -> str:
         if ld.get("disk_to_slot_via_reader_ms") is not None:
             label = "adapter -> slot: disk via a reader process (ms)"
             lines.append(f"{label:44} {ld['disk_to_slot_via_reader_ms']:.1f}")
-        label = "adapter -> slot from fp32 pageable (ms)"
-        lines.append(f"{label:44} {ld['cpu_fp32_pageable_to_slot_ms']:.1f}")
     if "peak_gpu_memory_gib" in results:
         lines.append(f"{'peak GPU memory, loramux (GiB)':44} {results['peak_gpu_memory_gib']:.2f}")
     return "\n".join(lines)
@@ -841,6 +655,7 @@ def table(results: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny model and workload (smoke test, any device)")
+    p.add_argument("--base", type=Path, help="a checkpoint directory instead of random weights of the 8B shape")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
     p.add_argument(
         "--json",
@@ -848,8 +663,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="write all figures here (default: a new dated file under loadtests/results/; none with --tiny)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sampling", default="greedy", help=f"W1's sampling, comma-separated of {','.join(SAMPLING)}")
     p.add_argument("--w1-requests", type=int, default=256)
     p.add_argument("--w1-adapters", type=int, default=32)
+    p.add_argument("--w1-rank", type=int, default=16)
+    p.add_argument("--slots", type=int, help="W1's slots (default: one per adapter)")
+    p.add_argument("--max-lora-rank", type=int, help="W1's slot rank (default: --w1-rank)")
+    p.add_argument("--max-num-seqs", type=int, help="W1's batch (default: --w1-requests)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--stream-gen", type=int, default=512)
@@ -861,27 +681,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--w2-slots", type=int, default=64)
     p.add_argument("--w2-cpu-cache", type=int, default=256, help="adapters the CPU cache holds (by mean size)")
     p.add_argument("--w2-rate", type=float, default=100.0, help="Poisson arrivals per second")
-    p.add_argument("--w2-variants", default="", help=f"W2 again with other settings: of {','.join(W2_VARIANTS)}")
-    p.add_argument(
-        "--compare-attention",
-        action="store_true",
-        help="W1 also with decode attention through the padded gather (the path before the kernel)",
-    )
-    p.add_argument(
-        "--compare-overlap",
-        action="store_true",
-        help="W1 with adapters also with each step's outputs streamed before the next step (overlap_outputs off)",
-    )
     p.add_argument(
         "--repeats", type=int, default=1, help="W1 and W2 this many times each (W2 on a fresh engine): medians"
     )
-    p.add_argument("--profile", action="store_true", help="profile a decode step of W1, and of W2's adapters (GPU)")
-    p.add_argument(
-        "--expand-programs-per-sm",
-        type=int,
-        help="the segment expand's programs per multiprocessor (lora_kernels.EXPAND_PROGRAMS_PER_SM; 0: one per plan "
-        "row, as before the cap)",
-    )
+    p.add_argument("--profile", action="store_true", help="profile a decode step of W1 (GPU)")
     args = p.parse_args(argv)
     if args.tiny:
         args.w1_requests, args.w1_adapters, args.prompt, args.gen = 8, 4, 8, 4
@@ -896,25 +699,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
-    wrong = {x for x in args.w2_variants.split(",") if x} - set(W2_VARIANTS)
-    if wrong:
-        p.error(f"unknown W2 variants {sorted(wrong)}; choose from {','.join(W2_VARIANTS)}")
+    args.sampling = [x for x in args.sampling.split(",") if x]
+    if set(args.sampling) - set(SAMPLING):
+        p.error(f"--sampling: choose from {','.join(SAMPLING)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.expand_programs_per_sm is not None:
-        from loramux.server.layers import lora_kernels
-
-        lora_kernels.EXPAND_PROGRAMS_PER_SM = args.expand_programs_per_sm
     raw = TINY if args.tiny else LLAMA3_8B
     results: dict = {
         "command": " ".join(["python", "loadtests/bench_engine.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "python": platform.python_version(), "model": raw,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "model": str(args.base) if args.base else raw,
     }  # fmt: skip
     try:
         with tempfile.TemporaryDirectory(prefix="loramux-bench-") as tmp:
@@ -935,14 +735,14 @@ def run_parts(raw: dict, args: argparse.Namespace, device: torch.device, root: P
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        base = build_base(raw, device)
+        base = load_base(str(args.base), device=device) if args.base else build_base(raw, device)
         print(f"built the model in {time.perf_counter() - started:.1f}s", flush=True)
         results["build_seconds"] = time.perf_counter() - started
         if any(part in args.parts for part in ("w1", "stream", "load")):
             bench_w1(base, args, root, results)
             if cuda:
                 results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if "peft" in args.parts or "hf" in args.parts:
+    if ("peft" in args.parts or "hf" in args.parts) and not args.base:
         bench_baselines(raw, args, device, results)
         if cuda:
             torch.cuda.empty_cache()
@@ -951,19 +751,13 @@ def run_parts(raw: dict, args: argparse.Namespace, device: torch.device, root: P
             torch.cuda.reset_peak_memory_stats(device)
         runs: list[dict] = []
         for i in range(args.repeats):  # each on a fresh engine: cold caches, as the first
-            got: dict = {}
-            bench_w2(base, args, root / f"w2-default-{i}", got, profile=args.profile and i == 0)
-            runs.append(got["w2"])
+            runs.append(bench_w2(base, args, root / f"w2-{i}"))
             if cuda and i == 0:
                 results["peak_gpu_memory_w2_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if cuda:
                 torch.cuda.empty_cache()
         results["w2"] = median_run(runs)
-        for variant in filter(None, args.w2_variants.split(",")):
-            if cuda:
-                torch.cuda.empty_cache()
-            bench_w2(base, args, root / f"w2-{variant}", results, variant)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
