@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     table = torch.randn(n, args.vocab)
     engine.runner.run = lambda chunks: list(table[: len(chunks)].split(1))  # type: ignore[method-assign]
     params = SamplingParams(max_tokens=5 * args.steps + 8, temperature=0.0, ignore_eos=True)
-    for ids in prompts(n, args.prompt, args.vocab, seed=1):
-        engine.add(engine.make_request(lambda out: None, prompt_ids=ids, params=params))
+    for i, ids in enumerate(prompts(n, args.prompt, args.vocab, seed=1)):
+        engine.add(str(i), ids, params)
     engine.step()  # every prompt in one step
     runs = []
     for _ in range(4):
