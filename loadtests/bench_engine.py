@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.adapters.weights import base_shapes, load_lora
-from loramux.server.engine import adapter_cache, llm_engine
+from loramux.server.engine import adapter_cache
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.layers import attention
@@ -185,7 +185,7 @@ class StepPhases:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.current = {"schedule": 0.0, "sample": 0.0}
-        schedule, sample = engine.scheduler.schedule, llm_engine.sample_tokens
+        schedule, sample = engine.scheduler.schedule, engine.sampler.sample
 
         def timed_schedule():
             begun = time.perf_counter()
@@ -202,8 +202,7 @@ class StepPhases:
                 self.current["sample"] += time.perf_counter() - begun
 
         engine.scheduler.schedule = timed_schedule  # type: ignore[method-assign]
-        llm_engine.sample_tokens = timed_sample
-        self._sample = sample
+        engine.sampler.sample = timed_sample  # type: ignore[method-assign]
 
     def take(self) -> dict[str, float]:
         """The phases since the last call, and start again."""
@@ -212,7 +211,7 @@ class StepPhases:
 
     def remove(self) -> None:
         del self.engine.scheduler.schedule
-        llm_engine.sample_tokens = self._sample
+        del self.engine.sampler.sample
 
 
 def phase_medians(steps: list[dict]) -> dict[str, float | None]:

@@ -22,9 +22,9 @@ from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.errors import AdapterLoadError, ContextLengthError, InvalidRequestError, QueueFullError
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.engine.model_runner import Chunk, ModelRunner
-from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from loramux.server.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprobs
 from loramux.server.engine.scheduler import Scheduler
-from loramux.server.layers.sampler import sample_tokens
+from loramux.server.layers.sampler import Sampler
 from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import BaseModel
 
@@ -104,6 +104,7 @@ class LLMEngine:
             base.model, config.block_size, num_blocks, max_prompt_tokens=config.max_num_batched_tokens
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
+        self.sampler = Sampler(base.config.vocab_size, self.runner.device)
         # A sequence ends ("length") at the context length, and before it would need more KV than the whole cache.
         self.max_model_len = min(
             config.max_model_len or base.config.max_position_embeddings,
@@ -209,6 +210,9 @@ class LLMEngine:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens; this model's context allows at most {limit} prompt tokens"
             )
+        if any(t >= self.sampler.vocab_size for t in params.logit_bias):
+            vocab = self.sampler.vocab_size
+            raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size, {vocab}")
         ref = AdapterRef.parse(adapter) if adapter is not None else None
         if ref is not None and not self.config.num_slots:
             raise InvalidRequestError("this engine has no adapter slots: it serves the base model only")
@@ -327,10 +331,10 @@ class LLMEngine:
             if request.num_computed == request.num_tokens:  # the whole sequence is in the cache: sample
                 ready.append((request, rows[-1]))
         if ready:
-            settings = [(r.params.temperature, r.params.top_k, r.params.top_p, r.generator) for r, _ in ready]
-            tokens = sample_tokens([row for _, row in ready], settings)
-            for (request, row), token in zip(ready, tokens, strict=True):
-                self._append_token(request, token, row)
+            rows = torch.stack([row for _, row in ready])  # (n, vocab)
+            tokens, logprobs = self.sampler.sample(rows, [request for request, _ in ready])
+            for (request, row), token, token_logprobs in zip(ready, tokens, logprobs, strict=True):
+                self._append_token(request, token, row, token_logprobs)
         if not self.overlap_outputs:
             self._send()
         return True
@@ -346,11 +350,15 @@ class LLMEngine:
                 del self.requests[request.request_id]
                 self._fail(request, error)
 
-    def _append_token(self, request: Request, token: int, logits: torch.Tensor) -> None:
+    def _append_token(
+        self, request: Request, token: int, logits: torch.Tensor, logprobs: TokenLogprobs | None = None
+    ) -> None:
         p = request.params
         request.output_ids.append(token)
         if p.capture_logits:
             request.pending_logits.append(logits.detach().float().cpu())
+        if logprobs is not None:
+            request.pending_logprobs.append(logprobs)
         finish = None
         if token in request.stop_ids:
             finish = "stop"
@@ -423,6 +431,8 @@ class LLMEngine:
     def _emit(self, request: Request, finish: str | None, token_ids: list[int], text: str) -> None:
         logits = torch.stack(request.pending_logits) if request.pending_logits else None
         request.pending_logits = []
+        logprobs = request.pending_logprobs if request.params.logprobs is not None else None
+        request.pending_logprobs = []
         request.sent_tokens += len(token_ids)
         request.on_output(
             RequestOutput(
@@ -433,6 +443,7 @@ class LLMEngine:
                 len(request.prompt_ids),
                 len(request.output_ids),
                 logits,
+                logprobs,
             )
         )
 
@@ -534,6 +545,7 @@ def merge_outputs(items: list[RequestOutput]) -> RequestOutput:
     """The stream of one request as one output: all text, all token ids, the final counts and finish reason."""
     last = items[-1]
     logits = [o.logits for o in items if o.logits is not None]
+    logprobs = [o.logprobs for o in items if o.logprobs is not None]
     return RequestOutput(
         last.request_id,
         "".join(o.text for o in items),
@@ -542,4 +554,5 @@ def merge_outputs(items: list[RequestOutput]) -> RequestOutput:
         last.prompt_tokens,
         last.completion_tokens,
         torch.cat(logits) if logits else None,
+        [lp for part in logprobs for lp in part] if logprobs else None,
     )
