@@ -70,7 +70,10 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.block = block_size(vocab_size)
+        self.width = -(-vocab_size // self.block) * self.block  # the vocabulary padded to whole blocks
         self._aranges: dict[int, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._zero = torch.zeros((), device=self.device)
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits (n, vocab) fp32 on the device, row i for requests[i] -> the n token ids, and per row its
@@ -169,8 +172,8 @@ class Sampler:
             (rows, seen_rows, seen_ids), longs = longs[:3], longs[3:]
             penalty = floats.pop(0)[:, None]
             sub = logits[rows]  # (m, vocab)
-            seen = torch.zeros_like(sub, dtype=torch.bool)
-            seen[seen_rows, seen_ids] = True
+            seen = torch.zeros_like(sub, dtype=torch.bool)  # (a host scalar as the value below would synchronise)
+            seen.index_put_((seen_rows, seen_ids), torch.ones_like(seen_ids, dtype=torch.bool))
             logits[rows] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
         if occ:
             (rows, count_rows, count_ids), longs = longs[:3], longs[3:]
@@ -186,11 +189,18 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, step: _Step) -> tuple[torch.Tensor, _Nucleus | None]:
         """Tokens (n,) for a step with some rows not greedy (the greedy ones take the argmax), -1 for a top-p row not
         accepted within TOP_P_ROUNDS, and what finishing those rows needs."""
+        n, vocab = logits.shape
         temperature, min_p, top_p, k, is_greedy = step.settings
         u = self._uniforms(step)  # (n, UNIFORMS)
 
-        # e: each row's distribution at its temperature, unnormalised, its largest entry 1. (n, vocab)
-        e = (logits - logits.amax(dim=-1, keepdim=True)).div_(temperature[:, None]).exp_()
+        # e: each row's distribution at its temperature, unnormalised, its largest entry 1: (n, vocab), in a buffer
+        # whose columns past the vocabulary stay 0 (the search's blocks cover them).
+        work = self._buffer("e", n)
+        e = work[:, :vocab]
+        torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=e)
+        if step.scaled:
+            e.div_(temperature[:, None])
+        e.exp_()
         if step.top_k_rows or step.min_p:
             floor = min_p
             if step.top_k_rows:
@@ -202,25 +212,33 @@ class Sampler:
                 else:
                     floor = floor.index_put((step.top_k_idx,), torch.maximum(floor[step.top_k_idx], kth))
             e.masked_fill_(e < floor[:, None], 0.0)
-        tokens = self.inverse_cdf(e, u[:, 0])
+        sums = self._block_sums(work)  # (n, blocks)
+        tokens = self._search(work, sums, u[:, 0])
 
         nucleus = None
         if step.top_p_rows:
-            idx = step.top_p_idx
-            ep = e if idx is None else e[idx]  # (m, vocab)
-            up = u if idx is None else u[idx]
-            mass = (top_p if idx is None else top_p[idx]) * ep.sum(dim=-1)  # what the nucleus must reach, (m,)
-            drawn = tokens if idx is None else tokens[idx]
-            floor = torch.zeros_like(mass)  # the draws are from the entries above it
+            idx, m = step.top_p_idx, len(step.top_p_rows)
+            if idx is None:
+                rows_w, up, drawn = work, u, tokens
+                mass = top_p * sums.sum(dim=-1)
+            else:
+                rows_w = torch.index_select(work, 0, idx, out=self._buffer("top_p", m))
+                up, drawn = u[idx], tokens[idx]
+                mass = top_p[idx] * sums[idx].sum(dim=-1)  # what the nucleus must reach, (m,)
+            ep = rows_w[:, :vocab]
+            above_w = self._buffer("above", m)
+            above = above_w[:, :vocab]
+            mask = self._buffer("mask", m, torch.bool)[:, :vocab]
             for r in range(TOP_P_ROUNDS):
-                pivot = ep.gather(1, drawn[:, None])  # (m, 1)
-                above = torch.where(ep > pivot, ep, 0.0).sum(dim=-1)  # mass of the tokens more likely than the draw
-                outside = above >= mass
+                # The entries of the tokens more likely than the draw; their mass decides, and a rejected row draws
+                # again from them.
+                torch.gt(ep, ep.gather(1, drawn[:, None]), out=mask)
+                torch.where(mask, ep, self._zero, out=above)
+                above_sums = self._block_sums(above_w)
+                outside = above_sums.sum(dim=-1) >= mass
                 if r == TOP_P_ROUNDS - 1:
                     break
-                floor = torch.where(outside, pivot.squeeze(1), floor)
-                again = self.inverse_cdf(torch.where(ep > floor[:, None], ep, 0.0), up[:, r + 1])
-                drawn = torch.where(outside, again, drawn)
+                drawn = torch.where(outside, self._search(above_w, above_sums, up[:, r + 1]), drawn)
             drawn = torch.where(outside, -1, drawn)
             tokens = drawn if idx is None else tokens.index_put((idx,), drawn)
             nucleus = _Nucleus(step.top_p_rows, ep, mass, up[:, TOP_P_ROUNDS])
@@ -246,24 +264,30 @@ class Sampler:
 
     def inverse_cdf(self, weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """weights (n, vocab) >= 0, each row with some positive entry, and u (n,) in [0, 1) -> per row the index i
-        with cumsum[i - 1] <= u * total < cumsum[i], found on two levels (block sums, then one block's entries)."""
-        n, vocab = weights.shape
-        bs = self.block
-        nb = -(-vocab // bs)
-        if nb * bs != vocab:
-            weights = F.pad(weights, (0, nb * bs - vocab))
-        blocks = weights.view(n, nb, bs)
-        sums = blocks.sum(dim=-1)  # (n, nb)
+        with cumsum[i - 1] <= u * total < cumsum[i]."""
+        if weights.shape[1] != self.width:
+            weights = F.pad(weights, (0, self.width - weights.shape[1]))
+        return self._search(weights, self._block_sums(weights), u)
+
+    def _block_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """(n, width) -> (n, blocks): the sum of each block of `block` entries."""
+        return weights.view(weights.shape[0], -1, self.block).sum(dim=-1)
+
+    def _search(self, weights: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The inverse CDF on two levels: the block whose cumulative sum passes u * total (sums (n, blocks) are the
+        block sums of weights (n, width)), then the entry inside it, from a cumulative sum of that block only."""
+        n, bs = weights.shape[0], self.block
         cum = sums.cumsum(dim=-1)
         target = u * cum[:, -1]  # (n,)
         # The first block whose cumulative sum passes the target; rounding (u * total == total) may point past the
-        # last block that holds any weight, which the clamp turns back.
+        # last block that holds any weight, which the clamp turns back. (A row of no weight at all, a top-p row whose
+        # draw was the most likely token, gets index 0, and its caller drops it.)
         b = torch.searchsorted(cum, target[:, None], right=True).squeeze(1)
-        b = torch.minimum(b, self._last_positive(sums))
-        before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
-        inner = blocks.gather(1, b[:, None, None].expand(n, 1, bs)).squeeze(1)  # (n, bs)
+        b = torch.minimum(b, self._last_positive(sums)).clamp_(min=0)
+        before = F.pad(cum, (1, 0)).gather(1, b[:, None]).squeeze(1)  # the mass of the blocks before b
+        inner = weights.view(n, -1, bs).gather(1, b[:, None, None].expand(n, 1, bs)).squeeze(1)  # (n, bs)
         j = torch.searchsorted(inner.cumsum(dim=-1), (target - before)[:, None], right=True).squeeze(1)
-        j = torch.minimum(j, self._last_positive(inner))
+        j = torch.minimum(j, self._last_positive(inner)).clamp_(min=0)
         return b * bs + j
 
     def _last_positive(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,6 +297,15 @@ class Sampler:
         if arange is None:
             arange = self._aranges[w] = torch.arange(w, device=x.device)
         return torch.where(x > 0, arange, -1).amax(dim=-1)
+
+    def _buffer(self, name: str, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A (rows, width) scratch tensor kept from call to call, zero past the vocabulary: on the CPU a fresh tensor
+        of this size costs more in page faults than the work done in it; on a GPU it is the memory the caching
+        allocator would hold anyway."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self._buffers[name] = torch.zeros((rows, self.width), dtype=dtype, device=self.device)
+        return buffer[:rows]
 
 
 class _Step:
@@ -291,6 +324,7 @@ class _Step:
         self.max_top_k = max(top_k)
         self.top_p_rows = [i for i, (p, g) in enumerate(zip(params, greedy, strict=True)) if not g and p.top_p < 1.0]
         self.min_p = any(p.min_p > 0 for p, g in zip(params, greedy, strict=True) if not g)
+        self.scaled = any(p.temperature != 1.0 for p, g in zip(params, greedy, strict=True) if not g)
         self.seeded = [i for i, (p, g) in enumerate(zip(params, greedy, strict=True)) if not g and p.seed is not None]
         groups = [self.asked, self.top_k_rows, self.top_p_rows, self.seeded]
         partial = [rows for rows in groups if rows and len(rows) < n]
