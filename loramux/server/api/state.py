@@ -30,6 +30,7 @@ class ServerSettings:
     hub_url: str | None = None  # a remote hub as the adapter source instead of the local registry
     hub_token: str | None = None
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    default_max_tokens: int = 1024  # a chat completion's max_tokens when it gives none (0: up to the context length)
 
 
 @dataclass

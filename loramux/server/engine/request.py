@@ -53,8 +53,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer, got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must be an integer between -2**63 and 2**64 - 1, got {self.seed!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be between 0 and 1, got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -30,6 +30,7 @@ def test_token_ids_are_the_slices_of_prompt_then_output():
         ("logprobs", 21, "logprobs must be an integer between 0 and 20"),
         ("logprobs", True, "logprobs"),
         ("temperature", float("nan"), "temperature"),
+        ("seed", 2**64, "seed must be an integer between"),
     ],
 )
 def test_sampling_params_refuse_values_out_of_range(field, value, message):
