@@ -7,7 +7,7 @@
 Each call samples a batch of rows whose logits look like a language model's (a Zipf-like fall-off over a shuffled
 vocabulary, top token a few percent to tens of percent likely), as the engine calls it once per step: the rows
 stacked, the tokens back on the host. Mixes: `greedy` (temperature 0), `t1` (temperature 1.0, OpenAI's default),
-`top_p` (temperature 1.0, top_p 0.9), `mix` (what a server sees: a quarter greedy, temperature 0.7 with top_p 0.9,
+`top_p` (temperature 1.0, top_p 0.9), `mix` (what a server sees: temperature 0.7 with top_p 0.9, a quarter greedy,
 the default, seeded rows, top-k 40, min-p, penalties over a 100-token prompt and 64 generated tokens, logprobs).
 Prints the median milliseconds per call, and how often a call needed its second transfer (top-p rows not accepted
 within the rounds on the device); `--json` writes every figure. On a GPU it prints a second table, the milliseconds
@@ -50,11 +50,11 @@ def mix_params(kind: str, i: int) -> SamplingParams:
         return SamplingParams(temperature=1.0)
     if kind == "top_p":
         return SamplingParams(temperature=1.0, top_p=0.9)
-    slot = i % 20  # the realistic mix, in twentieths
-    if slot < 5:
-        return SamplingParams(temperature=0.0)
-    if slot < 11:
+    slot = i % 20  # the realistic mix, in twentieths (a batch of one: its most common setting)
+    if slot < 6:
         return SamplingParams(temperature=0.7, top_p=0.9)
+    if slot < 11:
+        return SamplingParams(temperature=0.0)
     if slot < 14:
         return SamplingParams(temperature=1.0)
     if slot < 16:
