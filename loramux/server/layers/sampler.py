@@ -81,7 +81,9 @@ class Sampler:
         n = len(requests)
         if n == 0:
             return [], []
-        step = _Step(requests, logits.shape[1], self.device)
+        if logits.shape != (n, self.vocab_size):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {n} rows of {self.vocab_size} entries")
+        step = _Step(requests, self.vocab_size, self.device)
         raw = None
         if step.asked:  # the model's distribution, before anything below changes the logits
             raw = torch.log_softmax(logits if step.asked_idx is None else logits[step.asked_idx], dim=-1)
