@@ -55,3 +55,10 @@ def test_serve_refuses_a_negative_number_of_adapter_readers(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--adapter-readers must not be negative, got -1" in lines[0]
+
+
+def test_serve_refuses_a_negative_default_max_tokens(tmp_path):
+    result = run_cli("serve", "--default-max-tokens", "-5", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--default-max-tokens must not be negative, got -5" in lines[0]

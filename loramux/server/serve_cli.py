@@ -82,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "later) or before it starts (default: overlap on a GPU, not on the CPU)",
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the base's)")
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=1024,
+        help="tokens a chat completion may generate when it gives no max_tokens (the base's generation_config.json "
+        "max_new_tokens where smaller; 0: up to the context length; default 1024)",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
         "--shutdown-grace",
@@ -105,6 +112,8 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "api_servers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.default_max_tokens < 0:
+        raise ValueError(f"--default-max-tokens must not be negative, got {args.default_max_tokens}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.shutdown_grace < 0:
@@ -148,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         hub_token=hub_token,
         shutdown_grace=args.shutdown_grace,
         log_level=logging.getLogger().getEffectiveLevel(),
+        default_max_tokens=args.default_max_tokens,
     )
     logging.getLogger("loramux.access").setLevel(logging.INFO)
     logging.getLogger("loramux.server.api.state").setLevel(logging.INFO)

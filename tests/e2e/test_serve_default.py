@@ -52,3 +52,13 @@ def test_the_default_model_answers_with_openai_and_curl_alike(server):
         and plain.json()["choices"][0]["message"]["content"] == answer.choices[0].message.content
     )
     assert httpx.get(f"{server.url}/ready").json() == {"status": "ready", "model": "smollm2-135m-instruct"}
+
+
+def test_the_readmes_first_request_answers_paris_at_the_default_settings(server):
+    """No temperature, no max_tokens, as the README asks: the default model's own sampling settings (its model card's
+    temperature 0.2 and top_p 0.9) and the default cap give a short right answer. The seed only makes the draw
+    repeatable; the distribution is the one a request without it samples from."""
+    llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    answer = llm.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, seed=0)
+    assert "Paris" in answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens < 100

@@ -227,6 +227,7 @@ def _coalesce(first: RequestOutput, stream) -> RequestOutput | BaseException:
             return item
         items.append(item)
     last = items[-1]
+    logprobs = [lp for i in items for lp in (i.logprobs or [])] if any(i.logprobs for i in items) else None
     return RequestOutput(
         last.request_id,
         "".join(i.text for i in items),
@@ -234,4 +235,5 @@ def _coalesce(first: RequestOutput, stream) -> RequestOutput | BaseException:
         last.finish_reason,
         last.prompt_tokens,
         last.completion_tokens,
+        logprobs=logprobs,
     )

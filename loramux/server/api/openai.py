@@ -1,6 +1,11 @@
 """The OpenAI-compatible routes: `POST /v1/chat/completions`, `POST /v1/completions` (each streaming as server-sent
 events or not) and `GET /v1/models`. `model` names the base (as /v1/models shows it, or its directory name) or an
-adapter repo `ns/name[@revision]` that the caller's tenant may read."""
+adapter repo `ns/name[@revision]` that the caller's tenant may read.
+
+Sampling settings a request leaves out take the base's generation_config.json values (temperature, top_p, top_k,
+min_p, repetition_penalty), as vLLM does, else OpenAI's defaults; a chat completion without max_tokens may generate
+`ServerSettings.default_max_tokens` tokens (`loramux serve --default-max-tokens`; the base's max_new_tokens where
+smaller), a text completion OpenAI's 16, and neither past the context length."""
 
 # No `from __future__ import annotations`: FastAPI must see the route signatures' real types.
 import asyncio
@@ -16,10 +21,11 @@ from loramux.adapters.source import AdapterRef
 from loramux.registry.registry import Caller
 from loramux.server.api.auth import caller_of
 from loramux.server.api.errors import APIError, model_not_found
-from loramux.server.api.generation import Generation
+from loramux.server.api.generation import Choice, Generation
+from loramux.server.api.logprobs import TokenStrings, chat_content, completion_logprobs, token_strings
 from loramux.server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from loramux.server.api.state import ServerState
-from loramux.server.engine.request import SamplingParams
+from loramux.server.engine.request import RequestOutput, SamplingParams
 
 Who = Annotated[Caller, Depends(caller_of)]
 DISCONNECT_POLL_SECONDS = 0.25
@@ -101,17 +107,38 @@ def _adapter_of(state: ServerState, model: str) -> str | None:
     return model
 
 
-def _sampling(body: SamplingFields, max_tokens: int | None, default_max: int, choice: int) -> SamplingParams:
+def _sampling(body: SamplingFields, max_tokens: int, defaults: dict[str, float | int], choice: int) -> SamplingParams:
+    """The engine's parameters for choice `choice`: the request's, else the base's `defaults`, else OpenAI's."""
+
+    def given(name: str, fallback: float) -> float:
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, fallback)
+
     # With a seed, choice i samples with seed + i: reproducible, yet the n choices differ.
     return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else default_max,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
+        max_tokens=max_tokens,
+        temperature=given("temperature", 1.0),
+        top_p=given("top_p", 1.0),
+        top_k=max(0, int(given("top_k", 0))),
+        min_p=given("min_p", 0.0),
+        repetition_penalty=given("repetition_penalty", 1.0),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=body.token_bias,
+        logprobs=body.logprobs_count,
         seed=None if body.seed is None else body.seed + choice,
         stop=list(body.stop or []),
         ignore_eos=body.ignore_eos,
     )
+
+
+def _default_max_tokens(state: ServerState, chat: bool, defaults: dict[str, float | int]) -> int:
+    """max_tokens for a request that gives none: OpenAI's 16 for text completions; for chat the server's cap, or the
+    base's max_new_tokens where smaller. The engine ends a sequence at the context length in any case."""
+    if not chat:
+        return 16
+    cap = state.settings.default_max_tokens or state.info.max_model_len
+    return min(cap, int(defaults.get("max_new_tokens", cap)))
 
 
 async def _complete(
@@ -128,16 +155,28 @@ async def _complete(
     adapter = _adapter_of(state, body.model)
     request_id = request.state.request_id
     request.state.log.update(model=body.model, tenant=who.tenant, n=len(inputs))
-    default_max = state.info.max_model_len
-    params = [_sampling(body, max_tokens, default_max, i % body.n) for i in range(len(inputs))]
+    vocab = state.info.vocab_size
+    if any(token >= vocab for token in body.token_bias):
+        raise APIError(
+            400, f"logit_bias token ids must be below the vocabulary size, {vocab}", param="logit_bias",
+            code="invalid_value",
+        )  # fmt: skip
+    defaults = state.generation_defaults
+    if max_tokens is None:
+        max_tokens = _default_max_tokens(state, chat, defaults)
+    params = [_sampling(body, max_tokens, defaults, i % body.n) for i in range(len(inputs))]
     generation = Generation(state, request_id, body.model, adapter, who.tenant)
     await generation.start(inputs, params, "messages" if chat else "prompt")
-    shape = _Shape(("chatcmpl-" if chat else "cmpl-") + request_id, body.model, chat)
+    logprobs = None
+    if body.logprobs_count is not None:
+        stop_ids = set() if body.ignore_eos else set(state.info.stop_token_ids)
+        logprobs = _Logprobs(token_strings(state.inputs.tokenizer), chat, stop_ids)
+    shape = _Shape(("chatcmpl-" if chat else "cmpl-") + request_id, body.model, chat, logprobs)
     if body.stream:
         events = _events(generation, shape, body.include_usage, request)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        await _collect_unless_disconnected(generation, request)
+        await _collect_unless_disconnected(generation, request, logprobs)
     finally:
         generation.close()
     usage = generation.usage()
@@ -145,9 +184,16 @@ async def _complete(
     return JSONResponse(shape.final(generation, usage))
 
 
-async def _collect_unless_disconnected(generation: Generation, request: Request) -> None:
-    """Run the generation to its end; a client that goes away meanwhile cancels it (close() aborts the rest)."""
-    task = asyncio.ensure_future(generation.collect())
+async def _collect_unless_disconnected(generation: Generation, request: Request, logprobs: "_Logprobs | None") -> None:
+    """Run the generation to its end (its logprobs gathered where asked); a client that goes away meanwhile cancels it
+    (close() aborts the rest)."""
+
+    async def collect() -> None:
+        async for choice, out in generation.outputs():
+            if logprobs is not None:
+                logprobs.add(choice, out)
+
+    task = asyncio.ensure_future(collect())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
@@ -160,20 +206,58 @@ async def _collect_unless_disconnected(generation: Generation, request: Request)
         task.cancel()
 
 
+class _Logprobs:
+    """A request's logprobs in OpenAI's shape, per output as it streams or gathered per choice for the final answer.
+    The token that ended a choice (end of sequence), whose text never shows, gets no entry."""
+
+    def __init__(self, strings: TokenStrings, chat: bool, stop_ids: set[int]) -> None:
+        self.strings, self.chat, self.stop_ids = strings, chat, stop_ids
+        self.offsets: dict[int, int] = {}  # choice -> characters of its text before the next token (completions)
+        self.gathered: dict[int, list] = {}  # choice -> content entries, or completions' logprobs objects
+
+    def of(self, choice: Choice, out: RequestOutput) -> dict | None:
+        """The `logprobs` value of a chunk carrying `out` (None when it holds no token to show)."""
+        ids, lps = out.token_ids, out.logprobs or []
+        if out.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
+            ids, lps = ids[:-1], lps[:-1]
+        if not ids:
+            return None
+        if self.chat:
+            return {"content": chat_content(self.strings, ids, lps), "refusal": None}
+        shape, self.offsets[choice.index] = completion_logprobs(
+            self.strings, ids, lps, self.offsets.get(choice.index, 0)
+        )
+        return shape
+
+    def add(self, choice: Choice, out: RequestOutput) -> None:
+        part = self.of(choice, out)
+        if part is not None:
+            self.gathered.setdefault(choice.index, []).append(part)
+
+    def final(self, index: int) -> dict:
+        parts = self.gathered.get(index, [])
+        if self.chat:
+            return {"content": [entry for part in parts for entry in part["content"]], "refusal": None}
+        keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        return {key: [value for part in parts for value in part[key]] for key in keys}
+
+
 class _Shape:
     """The JSON objects of OpenAI's two completion APIs."""
 
-    def __init__(self, response_id: str, model: str, chat: bool) -> None:
+    def __init__(self, response_id: str, model: str, chat: bool, logprobs: _Logprobs | None = None) -> None:
         self.id, self.model, self.chat, self.created = response_id, model, chat, int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self.logprobs = logprobs
 
     def final(self, generation: Generation, usage: dict) -> dict:
         choices = []
         for c in generation.choices:
             text = "".join(c.text)
             item = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": c.index, **item, "logprobs": None, "finish_reason": c.finish_reason})
+            logprobs = self.logprobs.final(c.index) if self.logprobs is not None else None
+            choices.append({"index": c.index, **item, "logprobs": logprobs, "finish_reason": c.finish_reason})
         return {
             "id": self.id,
             "object": self.object,
@@ -184,12 +268,14 @@ class _Shape:
             "system_fingerprint": None,
         }
 
-    def chunk(self, index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def chunk(
+        self, index: int, text: str | None, finish: str | None, first: bool = False, logprobs: dict | None = None
+    ) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {
             "id": self.id,
             "object": self.chunk_object,
@@ -213,12 +299,14 @@ async def _events(generation: Generation, shape: _Shape, include_usage: bool, re
                 yield _sse(_with_usage(shape.chunk(choice.index, None, None, first=True), include_usage))
         try:
             async for choice, out in generation.outputs():
+                logprobs = shape.logprobs.of(choice, out) if shape.logprobs is not None else None
                 if not shape.chat:
-                    if out.text or out.finished:
-                        yield _sse(_with_usage(shape.chunk(choice.index, out.text, out.finish_reason), include_usage))
+                    if out.text or out.finished or logprobs:
+                        chunk = shape.chunk(choice.index, out.text, out.finish_reason, logprobs=logprobs)
+                        yield _sse(_with_usage(chunk, include_usage))
                     continue
-                if out.text:
-                    yield _sse(_with_usage(shape.chunk(choice.index, out.text, None), include_usage))
+                if out.text or logprobs:
+                    yield _sse(_with_usage(shape.chunk(choice.index, out.text, None, logprobs=logprobs), include_usage))
                 if out.finished:
                     yield _sse(_with_usage(shape.chunk(choice.index, None, out.finish_reason), include_usage))
         except APIError as exc:  # the engine stopped mid-stream: say so in OpenAI's streaming error shape

@@ -33,6 +33,7 @@ class ServerSettings:
     hub_token: str | None = None
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     log_level: int = logging.WARNING
+    default_max_tokens: int = 1024  # a chat completion's max_tokens when it gives none (0: up to the context length)
 
     def core_spec(self):
         """What the engine process loads, with the adapter source it opens there."""
@@ -67,6 +68,8 @@ class ServerState:
     engine: object = None  # EngineClient once the engine serves
     inputs: object = None  # InputProcessor (tokenizer, context length)
     info: object = None  # EngineInfo
+    # the base's generation_config.json sampling settings: the defaults of a request that gives none
+    generation_defaults: dict = field(default_factory=dict)
     process: object = None  # EngineProcess, where this process started it
     base_names: set[str] = field(default_factory=set)  # what `model` may say to mean the base
     base_id: str = ""  # the name /v1/models shows
@@ -112,12 +115,14 @@ class ServerState:
         from transformers import AutoTokenizer
 
         from loramux.server.engine.inputs import InputProcessor
+        from loramux.server.models.checkpoint import load_generation_defaults
 
         info = self.attach.info
         tokenizer = AutoTokenizer.from_pretrained(info.path)
         self.inputs = InputProcessor(tokenizer, info.vocab_size, info.max_model_len)
         self.info = info
         path = Path(info.path)
+        self.generation_defaults = load_generation_defaults(path)
         self.base_id = path.name if Path(info.name).is_dir() else info.name
         self.base_names = {info.name, path.name, str(path), self.base_id}
         if self.settings.hub_url is None:  # pushes to this server's hub must fit what it serves

@@ -183,7 +183,7 @@ class EngineClient:
     def _deliver(self, items: list) -> None:
         stopped = []
         streams, outputs = self._streams, self.outputs
-        for request_id, token_ids, finish, error in items:
+        for request_id, token_ids, finish, error, logprobs in items:
             stream = streams.get(request_id)
             if stream is None:  # ended here already (a stop string, an abort)
                 continue
@@ -192,7 +192,8 @@ class EngineClient:
                 outputs.drop(request_id)
                 stream.put(protocol.error_from_wire(error))
                 continue
-            out, stop = outputs.process(EngineOutput(request_id, token_ids, finish))
+            wire_logprobs = None if logprobs is None else protocol.logprobs_from_wire(logprobs)
+            out, stop = outputs.process(EngineOutput(request_id, token_ids, finish, logprobs=wire_logprobs))
             if out is None:
                 continue
             stream.put(out)

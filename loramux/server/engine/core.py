@@ -242,7 +242,7 @@ class EngineCore:
                 try:
                     self.engine.add(request_id, prompt_ids, protocol.params_from_wire(params), adapter, tenant)
                 except Exception as exc:  # refused at once: the API maps the error to its status
-                    item = [request_id, [], None, protocol.error_to_wire(exc)]
+                    item = [request_id, [], None, protocol.error_to_wire(exc), None]
                     self.socket.send_multipart([peer, protocol.pack(OUTPUTS, [item])])
                 else:
                     self.owners[request_id] = peer
@@ -267,7 +267,8 @@ class EngineCore:
             if peer is None:
                 continue
             error = None if out.error is None else protocol.error_to_wire(out.error)
-            by_peer.setdefault(peer, []).append([out.request_id, out.token_ids, out.finish_reason, error])
+            logprobs = protocol.logprobs_to_wire(out.logprobs)
+            by_peer.setdefault(peer, []).append([out.request_id, out.token_ids, out.finish_reason, error, logprobs])
             if out.finished:
                 del owners[out.request_id]
         self.pending = []

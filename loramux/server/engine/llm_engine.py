@@ -31,7 +31,7 @@ from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.engine.outputs import OutputProcessor
 from loramux.server.engine.request import EngineOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
-from loramux.server.layers.sampler import sample_tokens
+from loramux.server.layers.sampler import Sampler
 from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import BaseModel
 
@@ -150,6 +150,7 @@ class LLMEngine:
             base.model, config.block_size, num_blocks, max_prompt_tokens=config.max_num_batched_tokens
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
+        self.sampler = Sampler(base.config.vocab_size, self.runner.device)
         # A sequence ends ("length") at the context length, and before it would need more KV than the whole cache.
         self.max_model_len = min(
             config.max_model_len or base.config.max_position_embeddings,
@@ -238,6 +239,9 @@ class LLMEngine:
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens; this engine takes 1 to {self.max_model_len - 1}"
             )
+        if any(t >= self.sampler.vocab_size for t in params.logit_bias):
+            vocab = self.sampler.vocab_size
+            raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size, {vocab}")
         try:
             ref = AdapterRef.parse(adapter) if adapter is not None else None
         except ValueError as exc:
@@ -346,9 +350,9 @@ class LLMEngine:
                 ready.append((request, rows[-1]))
         if not ready:
             return
-        settings = [(r.params.temperature, r.params.top_k, r.params.top_p, r.generator) for r, _ in ready]
-        tokens = sample_tokens([row for _, row in ready], settings)
-        for (request, row), token in zip(ready, tokens, strict=True):
+        rows = torch.stack([row for _, row in ready])  # (n, vocab)
+        tokens, logprobs = self.sampler.sample(rows, [request for request, _ in ready])
+        for (request, row), token, token_logprobs in zip(ready, tokens, logprobs, strict=True):
             request.output_ids.append(token)
             finish = None
             if token in request.stop_ids:
@@ -358,7 +362,10 @@ class LLMEngine:
             if finish is not None:
                 self._end(request)  # out of the scheduler now: the next step does not run it
             logits_row = row.detach().float().cpu()[None] if request.params.capture_logits else None
-            self._outputs.append(EngineOutput(request.request_id, [token], finish, logits=logits_row))
+            self._outputs.append(
+                EngineOutput(request.request_id, [token], finish, logits=logits_row,
+                             logprobs=None if token_logprobs is None else [token_logprobs])
+            )  # fmt: skip
 
     def _end_failed_writes(self) -> None:
         """End the requests that wait for a slot whose write failed (the cache frees the slot), with AdapterLoadError;
@@ -468,6 +475,7 @@ def merge_outputs(items: list[RequestOutput]) -> RequestOutput:
     """The stream of one request as one output: all text, all token ids, the final counts and finish reason."""
     last = items[-1]
     logits = [o.logits for o in items if o.logits is not None]
+    logprobs = [o.logprobs for o in items if o.logprobs is not None]
     return RequestOutput(
         last.request_id,
         "".join(o.text for o in items),
@@ -476,4 +484,5 @@ def merge_outputs(items: list[RequestOutput]) -> RequestOutput:
         last.prompt_tokens,
         last.completion_tokens,
         torch.cat(logits) if logits else None,
+        [lp for part in logprobs for lp in part] if logprobs else None,
     )

@@ -97,6 +97,6 @@ class OutputProcessor:
         if finish is not None:
             del self._requests[out.request_id]
         result = RequestOutput(
-            out.request_id, delta, list(ids), finish, state.prompt_tokens, completion_tokens, out.logits
+            out.request_id, delta, list(ids), finish, state.prompt_tokens, completion_tokens, out.logits, out.logprobs
         )
         return result, stopped

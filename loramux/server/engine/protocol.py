@@ -3,8 +3,9 @@ that the engine binds and a DEALER socket per API process.
 
 API -> engine: `[HELLO]`, `[ADD, request_id, prompt_ids, params, adapter, tenant]`, `[ABORT, [request_id, ...]]`,
 `[STATS, token]`, `[SHUTDOWN]`.
-Engine -> API: `[OUTPUTS, [[request_id, token_ids, finish_reason, error], ...]]` once a step for all of that API
-process's requests that moved (`error` is `[kind, message]` or None), `[STATS, token, {name: number}]`,
+Engine -> API: `[OUTPUTS, [[request_id, token_ids, finish_reason, error, logprobs], ...]]` once a step for all of
+that API process's requests that moved (`error` is `[kind, message]` or None; `logprobs` None or one
+`[logprob, [[token_id, logprob], ...]]` per token), `[STATS, token, {name: number}]`,
 `[DEAD, message]` when the step loop failed and the engine process exits.
 """
 
@@ -27,7 +28,7 @@ from loramux.server.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-from loramux.server.engine.request import SamplingParams
+from loramux.server.engine.request import SamplingParams, TokenLogprobs
 
 HELLO, ADD, ABORT, STATS, SHUTDOWN, OUTPUTS, DEAD = "hello", "add", "abort", "stats", "shutdown", "out", "dead"
 
@@ -79,3 +80,11 @@ def error_to_wire(exc: BaseException) -> list[str]:
 def error_from_wire(wire: list[str]) -> BaseException:
     kind, message = wire
     return _ERRORS.get(kind, RuntimeError)(message)
+
+
+def logprobs_to_wire(logprobs: list[TokenLogprobs] | None) -> list | None:
+    return None if logprobs is None else [[t.logprob, t.top] for t in logprobs]
+
+
+def logprobs_from_wire(wire: list | None) -> list[TokenLogprobs] | None:
+    return None if wire is None else [TokenLogprobs(lp, [(int(i), v) for i, v in top]) for lp, top in wire]

@@ -16,14 +16,24 @@ from loramux.server.engine.errors import InvalidRequestError
 _arrivals = itertools.count()
 
 
+MAX_LOGPROBS = 20  # the most top logprobs a request may ask for per token (OpenAI's limit)
+
+
 @dataclass
 class SamplingParams:
-    """Per-request sampling. temperature 0 is greedy; top_k <= 0 and top_p == 1 are off; same seed, same output."""
+    """Per-request sampling (`layers/sampler.py` says how they combine). temperature 0 is greedy; top_k <= 0,
+    top_p == 1, min_p == 0, the penalties at 0 (1 for repetition_penalty) are off; same seed, same output."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # keep the tokens whose probability is at least min_p times the most likely one's
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted from a token's logit once per time it was generated
+    repetition_penalty: float = 1.0  # vLLM's and transformers': divides (or multiplies) the logits of tokens seen
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
+    logprobs: int | None = None  # None: none; 0: the chosen token's logprob; k: also the k most likely tokens'
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends before the first one
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the base's end-of-sequence tokens
@@ -43,8 +53,35 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer, got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must be an integer between -2**63 and 2**64 - 1, got {self.seed!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be between 0 and 1, got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        if not isinstance(self.logit_bias, dict) or any(
+            not isinstance(t, int) or t < 0 or not isinstance(b, int | float) or not -100.0 <= b <= 100.0
+            for t, b in self.logit_bias.items()
+        ):
+            raise InvalidRequestError("logit_bias must map token ids (non-negative integers) to values in [-100, 100]")
+        lp = self.logprobs
+        if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, got {lp!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """A sampled token's log probability under the model, and the `SamplingParams.logprobs` most likely tokens'."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -56,6 +93,7 @@ class EngineOutput:
     finish_reason: str | None = None  # "stop" (a stop token), "length" or "abort"; None while it runs
     error: BaseException | None = None  # the request ended with this error instead (no tokens were sampled)
     logits: torch.Tensor | None = None  # (len(token_ids), vocab) fp32, only with SamplingParams.capture_logits
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, where SamplingParams.logprobs asked
 
     @property
     def finished(self) -> bool:
@@ -73,6 +111,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     logits: torch.Tensor | None = None  # (len(token_ids), vocab) fp32, only with SamplingParams.capture_logits
+    logprobs: list[TokenLogprobs] | None = None  # one per token id in token_ids, where SamplingParams.logprobs asked
 
     @property
     def finished(self) -> bool:
@@ -111,11 +150,9 @@ class Request:
         self.output_ids: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
-        self.generator = torch.Generator()  # its own, so batch mates never change what it samples
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()  # a fresh random seed, without touching torch's global generator
+        # A seeded request's own random numbers, on the sampler's device (the sampler makes it at its first step), so
+        # that batch mates never change what it samples; unseeded requests share the device's generator.
+        self.generator: torch.Generator | None = None
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens start .. end - 1 of the sequence (prompt, then output), without building the whole sequence: a

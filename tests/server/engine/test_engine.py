@@ -225,6 +225,28 @@ def test_same_seed_same_output_whatever_the_batch(tiny):
     assert engine.generate([[9, 8, 7]], other, ["t/a"])[0].token_ids != alone.token_ids
 
 
+def test_logprobs_come_with_every_token_streamed(tiny):
+    """One TokenLogprobs per token id of each output, streamed or merged: the log_softmax of the row the token was
+    sampled from, and the k largest."""
+    base, source, _ = tiny
+    engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    driver = Driver(engine)
+    params = SamplingParams(max_tokens=5, temperature=0.8, seed=3, logprobs=3, capture_logits=True, ignore_eos=True)
+    driver.add("r", [5, 6, 7], params, "t/a")
+    driver.run()
+    items = driver.outputs["r"]
+    assert all(len(item.logprobs) == len(item.token_ids) for item in items)
+    (merged,) = engine.generate([[5, 6, 7]], params, ["t/a"])  # the same request again, through `generate`
+    assert merged.token_ids == driver.tokens("r")
+    assert len(merged.logprobs) == len(merged.token_ids) == 5
+    reference = torch.log_softmax(merged.logits, dim=-1)
+    for row, token, lp in zip(reference, merged.token_ids, merged.logprobs, strict=True):
+        assert lp.logprob == pytest.approx(float(row[token]), abs=1e-5)
+        assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+    (plain,) = engine.generate([[5, 6, 7]], GREEDY)
+    assert plain.logprobs is None
+
+
 def test_adapters_read_by_reader_processes_serve_what_peft_computes(tiny, peft_helpers):
     base, source, peft_model = tiny
     config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, adapter_reader_processes=2)
@@ -287,6 +309,8 @@ def test_bad_requests_are_refused_clearly(tiny):
         inputs.prompt_ids(prompt="hi", prompt_ids=[1])
     with pytest.raises(InvalidRequestError, match="token ids"):
         inputs.prompt_ids(prompt_ids=[1, 10_000])
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        engine.add("x", [1], SamplingParams(logit_bias={base.config.vocab_size: 1.0}))
     with pytest.raises(InvalidRequestError, match="empty"):
         inputs.prompt_ids(prompt_ids=[])
     with pytest.raises(ContextLengthError, match="at most 63"):

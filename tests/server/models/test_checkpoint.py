@@ -29,6 +29,43 @@ def test_default_base_is_converted_once(default_base_dir, monkeypatch):
     assert resolve_base(None) == default_base_dir
 
 
+def test_the_default_base_samples_with_its_model_cards_settings(default_base_dir, default_base, tmp_path):
+    """The converted default model's generation_config.json carries the settings its model card samples with, and
+    the loaded base offers them as request defaults; a conversion made before they were added gets them too."""
+    config = json.loads((default_base_dir / "generation_config.json").read_text())
+    assert config["temperature"] == 0.2 and config["top_p"] == 0.9 and config["eos_token_id"] == 2
+    assert default_base.generation_defaults == {"temperature": 0.2, "top_p": 0.9}
+
+    older = tmp_path / "generation_config.json"
+    older.write_text(json.dumps({"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}))
+    checkpoint._add_default_sampling(older)
+    assert json.loads(older.read_text()) == {
+        "_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.2,
+        "top_p": 0.9,
+    }  # fmt: skip
+    edited = {"_from_model_config": True, "temperature": 0.7}  # settings someone chose stay as they are
+    older.write_text(json.dumps(edited))
+    checkpoint._add_default_sampling(older)
+    assert json.loads(older.read_text()) == edited
+
+
+def test_generation_defaults_are_read_and_checked(tmp_path, caplog):
+    assert checkpoint.load_generation_defaults(tmp_path) == {}  # no generation_config.json
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps(
+            {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 300,
+             "min_p": 2.0, "do_sample": True, "eos_token_id": [1, 2]}
+        )
+    )  # fmt: skip
+    defaults = checkpoint.load_generation_defaults(tmp_path)
+    assert defaults == {
+        "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 300
+    }  # fmt: skip
+    assert "min_p=2.0" in caplog.text  # out of range: left out, said
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert checkpoint.load_generation_defaults(tmp_path) == {}
+
+
 def test_default_base_answers_in_nf4(default_base):
     assert default_base.config.num_hidden_layers == 30
     ids = default_base.chat_prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
