@@ -29,7 +29,7 @@ from loramux.registry.registry import (
     RevisionNotFoundError,
     Unauthorized,
 )
-from loramux.registry.store import RepoExistsError
+from loramux.registry.store import RepoExistsError, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,18 @@ _ERRORS: list[tuple[type[BaseException], int, str | None]] = [
     (InvalidNameError, 400, None),
     (AdapterConfigError, 422, None),
     (CommitError, 422, None),
+    (StorageUnavailableError, 503, None),
     (BlobError, 500, None),
 ]
+RETRY_AFTER_SECONDS = 5  # what a 503 asks the client to wait
 
 
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
     headers = {"X-Error-Message": message.splitlines()[0][:200].encode("ascii", "replace").decode()}
     if code:
         headers["X-Error-Code"] = code
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 

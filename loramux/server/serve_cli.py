@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from loramux.registry.cli.common import add_data_dir_argument
+from loramux.registry.cli.common import add_storage_arguments, open_registry
 from loramux.registry.cli.hub import is_loopback
 
 MiB = 1 << 20
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    add_data_dir_argument(parser)
+    add_storage_arguments(parser)
     parser.add_argument(
         "--hub",
         default=None,
@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     _check(args)
-    from loramux.registry.registry import Registry
-
-    registry = Registry.open(args.data_dir)  # API keys (and, without --hub, the adapters) live here
+    registry = open_registry(args)  # API keys (and, without --hub, the adapters) live here
     keys = registry.store.has_keys()
     if not keys and not is_loopback(args.host) and not args.allow_insecure_no_auth:
         raise ValueError(

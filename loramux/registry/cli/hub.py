@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
-from loramux.registry.cli.common import add_data_dir_argument, open_registry
+from loramux.registry.cli.common import add_storage_arguments, open_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="listen on a non-loopback address even though no API keys exist (anyone could write)",
     )
-    add_data_dir_argument(parser)
+    add_storage_arguments(parser)
 
 
 def is_loopback(host: str) -> bool:
