@@ -12,7 +12,7 @@ import pytest
 
 from loramux.registry import migrations
 from loramux.registry.postgres_store import SCHEMA_REVISIONS, PostgresStore
-from loramux.registry.registry import Caller, Registry
+from loramux.registry.registry import Caller
 from loramux.registry.store import StorageUnavailableError
 from tests.registry.test_registry import add_bytes, add_dir
 
@@ -106,20 +106,16 @@ def test_the_database_restarting_mid_commit_leaves_no_partial_revision(
 
 
 def test_blob_deletion_waits_for_commits_of_every_process(shared_storage, tmp_path):
-    one, two = (Registry.open(tmp_path / d, shared_storage.database_url, shared_storage.blob_url) for d in "ab")
-    try:
-        deleted = threading.Event()
+    one, two = shared_storage.open(tmp_path / "one"), shared_storage.open(tmp_path / "two")  # two processes' views
+    deleted = threading.Event()
 
-        def delete() -> None:
-            with two.holding_blobs(exclusive=True):
-                deleted.set()
+    def delete() -> None:
+        with two.holding_blobs(exclusive=True):
+            deleted.set()
 
-        with one.holding_blobs(exclusive=False):  # a commit of the first process checks its blobs
-            deleter = threading.Thread(target=delete)
-            deleter.start()
-            assert not deleted.wait(0.5)  # the second process's deletion waits for it
-        deleter.join(timeout=10)
-        assert deleted.is_set()
-    finally:
-        one.close()
-        two.close()
+    with one.holding_blobs(exclusive=False):  # a commit of the first process checks its blobs
+        deleter = threading.Thread(target=delete)
+        deleter.start()
+        assert not deleted.wait(0.5)  # the second process's deletion waits for it
+    deleter.join(timeout=10)
+    assert deleted.is_set()
