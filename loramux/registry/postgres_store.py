@@ -1,8 +1,11 @@
 """The metadata store on PostgreSQL, for a registry that several processes on several machines share (every
 `loramux hub`, `loramux serve` and `loramux train-worker` pointed at one `--database-url`).
 
-psycopg 3 with a connection pool (each connection checked before use, so that one broken by a database restart is
-replaced rather than failing a request). The tables are created and changed by the Alembic migrations in
+psycopg 3, through a small pool of its own (`Connections`): an idle connection is checked before it is handed out,
+so that one broken by a database restart is replaced rather than failing a request, and a new one is opened at once
+when none is idle, so that requests fail fast (503) while the database is down and succeed again as soon as it is
+back. (psycopg_pool reconnects in the background with a growing delay between attempts: requests would keep
+failing for seconds after the database is back.) The tables are created and changed by the Alembic migrations in
 `migrations/` (`loramux db upgrade`); a process refuses to start on a database whose schema is not the one it knows.
 
 Commits to one repo are serialized by a lock on the repo's row: the head a commit checks is the head it moves, and
@@ -13,6 +16,7 @@ say) leaves nothing behind. A database that cannot be reached raises `StorageUna
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +25,8 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from loramux.registry.rows import (
     JOB_FIELDS,
@@ -61,19 +65,9 @@ BLOB_LOCK = 0x6C6D78626C6F62  # the advisory lock key of `blob_lock` ("lmxblob")
 class PostgresStore:
     """`MetadataStore` on PostgreSQL. `url` is a libpq URL (`postgresql://user:password@host:port/dbname`)."""
 
-    def __init__(self, url: str, max_connections: int = 8, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, max_connections: int = 8, timeout: float = 5.0) -> None:
         _check_schema(url, timeout)
-        # autocommit: a plain read is its own statement; writes open a transaction explicitly (`_write`).
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_connections,
-            kwargs={"autocommit": True, "row_factory": dict_row},
-            check=ConnectionPool.check_connection,
-            timeout=timeout,
-            name="loramux-registry",
-            open=True,
-        )
+        self._pool = Connections(url, max_connections, timeout)
 
     def close(self) -> None:
         self._pool.close()
@@ -92,18 +86,15 @@ class PostgresStore:
         # A session-level advisory lock, held on a connection of its own for as long as the caller needs it. A
         # session that ends (its process died, the database restarted) releases it.
         mode = "" if exclusive else "_shared"
-        with _unavailable():
-            conn = self._pool.getconn()
-        try:
-            with _unavailable():
-                conn.execute(f"SELECT pg_advisory_lock{mode}(%s)", (BLOB_LOCK,))
-            yield
-        finally:
+        with _unavailable(), self._pool.connection() as conn:
+            conn.execute(f"SELECT pg_advisory_lock{mode}(%s)", (BLOB_LOCK,))
             try:
-                conn.execute(f"SELECT pg_advisory_unlock{mode}(%s)", (BLOB_LOCK,))
-            except psycopg.Error:
-                conn.close()  # never hand back a connection that may still hold the lock
-            self._pool.putconn(conn)
+                yield
+            finally:
+                try:
+                    conn.execute(f"SELECT pg_advisory_unlock{mode}(%s)", (BLOB_LOCK,))
+                except psycopg.Error:
+                    conn.close()  # never hand back a connection that may still hold the lock
 
     # --- tenants and keys
     def create_tenant(self, name: str) -> Tenant:
@@ -397,6 +388,61 @@ class PostgresStore:
         return [event_of(r) for r in found]
 
 
+class Connections:
+    """At most `size` connections to the database at `url` (autocommit, rows as dicts), idle ones kept for reuse.
+
+    An idle connection is checked with an empty query before it is handed out; when none is idle (or none works) a
+    new one is opened on the spot. A connection comes back only if it is healthy and outside any transaction.
+    """
+
+    def __init__(self, url: str, size: int, timeout: float) -> None:
+        self.url, self.timeout = url, timeout
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        if not self._slots.acquire(timeout=self.timeout):
+            raise psycopg.OperationalError(f"all connections stayed busy for {self.timeout:.0f} s")
+        conn = None
+        try:
+            conn = self._take()
+            yield conn
+        finally:
+            self._give_back(conn)
+            self._slots.release()
+
+    def _take(self) -> psycopg.Connection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return psycopg.connect(
+                    self.url, autocommit=True, row_factory=dict_row, connect_timeout=max(1, int(self.timeout))
+                )
+            try:
+                conn.execute("")  # one round trip: is the session still there (the database may have restarted)?
+                return conn
+            except psycopg.Error:
+                conn.close()
+
+    def _give_back(self, conn: psycopg.Connection | None) -> None:
+        if conn is None or conn.closed:
+            return
+        if conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
+            conn.close()
+            return
+        with self._lock:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
 def _job_columns(alias: str) -> str:
     return ", ".join(f"{alias}.{name}" for name in JOB_FIELDS)
 
@@ -406,7 +452,7 @@ def _unavailable() -> Iterator[None]:
     """Turn the driver's "cannot reach the database" errors into `StorageUnavailableError`."""
     try:
         yield
-    except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
         raise StorageUnavailableError(f"the registry database is unavailable: {describe(exc)}") from exc
 
 
