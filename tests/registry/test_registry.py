@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -202,3 +205,16 @@ def test_registry_source_resolves_the_newest_revision(storage, tmp_path, make_ad
     for ref in ("me/a", "me/missing", f"me/a@{'0' * 40}"):
         with pytest.raises(AdapterNotFoundError):
             source.resolve(AdapterRef.parse(ref), "acme")
+
+
+def test_storage_urls_that_name_no_supported_store_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="must start with postgresql://, not 'mysql'"):
+        Registry.open(tmp_path, database_url="mysql://root:secret@db/registry")  # the password is never echoed
+    with pytest.raises(ValueError, match=r"must be s3://BUCKET\[/PREFIX\]"):
+        Registry.open(tmp_path, blob_url="gs://bucket/prefix")
+    result = subprocess.run([sys.executable, "-m", "loramux.cli", "tenants", "list", "--data-dir", str(tmp_path)],
+                            env={**os.environ, "LORAMUX_BLOB_URL": "/var/blobs"}, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    expected = "loramux tenants: error: the blob URL must be s3://BUCKET[/PREFIX], not '/var/blobs'"
+    assert result.stderr.strip() == expected

@@ -4,6 +4,7 @@ them is seen by all of them at the next request, and concurrent pushes through b
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.hf_api import RepoFile
 
+from loramux.registry.jobs import new_id
+from loramux.registry.store import FineTuningJob
 from tests.conftest import REPO, free_port
 from tests.server.api.serving import Server
 
@@ -154,3 +157,30 @@ def test_keys_created_with_the_cli_work_on_every_hub(shared_storage, tmp_path, h
     finally:
         for hub in hubs:
             assert hub.stop() == 0, hub.output()
+
+
+def test_a_training_worker_takes_its_jobs_from_the_shared_database(shared_storage, tmp_path):
+    from loramux.registry.jobs import FineTuning
+    from loramux.registry.registry import Caller
+
+    env = {**os.environ, **shared_storage.env, "LORAMUX_HOME": str(tmp_path / "home")}
+    worker = [sys.executable, "-m", "loramux.cli", "train-worker", "--once", "--data-dir", str(tmp_path / "worker")]
+    idle = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=120)
+    assert idle.returncode == 0, idle.stderr
+    assert "waiting for fine-tuning jobs in the registry database" in idle.stdout
+
+    # A job queued through another process's registry is claimed by the worker (which then fails it: the file names
+    # a base model that does not exist), and the outcome is visible to the process that queued it.
+    jobs = FineTuning(shared_storage.open(tmp_path / "api"))
+    line = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    upload = jobs.upload(Caller(local=True), "t.jsonl", "fine-tune", io.BytesIO(line * 2), max_bytes=1 << 20)
+    job = FineTuningJob(
+        id=new_id("ftjob"), tenant=None, model="missing", base=str(tmp_path / "no-such-base"),
+        training_file=upload.id, validation_file=None, suffix=None, repo_id="local/x", settings={"epochs": 1},
+        hyperparameters={}, seed=0, max_attempts=1,
+    )  # fmt: skip
+    jobs.create_job(Caller(local=True), job)
+    ran = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    done = jobs.job(Caller(local=True), job.id)
+    assert (done.status, done.attempts) == ("failed", 1) and done.error["message"] and done.worker is not None
