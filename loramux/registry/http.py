@@ -52,7 +52,6 @@ _ERRORS: list[tuple[type[BaseException], int, str | None]] = [
     (InvalidNameError, 400, None),
     (AdapterConfigError, 422, None),
     (CommitError, 422, None),
-    (StorageUnavailableError, 503, None),
     (BlobError, 500, None),
 ]
 RETRY_AFTER_SECONDS = 5  # what a 503 asks the client to wait
@@ -79,6 +78,9 @@ class HubRoute(APIRoute):
                 return await handler(request)
             except HubHTTPError as exc:
                 return error_response(exc.status, exc.message, exc.code)
+            except StorageUnavailableError as exc:  # details (hosts, bucket) in the log, not in the answer
+                log.error("%s %s: %s", request.method, request.url.path, exc)
+                return error_response(503, exc.public_message)
             except Exception as exc:
                 for kind, status, code in _ERRORS:
                     if isinstance(exc, kind):

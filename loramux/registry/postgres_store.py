@@ -453,7 +453,7 @@ def _unavailable() -> Iterator[None]:
     try:
         yield
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise StorageUnavailableError(f"the registry database is unavailable: {describe(exc)}") from exc
+        raise StorageUnavailableError(f"the registry database is unavailable: {describe(exc)}", "database") from exc
 
 
 def describe(exc: BaseException) -> str:
@@ -471,7 +471,7 @@ def _check_schema(url: str, timeout: float) -> None:
     except psycopg.ProgrammingError as exc:  # a malformed URL
         raise ValueError(f"invalid database URL: {describe(exc)}") from exc
     except psycopg.OperationalError as exc:
-        raise StorageUnavailableError(f"cannot connect to the registry database: {describe(exc)}") from exc
+        raise StorageUnavailableError(f"cannot connect to the registry database: {describe(exc)}", "database") from exc
     version, head = (row[0] if row else None), SCHEMA_REVISIONS[-1]
     if version == head:
         return

@@ -201,9 +201,9 @@ def _unavailable(what: str) -> Iterator[None]:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         reason = f"{error.get('Code', '?')}: {error.get('Message') or exc}"
-        raise StorageUnavailableError(f"{what} refused the request ({reason})") from exc
+        raise StorageUnavailableError(f"{what} refused the request ({reason})", "bucket") from exc
     except (BotoCoreError, Boto3Error) as exc:
-        raise StorageUnavailableError(f"{what} cannot be reached: {exc}") from exc
+        raise StorageUnavailableError(f"{what} cannot be reached: {exc}", "bucket") from exc
 
 
 def _missing(exc: BaseException | None) -> bool:

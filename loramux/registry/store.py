@@ -23,7 +23,16 @@ class StaleHeadError(RuntimeError):
 
 class StorageUnavailableError(ConnectionError):
     """The registry's database or its blob bucket cannot be reached, or refused the request: nothing was recorded,
-    and the same request may succeed later (HTTP 503)."""
+    and the same request may succeed later (HTTP 503). The message has the details, for the logs and the CLI;
+    `store` ("database" or "bucket") is what an HTTP answer names, without hosts or names."""
+
+    def __init__(self, message: str, store: str) -> None:
+        super().__init__(message)
+        self.store = store
+
+    @property
+    def public_message(self) -> str:
+        return f"The registry's {self.store} is unavailable; nothing was changed, retry later."
 
 
 @dataclass(frozen=True)

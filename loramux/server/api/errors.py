@@ -65,7 +65,7 @@ def overloaded(retry_after: int = 1) -> APIError:
 def storage_unavailable(exc: StorageUnavailableError) -> APIError:
     return APIError(
         503,
-        f"The adapter registry's storage is unavailable; retry later. ({exc})",
+        exc.public_message,
         type="server_error",
         code="storage_unavailable",
         headers={"Retry-After": "5"},
