@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import psycopg
 import pytest
@@ -116,6 +117,12 @@ def test_blob_deletion_waits_for_commits_of_every_process(shared_storage, tmp_pa
     with one.holding_blobs(exclusive=False):  # a commit of the first process checks its blobs
         deleter = threading.Thread(target=delete)
         deleter.start()
-        assert not deleted.wait(0.5)  # the second process's deletion waits for it
-    deleter.join(timeout=10)
+        waiting_locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        with psycopg.connect(shared_storage.database_url, autocommit=True) as conn:
+            deadline = time.monotonic() + 60
+            while conn.execute(waiting_locks).fetchone()[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert conn.execute(waiting_locks).fetchone()[0] == 1  # the second process's deletion waits for it
+        assert not deleted.is_set()
+    deleter.join(timeout=60)
     assert deleted.is_set()
