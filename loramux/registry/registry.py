@@ -107,8 +107,8 @@ class Registry:
         if database_url is None:
             store: MetadataStore = SQLiteStore(root / "registry.sqlite3")
         elif database_url.split("://", 1)[0] in ("postgresql", "postgres"):
-            from loramux.registry.postgres_store import PostgresStore
-
+            with _needs_cluster_extra("a PostgreSQL registry"):
+                from loramux.registry.postgres_store import PostgresStore
             store = PostgresStore(database_url)
         else:
             scheme = database_url.split("://", 1)[0] if "://" in database_url else database_url[:20]
@@ -117,8 +117,8 @@ class Registry:
             if blob_url is None:
                 blobs: BlobStore = LocalBlobStore(root / "blobs")
             elif blob_url.startswith("s3://"):
-                from loramux.registry.s3_blobs import S3BlobStore
-
+                with _needs_cluster_extra("blobs on S3"):
+                    from loramux.registry.s3_blobs import S3BlobStore
                 blobs = S3BlobStore(blob_url, root / "blob-cache")
             else:
                 raise ValueError(f"the blob URL must be s3://BUCKET[/PREFIX], not {blob_url!r}")
@@ -355,6 +355,15 @@ class Registry:
     def _repo_lock(self, repo: int) -> threading.Lock:
         with self._locks_guard:
             return self._repo_locks.setdefault(repo, threading.Lock())
+
+
+@contextmanager
+def _needs_cluster_extra(what: str) -> Iterator[None]:
+    """Say which extra to install when an optional driver is missing, in one line."""
+    try:
+        yield
+    except ImportError as exc:
+        raise ValueError(f"{what} needs the cluster extra: pip install 'loramux[cluster]' ({exc})") from exc
 
 
 def _apply(tree: dict[str, FileEntry], op: AddFile | DeleteFile) -> None:

@@ -218,3 +218,14 @@ def test_storage_urls_that_name_no_supported_store_are_refused(tmp_path):
     assert result.returncode == 1
     expected = "loramux tenants: error: the blob URL must be s3://BUCKET[/PREFIX], not '/var/blobs'"
     assert result.stderr.strip() == expected
+
+
+def test_a_missing_driver_names_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "loramux.registry.postgres_store", None)  # as if psycopg were not installed
+    monkeypatch.setitem(sys.modules, "loramux.registry.s3_blobs", None)  # as if boto3 were not installed
+    with pytest.raises(
+        ValueError, match=r"PostgreSQL registry needs the cluster extra: pip install 'loramux\[cluster\]'"
+    ):
+        Registry.open(tmp_path, database_url="postgresql://db/registry")
+    with pytest.raises(ValueError, match=r"blobs on S3 needs the cluster extra"):
+        Registry.open(tmp_path, blob_url="s3://bucket/prefix")

@@ -24,10 +24,13 @@ def run(args: argparse.Namespace) -> int:
     url = database_url(args)
     if url is None:
         raise ValueError("name the database with --database-url or LORAMUX_DATABASE_URL (SQLite needs no migrations)")
-    from sqlalchemy.exc import SQLAlchemyError
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
 
-    from loramux.registry import migrations
-    from loramux.registry.postgres_store import describe
+        from loramux.registry import migrations
+        from loramux.registry.postgres_store import describe
+    except ImportError as exc:
+        raise ValueError(f"migrations need the cluster extra: pip install 'loramux[cluster]' ({exc})") from exc
 
     try:
         if args.action == "upgrade":
