@@ -12,6 +12,7 @@ serve: install
 
 test:
 	@scripts/setup.sh dev
+	@scripts/test-services.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

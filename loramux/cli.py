@@ -17,6 +17,7 @@ COMMANDS: Commands = {
     "hub": ("loramux.registry.cli.hub", "serve the adapter hub (Hugging Face Hub API) alone, without torch"),
     "tenants": ("loramux.registry.cli.tenants", "create and list tenants and their namespaces"),
     "keys": ("loramux.registry.cli.keys", "create, list and revoke API keys"),
+    "db": ("loramux.registry.cli.db", "create or migrate the tables of a PostgreSQL registry database"),
     "train-worker": ("loramux.server.train_worker", "claim fine-tuning jobs from the registry and train them"),
 }
 DESCRIPTION = "Serve many LoRA fine-tunes of one NF4 base model from one GPU."

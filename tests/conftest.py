@@ -203,9 +203,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The registry's two deployments: SQLite + a local folder (embedded), PostgreSQL + S3 (shared). Tests and fixtures
+# that take `storage`, or `hub` through `@pytest.mark.parametrize("hub", STORAGES, indirect=True)`, run on both.
+STORAGES = ["local", "postgres-s3"]
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster for the session, with the database `registry` at the current schema."""
+    from tests.storage_services import PG_MISSING, PostgresCluster, postgres_bindir
+
+    pytest.importorskip("psycopg", reason="the cluster extra is not installed: pip install -e '.[dev]'")
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip(PG_MISSING)
+    from loramux.registry import migrations
+
+    cluster = PostgresCluster(bindir, free_port())
+    try:
+        cluster.start()
+        cluster.execute("CREATE DATABASE registry")
+        migrations.upgrade(cluster.url("registry"))
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a loopback port, with the bucket `loramux-tests`."""
+    pytest.importorskip("moto", reason="moto is not installed: pip install -e '.[dev]'")
+    import boto3
+
+    from tests.storage_services import S3Server
+
+    server = S3Server(free_port())
+    server.start()
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="loramux-tests")  # fmt: skip
+    yield server
+    server.stop()
+
+
+_PREFIXES = iter(range(1_000_000))
+
+
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """The real hub (uvicorn in a thread) on a fresh registry; huggingface_hub pointed at nothing else."""
+def shared_storage(postgres_cluster, s3_server, monkeypatch):
+    """The database emptied (faster than a new one per test) and a fresh prefix of the bucket; AWS_* set for this
+    process."""
+    from tests.storage_services import SharedStorage
+
+    postgres_cluster.empty("registry")
+    aws = {"AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}  # fmt: skip
+    for key, value in aws.items():
+        monkeypatch.setenv(key, value)
+    prefix = f"registry-{os.getpid()}-{next(_PREFIXES)}"
+    storage = SharedStorage(postgres_cluster.url("registry"), f"s3://loramux-tests/{prefix}", aws)
+    yield storage
+    storage.close()
+
+
+@pytest.fixture(params=STORAGES)
+def storage(request):
+    """Each of the two deployments in turn: `storage.open(data_dir)` -> a Registry."""
+    from tests.storage_services import LocalStorage
+
+    if request.param == "local":
+        yield LocalStorage()
+    else:
+        yield request.getfixturevalue("shared_storage")
+
+
+@pytest.fixture
+def hub(request, tmp_path, monkeypatch):
+    """The real hub (uvicorn in a thread) on a fresh registry (local unless parametrized with "postgres-s3");
+    huggingface_hub pointed at nothing else."""
     import huggingface_hub.constants as hf_constants
     import uvicorn
 
@@ -216,7 +290,10 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     data_dir = tmp_path / "data"
-    registry = Registry.open(data_dir)
+    if getattr(request, "param", "local") == "local":
+        registry = Registry.open(data_dir)
+    else:
+        registry = request.getfixturevalue("shared_storage").open(data_dir)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_hub_app(registry), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)

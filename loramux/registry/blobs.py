@@ -1,4 +1,5 @@
-"""The blob store: file contents addressed by their sha256. Local directory by default; S3 can fill the same seam.
+"""The blob store: file contents addressed by their sha256. A local directory by default; an S3 bucket shared by
+several machines in `s3_blobs.py`.
 
 A blob is written to a temporary file, fsynced and renamed into place, so a crash never leaves a half-written blob
 under its final name, and it is checked against its sha256 again before it is served.
@@ -107,7 +108,7 @@ class LocalBlobStore:
         with self._lock:
             if self._verified.get(sha256) == key:
                 return path
-        if _hash_file(path) != sha256:
+        if hash_file(path) != sha256:
             raise CorruptBlobError(f"blob {sha256} is corrupted (its content no longer matches its sha256)")
         with self._lock:
             self._verified[sha256] = key
@@ -128,7 +129,7 @@ class LocalBlobStore:
                     yield sha, file.stat().st_mtime
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

@@ -29,7 +29,7 @@ from loramux.registry.registry import (
     RevisionNotFoundError,
     Unauthorized,
 )
-from loramux.registry.store import RepoExistsError
+from loramux.registry.store import RepoExistsError, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,15 @@ _ERRORS: list[tuple[type[BaseException], int, str | None]] = [
     (CommitError, 422, None),
     (BlobError, 500, None),
 ]
+RETRY_AFTER_SECONDS = 5  # what a 503 asks the client to wait
 
 
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
     headers = {"X-Error-Message": message.splitlines()[0][:200].encode("ascii", "replace").decode()}
     if code:
         headers["X-Error-Code"] = code
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -75,6 +78,9 @@ class HubRoute(APIRoute):
                 return await handler(request)
             except HubHTTPError as exc:
                 return error_response(exc.status, exc.message, exc.code)
+            except StorageUnavailableError as exc:  # details (hosts, bucket) in the log, not in the answer
+                log.error("%s %s: %s", request.method, request.url.path, exc)
+                return error_response(503, exc.public_message)
             except Exception as exc:
                 for kind, status, code in _ERRORS:
                     if isinstance(exc, kind):

@@ -81,7 +81,7 @@ class FineTuning:
         """Forget the file and delete its content unless something else holds the same bytes. A job that has not
         started yet and trains on it will fail with a clear error."""
         record = self.file(caller, file_id)
-        with self.registry._blob_lock:  # never between a commit's blob check and its record
+        with self.registry.holding_blobs(exclusive=True):
             self.store.delete_upload(record.id)
             if record.sha256 not in self.store.referenced_blobs():
                 self.registry.blobs.delete(record.sha256)

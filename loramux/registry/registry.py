@@ -9,7 +9,8 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -87,18 +88,56 @@ class Registry:
         self.store, self.blobs, self.limits = store, blobs, limits or Limits()
         self._repo_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        # Held while a commit checks its blobs and records them, and while rm deletes blobs: a blob is never
-        # deleted between a commit's check and its record.
+        # One commit or blob deletion at a time in this process (see `holding_blobs`), so that the process holds at
+        # most one store lock, and one database connection for it, at a time.
         self._blob_lock = threading.Lock()
         # Extra checks of every adapter commit, {path: local file} -> raises AdapterValidationError; a serving
         # process adds one that refuses adapters its base model cannot load.
         self.adapter_checks: list[Callable[[Mapping[str, Path]], None]] = []
 
     @classmethod
-    def open(cls, data_dir: Path | None = None) -> Registry:
-        """The default deployment: SQLite metadata and local blobs under `data_dir` (default `paths.data_dir()`)."""
+    def open(
+        cls, data_dir: Path | None = None, database_url: str | None = None, blob_url: str | None = None
+    ) -> Registry:
+        """The registry on the stores its configuration names. Metadata: SQLite in `data_dir` (default
+        `paths.data_dir()`), or the PostgreSQL database at `database_url` (`postgresql://...`). Blobs: the folder
+        `data_dir/blobs`, or the S3 bucket of `blob_url` (`s3://bucket/prefix`; endpoint and credentials from the
+        usual AWS_* variables), read through a local cache in `data_dir/blob-cache`."""
         root = Path(data_dir) if data_dir is not None else paths.data_dir()
-        return cls(SQLiteStore(root / "registry.sqlite3"), LocalBlobStore(root / "blobs"))
+        if database_url is None:
+            store: MetadataStore = SQLiteStore(root / "registry.sqlite3")
+        elif database_url.split("://", 1)[0] in ("postgresql", "postgres"):
+            with _needs_cluster_extra("a PostgreSQL registry"):
+                from loramux.registry.postgres_store import PostgresStore
+            store = PostgresStore(database_url)
+        else:
+            scheme = database_url.split("://", 1)[0] if "://" in database_url else database_url[:20]
+            raise ValueError(f"the database URL must start with postgresql://, not {scheme!r}")
+        try:
+            if blob_url is None:
+                blobs: BlobStore = LocalBlobStore(root / "blobs")
+            elif blob_url.startswith("s3://"):
+                with _needs_cluster_extra("blobs on S3"):
+                    from loramux.registry.s3_blobs import S3BlobStore
+                blobs = S3BlobStore(blob_url, root / "blob-cache")
+            else:
+                raise ValueError(f"the blob URL must be s3://BUCKET[/PREFIX], not {blob_url!r}")
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, blobs)
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        self.store.close()
+
+    @contextmanager
+    def holding_blobs(self, exclusive: bool) -> Iterator[None]:
+        """Shared while a commit checks its blobs and records them, exclusive while blobs nothing refers to are
+        deleted, across every process on the same store: a blob is never deleted between a commit's check and its
+        record."""
+        with self._blob_lock, self.store.blob_lock(exclusive):
+            yield
 
     # --- tenants and keys
     def create_tenant(self, name: str) -> Tenant:
@@ -193,7 +232,7 @@ class Registry:
         """Remove the repo and every revision; deletes the blobs nothing else refers to. Returns how many."""
         repo = self.repo(repo_id, caller)
         self.check_write(repo.namespace, caller)
-        with self._blob_lock:
+        with self.holding_blobs(exclusive=True):
             orphans = self.store.delete_repo(repo)
             for sha in orphans:
                 self.blobs.delete(sha)
@@ -203,7 +242,7 @@ class Registry:
         """Delete blobs no revision refers to (e.g. uploads of pushes that never committed), once older than
         `grace_seconds` so that a push in progress keeps its uploads."""
         deleted = 0
-        with self._blob_lock:
+        with self.holding_blobs(exclusive=True):
             referenced = self.store.referenced_blobs()
             for sha, mtime in list(self.blobs.all_blobs()):
                 if sha not in referenced and time.time() - mtime > grace_seconds:
@@ -275,7 +314,7 @@ class Registry:
                     _apply(tree, op)
                 if not tree:
                     raise CommitError("a revision must hold at least one file")
-                with self._blob_lock:
+                with self.holding_blobs(exclusive=False):
                     kind = self._validate(tree, head)
                     revision = Revision(
                         commit=_commit_id(repo_id, head, tree, message),
@@ -316,6 +355,15 @@ class Registry:
     def _repo_lock(self, repo: int) -> threading.Lock:
         with self._locks_guard:
             return self._repo_locks.setdefault(repo, threading.Lock())
+
+
+@contextmanager
+def _needs_cluster_extra(what: str) -> Iterator[None]:
+    """Say which extra to install when an optional driver is missing, in one line."""
+    try:
+        yield
+    except ImportError as exc:
+        raise ValueError(f"{what} needs the cluster extra: pip install 'loramux[cluster]' ({exc})") from exc
 
 
 def _apply(tree: dict[str, FileEntry], op: AddFile | DeleteFile) -> None:

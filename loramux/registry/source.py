@@ -42,9 +42,12 @@ class RegistrySource:
         return ResolvedAdapter(repo=ref.repo, commit=revision.commit, path=target)
 
 
-def registry_source(data_dir: Path | None) -> RegistrySource:
-    """The source of the registry under `data_dir`, opened here (a picklable factory for another process)."""
-    return RegistrySource(Registry.open(data_dir))
+def registry_source(
+    data_dir: Path | None, database_url: str | None = None, blob_url: str | None = None
+) -> RegistrySource:
+    """The source of the registry `Registry.open` finds with these settings, opened here (a picklable factory for
+    another process: the engine's)."""
+    return RegistrySource(Registry.open(data_dir, database_url, blob_url))
 
 
 class HubSource:

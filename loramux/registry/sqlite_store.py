@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, fields
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
+from loramux.registry.rows import (
+    check_job_fields,
+    event_of,
+    job_of,
+    job_values,
+    json_value,
+    repo_of,
+    revision_of,
+    upload_of,
+)
 from loramux.registry.store import (
     CLAIMED,
     FAILED,
@@ -70,7 +82,6 @@ CREATE TABLE IF NOT EXISTS ft_events (
     type TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
 CREATE INDEX IF NOT EXISTS ft_events_job ON ft_events (job_id, seq);
 """
-_JSON_FIELDS = ("settings", "hyperparameters", "error")
 
 
 class SQLiteStore:
@@ -81,6 +92,23 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(SCHEMA)
+
+    @contextmanager
+    def blob_lock(self, exclusive: bool) -> Iterator[None]:
+        # An flock on a file beside the database: shared or exclusive between the processes (and, each taking it
+        # through its own open file, the threads) of this machine, released by the kernel if its holder dies.
+        fd = os.open(f"{self.path}.blob-lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -185,12 +213,12 @@ class SQLiteStore:
 
     def get_repo(self, namespace: str, name: str) -> Repo | None:
         rows = self._rows("SELECT * FROM repos WHERE namespace = ? AND name = ?", namespace, name)
-        return _repo(rows[0]) if rows else None
+        return repo_of(rows[0]) if rows else None
 
     def list_repos(self, namespace: str | None = None) -> list[Repo]:
         if namespace is None:
-            return [_repo(r) for r in self._rows("SELECT * FROM repos ORDER BY namespace, name")]
-        return [_repo(r) for r in self._rows("SELECT * FROM repos WHERE namespace = ? ORDER BY name", namespace)]
+            return [repo_of(r) for r in self._rows("SELECT * FROM repos ORDER BY namespace, name")]
+        return [repo_of(r) for r in self._rows("SELECT * FROM repos WHERE namespace = ? ORDER BY name", namespace)]
 
     def set_private(self, repo: Repo, private: bool) -> None:
         with self._write() as db:
@@ -240,15 +268,15 @@ class SQLiteStore:
             repo.id,
             branch,
         )
-        return _revision(rows[0]) if rows else None
+        return revision_of(rows[0]) if rows else None
 
     def get_revision(self, repo: Repo, commit: str) -> Revision | None:
         rows = self._rows("SELECT * FROM revisions WHERE repo_id = ? AND commit_id = ?", repo.id, commit)
-        return _revision(rows[0]) if rows else None
+        return revision_of(rows[0]) if rows else None
 
     def list_revisions(self, repo: Repo) -> list[Revision]:
         rows = self._rows("SELECT * FROM revisions WHERE repo_id = ? ORDER BY seq DESC", repo.id)
-        return [_revision(r) for r in rows]
+        return [revision_of(r) for r in rows]
 
     def files(self, commit: str) -> list[FileEntry]:
         rows = self._rows("SELECT path, sha256, size FROM files WHERE commit_id = ? ORDER BY path", commit)
@@ -268,12 +296,12 @@ class SQLiteStore:
 
     def get_upload(self, file_id: str) -> UploadedFile | None:
         rows = self._rows("SELECT * FROM uploads WHERE id = ?", file_id)
-        return _upload(rows[0]) if rows else None
+        return upload_of(rows[0]) if rows else None
 
     def list_uploads(self, tenant: str | None) -> list[UploadedFile]:
         if tenant is None:
-            return [_upload(r) for r in self._rows("SELECT * FROM uploads ORDER BY seq DESC")]
-        return [_upload(r) for r in self._rows("SELECT * FROM uploads WHERE tenant = ? ORDER BY seq DESC", tenant)]
+            return [upload_of(r) for r in self._rows("SELECT * FROM uploads ORDER BY seq DESC")]
+        return [upload_of(r) for r in self._rows("SELECT * FROM uploads WHERE tenant = ? ORDER BY seq DESC", tenant)]
 
     def delete_upload(self, file_id: str) -> bool:
         with self._write() as db:
@@ -282,7 +310,7 @@ class SQLiteStore:
     # --- fine-tuning jobs: every state change is one conditional UPDATE inside a write transaction, so two workers
     # never both claim a job and a worker that lost its claim never overwrites what happened since.
     def add_job(self, job: FineTuningJob) -> None:
-        row = _job_row(job)
+        row = job_values(job)
         with self._write() as db:
             db.execute(
                 f"INSERT INTO ft_jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
@@ -290,7 +318,7 @@ class SQLiteStore:
 
     def get_job(self, job_id: str) -> FineTuningJob | None:
         rows = self._rows("SELECT * FROM ft_jobs WHERE id = ?", job_id)
-        return _job(rows[0]) if rows else None
+        return job_of(rows[0]) if rows else None
 
     def list_jobs(self, tenant: str | None, everyone: bool, after: str | None, limit: int) -> list[FineTuningJob]:
         where, args = ("1", []) if everyone else ("tenant IS ?", [tenant])
@@ -298,7 +326,7 @@ class SQLiteStore:
             where += " AND seq < COALESCE((SELECT seq FROM ft_jobs WHERE id = ?), -1)"
             args.append(after)
         rows = self._rows(f"SELECT * FROM ft_jobs WHERE {where} ORDER BY seq DESC LIMIT ?", *args, limit)
-        return [_job(r) for r in rows]
+        return [job_of(r) for r in rows]
 
     def cancel_job(self, job_id: str, now: float) -> bool:
         with self._write() as db:
@@ -315,7 +343,7 @@ class SQLiteStore:
             rows = db.execute(
                 f"SELECT * FROM ft_jobs WHERE status IN ({_marks(2)}) AND lease_expires_at < ?", (*CLAIMED, now)
             ).fetchall()
-            for job in map(_job, rows):
+            for job in map(job_of, rows):
                 if job.attempts >= job.max_attempts:
                     error = {
                         "code": "worker_lost",
@@ -346,13 +374,11 @@ class SQLiteStore:
                 "started_at = COALESCE(started_at, ?) WHERE id = ?",
                 (VALIDATING, worker, now + lease_seconds, now, row["id"]),
             )
-            return _job(db.execute("SELECT * FROM ft_jobs WHERE id = ?", (row["id"],)).fetchone())
+            return job_of(db.execute("SELECT * FROM ft_jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def update_claimed(self, job_id: str, worker: str, **changes: Any) -> bool:
-        known = {f.name for f in fields(FineTuningJob)}
-        if not changes or not set(changes) <= known - {"id", "seq"}:
-            raise ValueError(f"cannot update job fields {sorted(set(changes) - known)}")
-        values = [json.dumps(v) if k in _JSON_FIELDS else v for k, v in changes.items()]
+        check_job_fields(changes)
+        values = [json_value(k, v) for k, v in changes.items()]
         with self._write() as db:
             cur = db.execute(
                 f"UPDATE ft_jobs SET {', '.join(f'{k} = ?' for k in changes)} "
@@ -385,38 +411,7 @@ class SQLiteStore:
             where += " AND seq < COALESCE((SELECT seq FROM ft_events WHERE id = ?), -1)"
             args.append(after)
         rows = self._rows(f"SELECT * FROM ft_events WHERE {where} ORDER BY seq DESC LIMIT ?", *args, limit)
-        return [_event(r) for r in rows]
-
-
-def _repo(row: sqlite3.Row) -> Repo:
-    return Repo(row["id"], row["namespace"], row["name"], bool(row["private"]), row["created_at"])
-
-
-def _revision(row: sqlite3.Row) -> Revision:
-    return Revision(row["commit_id"], row["repo_id"], row["parent"], row["message"], row["kind"], row["created_at"])
-
-
-def _upload(row: sqlite3.Row) -> UploadedFile:
-    return UploadedFile(*(row[f.name] for f in fields(UploadedFile)))
-
-
-def _job_row(job: FineTuningJob) -> dict[str, Any]:
-    return {
-        f.name: json.dumps(getattr(job, f.name)) if f.name in _JSON_FIELDS else getattr(job, f.name)
-        for f in fields(FineTuningJob)
-    }
-
-
-def _job(row: sqlite3.Row) -> FineTuningJob:
-    values = {f.name: row[f.name] for f in fields(FineTuningJob)}
-    for name in _JSON_FIELDS:
-        values[name] = None if values[name] is None else json.loads(values[name])
-    return FineTuningJob(**values)
-
-
-def _event(row: sqlite3.Row) -> JobEvent:
-    data = None if row["data"] is None else json.loads(row["data"])
-    return JobEvent(row["id"], row["job_id"], row["created_at"], row["level"], row["type"], row["message"], data)
+        return [event_of(r) for r in rows]
 
 
 def _marks(n: int) -> str:

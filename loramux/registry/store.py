@@ -1,5 +1,6 @@
 """The metadata store seam: tenants and keys, repos, revisions and their files. SQLite by default
-(`sqlite_store.py`); a PostgreSQL implementation fills the same protocol when the registry outgrows one machine.
+(`sqlite_store.py`, one machine); PostgreSQL (`postgres_store.py`) when several processes on several machines share
+one registry.
 
 Uploaded training files, fine-tuning jobs and their events have their own method group (`jobs.py` is their facade).
 """
@@ -7,6 +8,7 @@ Uploaded training files, fine-tuning jobs and their events have their own method
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +19,20 @@ class RepoExistsError(ValueError):
 
 class StaleHeadError(RuntimeError):
     """The branch moved while a commit was being prepared: the caller rebuilds the tree on the new head."""
+
+
+class StorageUnavailableError(ConnectionError):
+    """The registry's database or its blob bucket cannot be reached, or refused the request: nothing was recorded,
+    and the same request may succeed later (HTTP 503). The message has the details, for the logs and the CLI;
+    `store` ("database" or "bucket") is what an HTTP answer names, without hosts or names."""
+
+    def __init__(self, message: str, store: str) -> None:
+        super().__init__(message)
+        self.store = store
+
+    @property
+    def public_message(self) -> str:
+        return f"The registry's {self.store} is unavailable; nothing was changed, retry later."
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,14 @@ class JobEvent:
 
 
 class MetadataStore(Protocol):
+    def blob_lock(self, exclusive: bool) -> AbstractContextManager[None]:
+        """Held, across every process sharing this store, while a commit checks its blobs and records them (shared)
+        and while blobs that nothing refers to are deleted (exclusive): a blob is never deleted between a commit's
+        check and its record."""
+        ...
+
+    def close(self) -> None: ...
+
     # --- tenants, namespaces and API keys (keys are stored as the sha256 of the token, never the token)
     def create_tenant(self, name: str) -> Tenant: ...
     def list_tenants(self) -> list[Tenant]: ...

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 
-from loramux.registry.cli.common import add_data_dir_argument
+from loramux.registry.cli.common import add_storage_arguments, blob_url, database_url, open_registry
 from loramux.registry.cli.hub import is_loopback
 
 MiB = 1 << 20
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    add_data_dir_argument(parser)
+    add_storage_arguments(parser)
     parser.add_argument(
         "--hub",
         default=None,
@@ -122,9 +122,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from loramux.registry.registry import Registry
-
-    registry = Registry.open(args.data_dir)  # API keys (and, without --hub, the adapters) live here
+    registry = open_registry(args)  # API keys (and, without --hub, the adapters) live here
     keys = registry.store.has_keys()
     if not keys and not is_loopback(args.host) and not args.allow_insecure_no_auth:
         raise ValueError(
@@ -153,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         engine=engine,
         data_dir=args.data_dir,
+        database_url=database_url(args),
+        blob_url=blob_url(args),
         hub_url=args.hub,
         hub_token=hub_token,
         shutdown_grace=args.shutdown_grace,
@@ -229,13 +229,12 @@ def _supervise(settings, host: str, port: int, count: int) -> int:
 
 def _api_process(settings, attachment, listener) -> None:
     """One API process of several: serve on the shared socket, attached to the running engine."""
-    from loramux.registry.registry import Registry
     from loramux.server.api.app import serve
     from loramux.server.api.state import ServerState
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("loramux.access").setLevel(logging.INFO)
-    state = ServerState(settings, Registry.open(settings.data_dir), attach=attachment)
+    state = ServerState(settings, settings.open_registry(), attach=attachment)
     state.prepare()  # before it takes connections: a request here never meets a tokenizer still loading
     host, port = listener.getsockname()[:2]
     raise SystemExit(serve(state, host, port, sockets=[listener]))

@@ -20,13 +20,13 @@ import socket
 import threading
 from pathlib import Path
 
-from loramux.registry.cli.common import add_data_dir_argument
+from loramux.registry.cli.common import add_storage_arguments, database_url, open_registry
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_data_dir_argument(parser)
+    add_storage_arguments(parser)
     parser.add_argument(
         "--poll-interval", type=float, default=2.0, help="seconds between looks at the queue when it is empty"
     )
@@ -52,11 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--checkpoint-every must not be negative")
     from loramux import paths
     from loramux.registry.jobs import FineTuning
-    from loramux.registry.registry import Registry
 
     data_dir = Path(args.data_dir) if args.data_dir is not None else paths.data_dir()
     worker = TrainWorker(
-        FineTuning(Registry.open(data_dir)),
+        FineTuning(open_registry(args)),
         work_root=data_dir / "fine_tuning",
         lease_seconds=args.lease_seconds,
         checkpoint_every=args.checkpoint_every,
@@ -64,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
-    print(f"loramux train-worker {worker.name}: waiting for fine-tuning jobs in {data_dir}", flush=True)
+    queue = "the registry database" if database_url(args) else data_dir
+    print(f"loramux train-worker {worker.name}: waiting for fine-tuning jobs in {queue}", flush=True)
     while not worker.stopping.is_set():
         if worker.run_one() or args.once:
             if args.once:

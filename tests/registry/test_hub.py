@@ -1,4 +1,5 @@
-"""The hub over HTTP with the clients users use: huggingface_hub's HfApi and downloads, PEFT, httpx."""
+"""The hub over HTTP with the clients users use: huggingface_hub's HfApi and downloads, PEFT, httpx; the protocol's
+tests on both deployments (SQLite + local blobs, PostgreSQL + S3)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from loramux.adapters.source import AdapterRef
 from loramux.registry.source import HubSource
+from tests.conftest import STORAGES
 
 
+@pytest.mark.parametrize("hub", STORAGES, indirect=True)
 def test_peft_push_and_download_with_huggingface_hub(hub, make_adapter, tmp_path):
     adapter = make_adapter()
     api = HfApi(endpoint=hub.url)
@@ -42,6 +45,7 @@ def test_peft_push_and_download_with_huggingface_hub(hub, make_adapter, tmp_path
     assert old.sha == commit.oid  # an old revision stays readable
 
 
+@pytest.mark.parametrize("hub", STORAGES, indirect=True)
 def test_large_files_go_through_lfs_and_ranges_work(hub, tmp_path):
     api = HfApi(endpoint=hub.url)
     api.create_repo("me/merged")
@@ -92,6 +96,7 @@ def test_a_corrupted_lfs_blob_is_repaired_by_pushing_the_file_again(hub, tmp_pat
     assert repaired.status_code == 200 and repaired.content == shard.read_bytes()
 
 
+@pytest.mark.parametrize("hub", STORAGES, indirect=True)
 def test_404s_carry_the_error_code_the_client_reads(hub, make_adapter):
     api = HfApi(endpoint=hub.url)
     api.create_repo("me/a")
@@ -109,6 +114,7 @@ def test_404s_carry_the_error_code_the_client_reads(hub, make_adapter):
         api.model_info("me/missing")
 
 
+@pytest.mark.parametrize("hub", STORAGES, indirect=True)
 def test_invalid_adapter_push_is_refused_and_leaves_no_revision(hub, make_adapter, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -125,6 +131,7 @@ def test_invalid_adapter_push_is_refused_and_leaves_no_revision(hub, make_adapte
     assert hub.registry.store.list_revisions(hub.registry.repo("me/bad", hub.registry.caller(None))) == []
 
 
+@pytest.mark.parametrize("hub", STORAGES, indirect=True)
 def test_tenants_private_repos_and_write_permissions(hub, make_adapter):
     registry = hub.registry
     for name in ("acme", "globex"):

@@ -12,7 +12,7 @@ import pytest
 
 from loramux.adapters.train_data import DataError
 from loramux.registry.jobs import FileNotFound, FineTuning, JobFinished, JobNotFound, new_id
-from loramux.registry.registry import Caller, Registry
+from loramux.registry.registry import Caller
 from loramux.registry.store import FineTuningJob
 
 ACME, GLOBEX = Caller(tenant="acme"), Caller(tenant="globex")
@@ -20,8 +20,9 @@ LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "ass
 
 
 @pytest.fixture
-def ft(tmp_path: Path) -> FineTuning:
-    registry = Registry.open(tmp_path / "data")
+def ft(storage, tmp_path: Path) -> FineTuning:
+    """Files and jobs on each deployment (SQLite + local blobs, PostgreSQL + S3)."""
+    registry = storage.open(tmp_path / "data")
     for tenant in ("acme", "globex"):
         registry.create_tenant(tenant)
     registry.create_key("acme")

@@ -8,15 +8,17 @@ import time
 
 from loramux.adapters.source import AdapterRef
 from loramux.registry import source as source_module
-from loramux.registry.registry import Caller, Registry
+from loramux.registry.registry import Caller
 from loramux.registry.source import RegistrySource
 from tests.registry.test_registry import add_dir
 
 LOCAL = Caller(local=True)
 
 
-def test_concurrent_resolves_of_one_commit_never_remove_a_copy_a_reader_holds(tmp_path, make_adapter, monkeypatch):
-    registry = Registry.open(tmp_path / "data")
+def test_concurrent_resolves_of_one_commit_never_remove_a_copy_a_reader_holds(
+    storage, tmp_path, make_adapter, monkeypatch
+):
+    registry = storage.open(tmp_path / "data")
     source = RegistrySource(registry, tmp_path / "cache")
     registry.create_repo("me/a", LOCAL, private=True)
     registry.commit("me/a", LOCAL, add_dir(registry, make_adapter(r=4)), "r4")

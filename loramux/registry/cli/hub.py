@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import signal
 
-from loramux.registry.cli.common import add_data_dir_argument, open_registry
+from loramux.registry.cli.common import add_storage_arguments, open_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="listen on a non-loopback address even though no API keys exist (anyone could write)",
     )
-    add_data_dir_argument(parser)
+    add_storage_arguments(parser)
 
 
 def is_loopback(host: str) -> bool:
@@ -42,5 +43,11 @@ def run(args: argparse.Namespace) -> int:
         )
     mode = "API keys required for writes" if keys else "single-user mode (no API keys)"
     print(f"loramux hub on http://{args.host}:{args.port} ({mode})", flush=True)
-    uvicorn.run(create_hub_app(registry), host=args.host, port=args.port, log_level="warning")
+    # uvicorn re-raises the signal that stopped it once it has shut down: after SIGTERM the hub ends with status 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(create_hub_app(registry), host=args.host, port=args.port, log_level="warning")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        registry.close()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from loramux.registry.cli.common import add_data_dir_argument, open_registry
+from loramux.registry.cli.common import add_storage_arguments, open_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     for sub in (create, listing, revoke):
-        add_data_dir_argument(sub)
+        add_storage_arguments(sub)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loramux.registry.cli.common import add_data_dir_argument, open_registry
+from loramux.registry.cli.common import add_storage_arguments, open_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     namespace.add_argument("tenant")
     namespace.add_argument("namespace")
     for sub in (create, namespace, actions.choices["list"]):
-        add_data_dir_argument(sub)
+        add_storage_arguments(sub)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loramux.registry.store import StorageUnavailableError
+
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +62,16 @@ def overloaded(retry_after: int = 1) -> APIError:
     )
 
 
+def storage_unavailable(exc: StorageUnavailableError) -> APIError:
+    return APIError(
+        503,
+        exc.public_message,
+        type="server_error",
+        code="storage_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -95,6 +107,12 @@ def install_handlers(app: FastAPI) -> None:
         )
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return APIError(exc.status_code, detail, type=error_type, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(StorageUnavailableError)
+    async def _storage_unavailable(request: Request, exc: StorageUnavailableError) -> JSONResponse:
+        # The registry's database or bucket is down: nothing was recorded, and the same request may work later.
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return storage_unavailable(exc).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

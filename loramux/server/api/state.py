@@ -29,6 +29,8 @@ class ServerSettings:
     device: str | None = None
     engine: object = None
     data_dir: Path | None = None  # the registry's (where adapters come from without `hub_url`)
+    database_url: str | None = None  # the registry's metadata on PostgreSQL instead of SQLite under data_dir
+    blob_url: str | None = None  # the registry's blobs in an S3 bucket instead of data_dir/blobs
     hub_url: str | None = None  # a remote hub as the adapter source instead of the local registry
     hub_token: str | None = None
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
@@ -45,9 +47,12 @@ class ServerSettings:
         source = (
             partial(HubSource, self.hub_url, self.hub_token)
             if self.hub_url
-            else partial(registry_source, self.data_dir)
+            else partial(registry_source, self.data_dir, self.database_url, self.blob_url)
         )
         return CoreSpec(self.base, self.device, self.engine, source, self.log_level)
+
+    def open_registry(self) -> Registry:
+        return Registry.open(self.data_dir, self.database_url, self.blob_url)
 
 
 @dataclass

@@ -4,7 +4,7 @@ that the engine binds and a DEALER socket per API process.
 API -> engine: `[HELLO]`, `[ADD, request_id, prompt_ids, params, adapter, tenant]`, `[ABORT, [request_id, ...]]`,
 `[STATS, token]`, `[SHUTDOWN]`.
 Engine -> API: `[OUTPUTS, [[request_id, token_ids, finish_reason, error, logprobs], ...]]` once a step for all of
-that API process's requests that moved (`error` is `[kind, message]` or None; `logprobs` None or one
+that API process's requests that moved (`error` is `[kind, message, store]` or None; `logprobs` None or one
 `[logprob, [[token_id, logprob], ...]]` per token), `[STATS, token, {name: number}]`,
 `[DEAD, message]` when the step loop failed and the engine process exits.
 """
@@ -20,6 +20,7 @@ from loramux.adapters.source import AdapterNotFoundError
 from loramux.adapters.validate import AdapterValidationError
 from loramux.adapters.weights import AdapterMismatchError
 from loramux.registry.blobs import BlobError, CorruptBlobError
+from loramux.registry.store import StorageUnavailableError
 from loramux.server.engine.errors import (
     AdapterLoadError,
     AdapterTooLargeError,
@@ -49,6 +50,7 @@ _ERRORS: dict[str, type[BaseException]] = {
         InvalidRequestError,
         QueueFullError,
         EngineStoppedError,
+        StorageUnavailableError,
     )
 }
 
@@ -70,15 +72,18 @@ def params_from_wire(fields: dict) -> SamplingParams:
 
 
 def error_to_wire(exc: BaseException) -> list[str]:
-    """[kind, message]: the nearest class in `exc`'s ancestry that the API knows."""
+    """[kind, message, store]: the nearest class in `exc`'s ancestry that the API knows (`store`: what part of the
+    registry's storage a StorageUnavailableError names)."""
     for cls in type(exc).__mro__:
         if cls.__name__ in _ERRORS:
-            return [cls.__name__, str(exc)]
-    return ["RuntimeError", f"{type(exc).__name__}: {exc}"]
+            return [cls.__name__, str(exc), getattr(exc, "store", "")]
+    return ["RuntimeError", f"{type(exc).__name__}: {exc}", ""]
 
 
 def error_from_wire(wire: list[str]) -> BaseException:
-    kind, message = wire
+    kind, message, store = wire
+    if kind == StorageUnavailableError.__name__:
+        return StorageUnavailableError(message, store)
     return _ERRORS.get(kind, RuntimeError)(message)
 
 
