@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -238,8 +239,10 @@ def push_many(entries: list[tuple[Path, str]], url: str, processes: int = 8) -> 
 
 def loadgen(url: str, out: Path, *, models: list[str], requests: int, max_tokens: int, prompt_words: int,
             sampling: str, concurrency: int | None = None, rate: float | None = None, zipf: float = 0.0,
-            processes: int = 1, timeout: float = 600.0) -> dict:  # fmt: skip
-    """One `python -m loadtests.loadgen` run (streaming completions, EOS ignored) -> its report."""
+            processes: int = 1, timeout: float = 600.0, times: ProcessTimes | None = None) -> dict:  # fmt: skip
+    """One `python -m loadtests.loadgen` run (streaming completions, EOS ignored) -> its report (with `times`, the
+    CPU microseconds the engine and the API processes spent per output token, under `cpu_us_per_token`)."""
+    before = times.take() if times else None
     command = [sys.executable, "-m", "loadtests.loadgen", "--url", url, "--endpoint", "completions",
                "--model", ",".join(models), "--zipf", str(zipf), "--requests", str(requests),
                "--max-tokens", str(max_tokens), "--prompt-words", str(prompt_words), "--ignore-eos",
@@ -249,7 +252,42 @@ def loadgen(url: str, out: Path, *, models: list[str], requests: int, max_tokens
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout + 120)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"loadgen failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    if times is not None:
+        after, tokens = times.take(), max(1, report["tokens"]["output"])
+        report["cpu_us_per_token"] = {"engine": 1e6 * (after[0] - before[0]) / tokens,
+                                      "api": 1e6 * (after[1] - before[1]) / tokens}  # fmt: skip
+    return report
+
+
+class ProcessTimes:
+    """CPU seconds of the server's processes: the engine process (and its adapter readers) and the rest (the API)."""
+
+    def __init__(self, server_pid: int, url: str) -> None:
+        import httpx
+        import psutil
+
+        self.root = psutil.Process(server_pid)
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        pid = next(
+            int(float(line.split()[-1])) for line in metrics.splitlines() if line.startswith("loramux_engine_pid")
+        )
+        self.engine = psutil.Process(pid)
+
+    def take(self) -> tuple[float, float]:
+        """(engine, API) CPU seconds so far."""
+
+        def cpu(p) -> float:
+            try:
+                t = p.cpu_times()
+                return t.user + t.system
+            except Exception:  # gone meanwhile
+                return 0.0
+
+        engine_side = {self.engine.pid, *(c.pid for c in self.engine.children(recursive=True))}
+        tree = [self.root, *self.root.children(recursive=True)]
+        engine = sum(cpu(p) for p in tree if p.pid in engine_side)
+        return engine, sum(cpu(p) for p in tree if p.pid not in engine_side)
 
 
 def summary(report: dict) -> dict:
@@ -265,6 +303,7 @@ def summary(report: dict) -> dict:
         "ttft_p50_s": lat["ttft"]["p50"], "ttft_p99_s": lat["ttft"]["p99"],
         "tpot_p50_s": lat["tpot"]["p50"], "tpot_p99_s": lat["tpot"]["p99"],
         "sampling": report["config"].get("sampling"),
+        "cpu_us_per_token": report.get("cpu_us_per_token"),
     }  # fmt: skip
 
 
@@ -303,67 +342,93 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
     p = plan(args)
     shape = SHAPES[p["shape"]]
     device = args.device
+    began = time.perf_counter()
     env = {**os.environ, "LORAMUX_HOME": str(root / "home")}
+    env.pop("HF_HUB_OFFLINE", None)  # the pushes go to the server started here, and nowhere else
     if device == "cpu":  # a tiny model needs no intra-op threads: the cores go to the API and the client
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    started = time.perf_counter()
-    checkpoint = write_checkpoint(root / "checkpoint", shape, args.tokenizer, device)
-    results["checkpoint_seconds"] = time.perf_counter() - started
-    print(f"checkpoint written in {results['checkpoint_seconds']:.0f}s", flush=True)
+    checkpoint = root / "checkpoint"
+    if not (checkpoint / "config.json").exists():  # a --workdir keeps it for the next run
+        write_checkpoint(checkpoint, shape, args.tokenizer, device)
+    results["checkpoint_seconds"] = time.perf_counter() - began
+    print(f"checkpoint ready in {results['checkpoint_seconds']:.0f}s", flush=True)
     w1_dirs = [write_adapter(root / "adapters" / f"w1-{i}", shape, p["w1_rank"], ALL_MODULES, seed=i)
                for i in range(min(4, p["w1_adapters"]))]  # fmt: skip
     w1 = [(w1_dirs[i % len(w1_dirs)], f"bench/w1-{i}") for i in range(p["w1_adapters"])]
-    w2 = []
-    if p["w2_adapters"]:
-        ranks = (8, 16, 32, 64)
-        shared = {r: write_adapter(root / "adapters" / f"w2-r{r}", shape, r, ["q_proj", "v_proj"], seed=100 + r)
-                  for r in ranks}  # fmt: skip
-        w2 = [(shared[ranks[i % len(ranks)]], f"bench/w2-{i}") for i in range(p["w2_adapters"])]
-    (root / "home").mkdir(parents=True, exist_ok=True)
-    process, url, log, ready_s = start_server(checkpoint, root / "home", p["server"], env)
-    results["server"] = {"args": p["server"], "ready_seconds": ready_s}
-    print(f"loramux serve ready in {ready_s:.0f}s", flush=True)
+    names = [name for _, name in w1]
+    n, concurrency = p["requests"], p["concurrency"]
     http: dict = results.setdefault("http", {})
-    try:
-        started = time.perf_counter()
-        push_with_cli(w1, url, env)
-        results["push_w1_seconds"] = time.perf_counter() - started
-        if w2:
+    failures: dict = results.setdefault("failures", {})
+    if "http" in args.parts:
+        (root / "home").mkdir(parents=True, exist_ok=True)
+        process, url, log, ready_s = start_server(checkpoint, root / "home", p["server"], env)
+        results["server"] = {"args": p["server"], "ready_seconds": ready_s}
+        print(f"loramux serve ready in {ready_s:.0f}s", flush=True)
+        try:
             started = time.perf_counter()
-            push_many(w2, url)
-            results["push_w2_seconds"] = time.perf_counter() - started
-        print(f"pushed {len(w1) + len(w2)} adapters", flush=True)
-        names = [name for _, name in w1]
-        common = {"max_tokens": p["gen"], "prompt_words": p["prompt_words"], "processes": args.client_processes}
-        n, concurrency = p["requests"], p["concurrency"]
-        # a warm-up: every adapter in a slot, the server's first requests out of the way
-        loadgen(url, root / "warm.json", models=names, requests=len(names), concurrency=len(names), sampling="mix",
-                **{**common, "max_tokens": 4})  # fmt: skip
-        for label, sampling in p["sampling"]:
-            for key, models in ((f"w1_{label}", names), (f"w1_base_{label}", [checkpoint.name])):
-                report = loadgen(url, root / f"{key}.json", models=models, requests=n, concurrency=concurrency,
-                                 sampling=sampling, **common)  # fmt: skip
-                http[key] = summary(report)
-                print(f"  {key}: {http[key]['tokens_per_s']:.0f} tokens/s", flush=True)
-        if w2:
-            report = loadgen(url, root / "w2.json", models=[name for _, name in w2], requests=512, rate=100.0,
-                             zipf=1.0, sampling="mix", **common)  # fmt: skip
-            http["w2_mix"] = summary(report)
-            print(f"  w2_mix: {http['w2_mix']['tokens_per_s']:.0f} tokens/s", flush=True)
-        one = {**common, "max_tokens": p["stream_gen"], "processes": 1}
-        for label, sampling in (("default", "default"), ("greedy", "greedy")):
-            report = loadgen(url, root / f"stream_{label}.json", models=[names[0]], requests=1, concurrency=1,
-                             sampling=sampling, **one)  # fmt: skip
-            http[f"stream_{label}"] = summary(report)
-            print(f"  stream_{label}: {http[f'stream_{label}']['tokens_per_s']:.1f} tokens/s", flush=True)
-    finally:
-        results["server"]["exit_status"] = stop_server(process)
-        results["server"]["log_tail"] = log.read_text(errors="replace")[-3000:]
-    engine_args = [*p["engine"], "--only", "w1,stream", "--w1-requests", str(n), "--w1-adapters",
-                   str(p["w1_adapters"]), "--w1-rank", str(p["w1_rank"]), "--prompt", str(args.engine_prompt),
-                   "--gen", str(p["gen"]), "--stream-gen", str(p["stream_gen"]), "--device", device,
-                   "--sampling", "greedy,mix" if not args.tiny else "greedy,default"]  # fmt: skip
-    results["engine"] = engine_alone(checkpoint, root / "engine.json", engine_args, env)
+            push_with_cli(w1, url, env)
+            results["push_w1_seconds"] = time.perf_counter() - started
+            times = ProcessTimes(process.pid, url)
+            common = {"max_tokens": p["gen"], "prompt_words": p["prompt_words"], "processes": args.client_processes,
+                      "times": times}  # fmt: skip
+            # a warm-up: every adapter in a slot, the server's first requests out of the way
+            loadgen(url, root / "warm.json", models=names, requests=len(names), concurrency=len(names),
+                    sampling="mix", **{**common, "max_tokens": 4})  # fmt: skip
+            w1_runs = {f"w1_{label}": (names, s) for label, s in p["sampling"]}
+            w1_runs |= {f"w1_base_{label}": ([checkpoint.name], s) for label, s in p["sampling"]}
+            one = {**common, "max_tokens": p["stream_gen"], "processes": 1}
+            # in order of importance: a run left out for time is one of the last
+            workloads = [
+                *(
+                    (key, lambda key=key, m=m, s=s: loadgen(url, root / f"{key}.json", models=m, requests=n,
+                                                            concurrency=concurrency, sampling=s, **common))
+                    for key, (m, s) in w1_runs.items()
+                ),
+                *(
+                    (f"stream_{label}", lambda label=label: loadgen(url, root / f"stream_{label}.json",
+                                                                    models=[names[0]], requests=1, concurrency=1,
+                                                                    sampling=label, **one))
+                    for label in ("greedy", "default")
+                ),
+            ]  # fmt: skip
+            if p["w2_adapters"]:
+                workloads.append(("w2_mix", lambda: w2_run(root, shape, url, p["w2_adapters"], common, results)))
+            order = ["w1_mix", "w1_default", "w1_greedy", "w1_base_mix", "w1_base_default", "stream_greedy", "w2_mix"]
+            workloads.sort(key=lambda kw: order.index(kw[0]) if kw[0] in order else len(order))
+            for key, work in workloads:
+                if time.perf_counter() - began > args.http_budget:
+                    failures[key] = f"left out: the run's {args.http_budget:.0f} s for HTTP were spent"
+                    continue
+                try:
+                    http[key] = summary(work())
+                    print(f"  {key}: {http[key]['tokens_per_s']:.1f} tokens/s", flush=True)
+                except Exception as exc:  # the other workloads still run
+                    failures[key] = f"{type(exc).__name__}: {exc}"[:2000]
+                    print(f"  {key} failed: {failures[key][:300]}", flush=True)
+        finally:
+            results["server"]["exit_status"] = stop_server(process)
+            results["server"]["log_tail"] = log.read_text(errors="replace")[-3000:]
+    if "engine" in args.parts:
+        engine_args = [*p["engine"], "--only", "w1,stream", "--w1-requests", str(n), "--w1-adapters",
+                       str(p["w1_adapters"]), "--w1-rank", str(p["w1_rank"]), "--prompt", str(args.engine_prompt),
+                       "--gen", str(p["gen"]), "--stream-gen", str(p["stream_gen"]), "--device", device,
+                       "--sampling", "greedy,mix" if not args.tiny else "greedy,default"]  # fmt: skip
+        results["engine"] = engine_alone(checkpoint, root / "engine.json", engine_args, env)
+
+
+def w2_run(root: Path, shape: dict, url: str, count: int, common: dict, results: dict) -> dict:
+    """W2's adapters (ranks 8 to 64 on q_proj and v_proj, four weights files shared by name) pushed, then 512
+    requests over them with Zipf popularity and Poisson arrivals at 100/s."""
+    ranks = (8, 16, 32, 64)
+    shared = {r: write_adapter(root / "adapters" / f"w2-r{r}", shape, r, ["q_proj", "v_proj"], seed=100 + r)
+              for r in ranks}  # fmt: skip
+    w2 = [(shared[ranks[i % len(ranks)]], f"bench/w2-{i}") for i in range(count)]
+    started = time.perf_counter()
+    push_many(w2, url)
+    results["push_w2_seconds"] = time.perf_counter() - started
+    print(f"  pushed {count} adapters in {results['push_w2_seconds']:.0f}s", flush=True)
+    return loadgen(url, root / "w2.json", models=[name for _, name in w2], requests=512, rate=100.0, zipf=1.0,
+                   sampling="mix", **common)  # fmt: skip
 
 
 def ratios(results: dict, tiny: bool) -> dict:
@@ -407,7 +472,8 @@ def table(results: dict) -> str:
             ("engine alone: W1 no adapters, temperature 1.0", "engine", "w1_base_default"),
             ("engine alone: W1 adapters, temperature 1.0", "engine", "w1_lora_default"),
             ("engine alone: one stream, greedy", "engine", "stream_greedy")]  # fmt: skip
-    lines = [f"{'workload':48} {'tokens/s':>10} {'TPOT p50':>9} {'TTFT p50':>9}", "-" * 80]
+    lines = [f"{'workload':48} {'tokens/s':>10} {'TPOT p50':>9} {'TTFT p50':>9} {'CPU us/token engine, API':>25}",
+             "-" * 106]  # fmt: skip
     for label, source, key in rows:
         fig = results.get(source, {}).get(key)
         if not fig:
@@ -417,7 +483,9 @@ def table(results: dict) -> str:
         tpot_text = f"{1e3 * tpot:7.1f}ms" if tpot else f"{'':9}"
         ttft_text = f"{ttft:8.2f}s" if ttft is not None else ""
         failed = f"  ({fig['requests_failed']} failed)" if fig.get("requests_failed") else ""
-        lines.append(f"{label:48} {fig['tokens_per_s']:10.1f} {tpot_text} {ttft_text}{failed}")
+        cpu = fig.get("cpu_us_per_token")
+        cpu_text = f"{cpu['engine']:13.0f}, {cpu['api']:5.0f}" if cpu else ""
+        lines.append(f"{label:48} {fig['tokens_per_s']:10.1f} {tpot_text} {ttft_text:>9} {cpu_text}{failed}")
     for key, value in results.get("ratios", {}).items():
         if value is not None:
             lines.append(f"{key:48} {value:10.3f}")
@@ -440,6 +508,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client-processes", type=int, default=None, help="load generator processes (default: by CPUs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one; cpu with --tiny)")
     p.add_argument("--workdir", type=Path, help="keep the checkpoint, logs and reports here (default: a temp dir)")
+    p.add_argument("--only", default="http,engine", help="http (through loramux serve), engine (alone), or both")
+    p.add_argument(
+        "--http-budget", type=float, default=math.inf, help="seconds after which HTTP workloads not begun are left out"
+    )
     p.add_argument("--json", type=Path, help="default: a new dated file under loadtests/results/ (none with --tiny)")
     args = p.parse_args(argv)
     if args.device is None:
@@ -448,6 +520,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
         args.shape = "tiny"
+    args.parts = {x for x in args.only.split(",") if x}
+    if args.parts - {"http", "engine"}:
+        p.error("--only: http, engine or both")
     if args.client_processes is None:
         args.client_processes = 1 if args.tiny else max(1, min(8, (os.cpu_count() or 2) // 4))
     if args.tokenizer is None:

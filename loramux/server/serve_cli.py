@@ -14,6 +14,10 @@ from loramux.registry.cli.common import add_storage_arguments, blob_url, databas
 from loramux.registry.cli.hub import is_loopback
 
 MiB = 1 << 20
+# A GPU's engine makes thousands of tokens a second; an API process spends tens of microseconds of Python on each
+# (decoding, the event, the socket write), so a second one keeps pace where the host has the cores.
+GPU_API_SERVERS = 2
+GPU_API_SERVERS_MIN_CPUS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-servers",
         type=int,
-        default=1,
-        help="processes serving HTTP for the one engine process (tokenization, streaming; default 1)",
+        default=None,
+        help="processes serving HTTP (tokenization, detokenization, streaming) for the one engine process (default: "
+        f"{GPU_API_SERVERS} where the engine runs on a GPU and the host has {GPU_API_SERVERS_MIN_CPUS} or more CPUs, "
+        "else 1)",
     )
     parser.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting beyond the batch before 429 (default 1024)"
@@ -164,12 +170,23 @@ def run(args: argparse.Namespace) -> int:
     mode = "API keys required" if keys else "single-user mode (no API keys)"
     adapters = f"adapters from {args.hub}" if args.hub else "adapters from the local registry"
     print(f"loramux serve on http://{args.host}:{args.port} ({mode}; {adapters}); loading the model...", flush=True)
-    if args.api_servers == 1:
+    api_servers = args.api_servers or _api_servers_for(args.device)
+    if api_servers == 1:
         from loramux.server.api.app import serve
         from loramux.server.api.state import ServerState
 
         return serve(ServerState(settings, registry), args.host, args.port)
-    return _supervise(settings, args.host, args.port, args.api_servers)
+    print(f"{api_servers} API processes for one engine process", flush=True)
+    return _supervise(settings, args.host, args.port, api_servers)
+
+
+def _api_servers_for(device: str | None) -> int:
+    """The default --api-servers: GPU_API_SERVERS where the engine runs on a GPU and the host has the cores."""
+    if (os.cpu_count() or 1) < GPU_API_SERVERS_MIN_CPUS or (device is not None and not device.startswith("cuda")):
+        return 1
+    import torch
+
+    return GPU_API_SERVERS if torch.cuda.is_available() else 1
 
 
 def _supervise(settings, host: str, port: int, count: int) -> int:

@@ -397,6 +397,7 @@ class LLMEngine:
             "slot_hits": s.slot_hits,
             "slot_misses": s.slot_misses,
             "preemptions": s.preemptions,
+            "engine_pid": os.getpid(),
         }
         stats.update(self.adapters.stats())
         return stats

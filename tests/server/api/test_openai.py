@@ -141,3 +141,16 @@ def test_bad_sampling_values_get_an_openai_shaped_400(server, route, fields, par
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"].startswith(param) and error["message"]
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_a_text_chunk_event_is_the_chunk_the_dicts_make(chat):
+    """The streaming fast path (a chunk with text only) sends exactly the JSON of the general path."""
+    from loramux.server.api.openai import _Shape, _sse, _with_usage
+
+    shape = _Shape("chatcmpl-x", "acme/support", chat)
+    for text in ("Paris", 'a "quote"\n\\ é 🚀', " "):
+        for usage in (True, False):
+            fast = shape.text_event(3, text, usage)
+            assert fast.startswith("data: ") and fast.endswith("\n\n")
+            assert json.loads(fast[6:]) == json.loads(_sse(_with_usage(shape.chunk(3, text, None), usage))[6:])
