@@ -145,12 +145,12 @@ def _check_repo_name(name: str) -> None:
 
 def push_merged(directory: Path, repo: str, hub: str, token: str | None) -> str:
     """Upload `directory` as the model repo `repo` (created if needed); returns the new commit id."""
-    from loramux.registry.client import call, hub_api
+    from loramux.registry.client import call, hub_api, new_repo_removed_on_failure
 
     api = hub_api(hub, token)
-    call("creating the repo", hub, api.create_repo, repo, repo_type="model", exist_ok=True)
-    commit = call(
-        "uploading", hub, api.upload_folder, folder_path=str(directory), repo_id=repo, repo_type="model",
-        commit_message="adapters merge",
-    )  # fmt: skip
+    with new_repo_removed_on_failure(api, hub, repo, repo_type="model"):
+        commit = call(
+            "uploading", hub, api.upload_folder, folder_path=str(directory), repo_id=repo, repo_type="model",
+            commit_message="adapters merge",
+        )  # fmt: skip
     return f"{hub}/{repo} (commit {commit.oid})"

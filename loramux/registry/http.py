@@ -57,7 +57,9 @@ _ERRORS: list[tuple[type[BaseException], int, str | None]] = [
 
 
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
-    headers = {"X-Error-Message": message.splitlines()[0][:200].encode("ascii", "replace").decode()}
+    # A header value may not end in whitespace (h11 refuses to send it), which a cut at 200 characters can leave.
+    first_line = (message.splitlines() or [""])[0][:200].strip()
+    headers = {"X-Error-Message": first_line.encode("ascii", "replace").decode()}
     if code:
         headers["X-Error-Code"] = code
     return JSONResponse({"error": message}, status_code=status, headers=headers)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -83,8 +84,14 @@ class RepoView:
 
 
 class Registry:
-    def __init__(self, store: MetadataStore, blobs: BlobStore, limits: Limits | None = None) -> None:
+    def __init__(
+        self, store: MetadataStore, blobs: BlobStore, limits: Limits | None = None, xorb_dir: Path | None = None
+    ) -> None:
+        from loramux.registry.xet import XorbStore
+
         self.store, self.blobs, self.limits = store, blobs, limits or Limits()
+        # Xet uploads' xorbs (registry/xet.py); a registry without a data directory keeps them in a temporary one.
+        self.xorbs = XorbStore(xorb_dir if xorb_dir is not None else Path(tempfile.mkdtemp(prefix="loramux-xorbs-")))
         self._repo_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # Held while a commit checks its blobs and records them, and while rm deletes blobs: a blob is never
@@ -98,7 +105,7 @@ class Registry:
     def open(cls, data_dir: Path | None = None) -> Registry:
         """The default deployment: SQLite metadata and local blobs under `data_dir` (default `paths.data_dir()`)."""
         root = Path(data_dir) if data_dir is not None else paths.data_dir()
-        return cls(SQLiteStore(root / "registry.sqlite3"), LocalBlobStore(root / "blobs"))
+        return cls(SQLiteStore(root / "registry.sqlite3"), LocalBlobStore(root / "blobs"), xorb_dir=root / "xorbs")
 
     # --- tenants and keys
     def create_tenant(self, name: str) -> Tenant:
@@ -201,7 +208,10 @@ class Registry:
 
     def collect_garbage(self, grace_seconds: float = 3600.0) -> int:
         """Delete blobs no revision refers to (e.g. uploads of pushes that never committed), once older than
-        `grace_seconds` so that a push in progress keeps its uploads."""
+        `grace_seconds` so that a push in progress keeps its uploads, and Xet xorbs unused for a week. Returns how
+        many files were deleted."""
+        from loramux.registry.xet import XORB_RETENTION_SECONDS
+
         deleted = 0
         with self._blob_lock:
             referenced = self.store.referenced_blobs()
@@ -209,7 +219,7 @@ class Registry:
                 if sha not in referenced and time.time() - mtime > grace_seconds:
                     self.blobs.delete(sha)
                     deleted += 1
-        return deleted
+        return deleted + self.xorbs.collect(max(grace_seconds, XORB_RETENTION_SECONDS))
 
     # --- revisions and files
     def revision(self, repo: Repo, rev: str | None) -> Revision:

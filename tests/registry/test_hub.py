@@ -210,8 +210,8 @@ ids = torch.tensor([[1, 2, 3, 4]])
 assert torch.equal(remote(ids).logits, local(ids).logits)
 print("same logits")
 """
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-           "HF_HOME": str(tmp_path / "hf")}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same logits" in result.stdout
