@@ -1,4 +1,5 @@
-"""`loramux serve`: the OpenAI-compatible API, the adapter hub and /metrics on one port, over one NF4 base."""
+"""`loramux serve`: the OpenAI-compatible API, the adapter hub and /metrics on one port, over one base model (NF4,
+or a merged checkpoint in bf16)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", default=None, help="base model: a Hugging Face directory or hub id (default: SmolLM2-135M-Instruct)"
     )
+    add_quantize_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     add_data_dir_argument(parser)
@@ -72,6 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="listen on a non-loopback address even though no API keys exist (anyone could use the server)",
     )
+
+
+QUANTIZE_HELP = (
+    "how the base's decoder linear weights are held: nf4 (4-bit NF4 with double quantization, about 0.52 bytes a "
+    "weight), none (unquantized in the compute dtype: bf16 on a GPU, 2 bytes a weight; fp32 on the CPU), or auto: "
+    "none for a checkpoint written by `adapters merge` (NF4 again can erase what the adapter learned), nf4 for any "
+    "other base (default auto)"
+)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["auto", "nf4", "none"], default="auto", help=QUANTIZE_HELP)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -134,9 +148,11 @@ def run(args: argparse.Namespace) -> int:
         hub_url=args.hub,
         hub_token=hub_token,
         shutdown_grace=args.shutdown_grace,
+        quantize=args.quantize,
     )
     logging.getLogger("loramux.access").setLevel(logging.INFO)
     logging.getLogger("loramux.server.api.state").setLevel(logging.INFO)
+    logging.getLogger("loramux.server.models.loader").setLevel(logging.INFO)  # says how the base's weights are held
     mode = "API keys required" if keys else "single-user mode (no API keys)"
     adapters = f"adapters from {args.hub}" if args.hub else "adapters from the local registry"
     print(f"loramux serve on http://{args.host}:{args.port} ({mode}; {adapters}); loading the model...", flush=True)

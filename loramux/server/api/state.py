@@ -30,6 +30,7 @@ class ServerSettings:
     hub_url: str | None = None  # a remote hub as the adapter source instead of the local registry
     hub_token: str | None = None
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    quantize: str = "auto"  # the base's decoder weights: "nf4", "none", or "auto" (none for a merged checkpoint)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class ServerState:
             from loramux.server.models.loader import load_base
 
             started = time.perf_counter()
-            base = load_base(self.settings.base, device=self.settings.device)
+            base = load_base(self.settings.base, device=self.settings.device, quantize=self.settings.quantize)
             engine = AsyncEngine.start(base, source=self.source, config=self.settings.engine or EngineConfig())
             self.base_id = base.path.name if Path(base.name).is_dir() else base.name
             self.base_names = {base.name, base.path.name, str(base.path), self.base_id}
