@@ -19,7 +19,7 @@ from loramux import paths
 from loramux.adapters.config import CONFIG_FILE
 from loramux.adapters.validate import AdapterSummary, Limits, validate_adapter_files, validate_model_files
 from loramux.registry.blobs import BlobStore, LocalBlobStore
-from loramux.registry.names import COMMIT_ID, MAIN, check_file_path, check_part, split_repo_id
+from loramux.registry.names import COMMIT_ID, MAIN, SHORT_COMMIT_ID, check_file_path, check_part, split_repo_id
 from loramux.registry.sqlite_store import SQLiteStore
 from loramux.registry.store import ApiKey, FileEntry, MetadataStore, Repo, Revision, StaleHeadError, Tenant
 
@@ -223,15 +223,31 @@ class Registry:
 
     # --- revisions and files
     def revision(self, repo: Repo, rev: str | None) -> Revision:
-        """`rev`: None or "main" (the newest revision) or a 40-hex commit id of this repo."""
+        """`rev`: None or "main" (the newest revision), a 40-hex commit id of this repo, or a prefix of one of 7 or
+        more hex digits (as `git` takes them) that no other revision of the repo shares."""
         if rev in (None, MAIN):
             head = self.store.head(repo, MAIN)
             if head is None:
                 raise RevisionNotFoundError(f"{repo.repo_id} has no revision yet")
             return head
-        found = self.store.get_revision(repo, rev) if COMMIT_ID.fullmatch(rev) else None
+        rev = rev.lower()
+        if COMMIT_ID.fullmatch(rev):
+            found = self.store.get_revision(repo, rev)
+        elif SHORT_COMMIT_ID.fullmatch(rev):
+            matches = [r for r in self.store.list_revisions(repo) if r.commit.startswith(rev)]
+            if len(matches) > 1:
+                raise RevisionNotFoundError(
+                    f"revision {rev!r} is ambiguous in {repo.repo_id}: {len(matches)} commits start with it; "
+                    "give more digits"
+                )
+            found = matches[0] if matches else None
+        else:
+            found = None
         if found is None:
-            raise RevisionNotFoundError(f"revision {rev!r} not found in {repo.repo_id}")
+            raise RevisionNotFoundError(
+                f"revision {rev!r} not found in {repo.repo_id} (a revision is 'main', a commit id or 7 or more of its "
+                "first hex digits)"
+            )
         return found
 
     def files(self, revision: Revision) -> list[FileEntry]:

@@ -51,7 +51,12 @@ def test_push_ls_show_pull_rm(hub, make_adapter, tmp_path):
     revisions = shown.stdout.split("revisions:\n")[1].strip().splitlines()
     assert len(revisions) == 2 and revisions[1].endswith("first")
 
-    first = revisions[1].split()[0]
+    newest = listed.stdout.split("\t")[2]  # the short id ls prints is what every revision argument takes
+    assert len(newest) == 12 and revisions[0].startswith(newest)
+    assert f"use it as: me/tiny@{newest}" in shown.stdout
+    by_short_id = adapters("show", "me/tiny", "--revision", newest, env=env)
+    assert by_short_id.returncode == 0 and "rank: 4" in by_short_id.stdout, by_short_id.stderr
+    first = revisions[1].split()[0][:7]
     pulled = adapters("pull", "me/tiny", "--revision", first, "--to", str(tmp_path / "old"), env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads((tmp_path / "old" / "adapter_config.json").read_text())["r"] == 8

@@ -40,6 +40,10 @@ def test_peft_push_and_download_with_huggingface_hub(hub, make_adapter, tmp_path
     assert api.model_info("me/tiny").sha == second.oid != commit.oid
     old = api.model_info("me/tiny", revision=commit.oid)
     assert old.sha == commit.oid  # an old revision stays readable
+    assert api.model_info("me/tiny", revision=commit.oid[:7]).sha == commit.oid  # so does a short commit id
+    short = hf_hub_download("me/tiny", "adapter_config.json", revision=commit.oid[:9], endpoint=hub.url,
+                            cache_dir=tmp_path / "c2")  # fmt: skip
+    assert Path(short).read_bytes() == (adapter / "adapter_config.json").read_bytes()
 
 
 def test_large_files_go_through_lfs_and_ranges_work(hub, tmp_path):
