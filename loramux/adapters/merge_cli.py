@@ -116,22 +116,12 @@ def parse_size(text: str) -> int:
 def _resolve(text: str, factor: float, hub: str, token: str | None):
     """A local adapter directory as it is, or NS/NAME[@REV] pulled through the hub."""
     from loramux.adapters.merge import WeightedAdapter
-    from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+    from loramux.adapters.source import AdapterRef
+    from loramux.registry.source import resolve_adapter_argument
 
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return WeightedAdapter(ResolvedAdapter(repo=str(path.absolute()), commit="local", path=path), factor)
-    try:
-        ref = AdapterRef.parse(text)
-    except ValueError as exc:
-        raise ValueError(f"{text!r} is neither an adapter directory nor an adapter name (ns/name[@revision])") from exc
-    from loramux.registry.source import HubSource
-
-    try:
-        resolved = HubSource(hub, token).resolve(ref, None)
-    except AdapterNotFoundError as exc:
-        raise ValueError(f"adapter {ref} not found on {hub} (or not readable with this token)") from exc
-    return WeightedAdapter(resolved, factor, requested=ref.revision or "main")
+    resolved = resolve_adapter_argument(text, hub, token)
+    requested = None if resolved.commit == "local" else (AdapterRef.parse(text).revision or "main")
+    return WeightedAdapter(resolved, factor, requested=requested)
 
 
 def _check_repo_name(name: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Iterator
@@ -130,4 +131,9 @@ def pull(repo_id: str, url: str, token: str | None, revision: str | None, to: Pa
         "downloading", url, snapshot_download, repo_id, revision=revision, local_dir=target, endpoint=url,
         token=token or False,
     )  # fmt: skip
+    # huggingface_hub keeps its download bookkeeping in DIR/.cache/huggingface (to resume an interrupted download);
+    # once the download is complete the target holds the adapter's files alone.
+    shutil.rmtree(target / ".cache" / "huggingface", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (target / ".cache").rmdir()  # only if nothing else is in it
     return Path(path)

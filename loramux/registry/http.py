@@ -82,7 +82,7 @@ class HubRoute(APIRoute):
                     if isinstance(exc, kind):
                         if status >= 500:
                             log.error("%s %s: %s", request.method, request.url.path, exc)
-                        return error_response(status, str(exc).strip("'\""), code)
+                        return error_response(status, _message(exc), code)
                 if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     # Nothing was recorded (blobs appear only whole, revisions only after them): say so and why.
                     log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
@@ -90,6 +90,12 @@ class HubRoute(APIRoute):
                 raise
 
         return handle
+
+
+def _message(exc: Exception) -> str:
+    """The exception's own text: a KeyError's str() quotes it, no other exception's does (a message ending in a
+    quoted name keeps its closing quote)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 def bearer_token(request: Request) -> str | None:

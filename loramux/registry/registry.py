@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -22,6 +23,8 @@ from loramux.registry.blobs import BlobStore, LocalBlobStore
 from loramux.registry.names import COMMIT_ID, MAIN, SHORT_COMMIT_ID, check_file_path, check_part, split_repo_id
 from loramux.registry.sqlite_store import SQLiteStore
 from loramux.registry.store import ApiKey, FileEntry, MetadataStore, Repo, Revision, StaleHeadError, Tenant
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "lmx_"
 
@@ -208,11 +211,12 @@ class Registry:
 
     def collect_garbage(self, grace_seconds: float = 3600.0) -> int:
         """Delete blobs no revision refers to (e.g. uploads of pushes that never committed), once older than
-        `grace_seconds` so that a push in progress keeps its uploads, and Xet xorbs unused for a week. Returns how
-        many files were deleted."""
+        `grace_seconds` so that a push in progress keeps its uploads; partial uploads left by crashed writers, as
+        old; and Xet xorbs unused for a week. Returns how many files were deleted."""
         from loramux.registry.xet import XORB_RETENTION_SECONDS
 
         deleted = 0
+        deleted += self.blobs.remove_partial_uploads(grace_seconds)
         with self._blob_lock:
             referenced = self.store.referenced_blobs()
             for sha, mtime in list(self.blobs.all_blobs()):
@@ -342,6 +346,25 @@ class Registry:
     def _repo_lock(self, repo: int) -> threading.Lock:
         with self._locks_guard:
             return self._repo_locks.setdefault(repo, threading.Lock())
+
+
+def collect_garbage_periodically(registry: Registry, every_seconds: float = 3600.0) -> threading.Event:
+    """Run `registry.collect_garbage()` every `every_seconds` on a daemon thread (what `loramux serve` and `loramux
+    hub` do); setting the returned event stops it."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_seconds):
+            try:
+                deleted = registry.collect_garbage()
+            except Exception:  # a failed round must not end the collector: the next one tries again
+                log.exception("collecting the registry's garbage failed")
+                continue
+            if deleted:
+                log.info("collected %d unreferenced file(s) from the registry", deleted)
+
+    threading.Thread(target=loop, name="registry-gc", daemon=True).start()
+    return stop
 
 
 def _apply(tree: dict[str, FileEntry], op: AddFile | DeleteFile) -> None:

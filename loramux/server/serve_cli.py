@@ -107,9 +107,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     _check(args)
-    from loramux.registry.registry import Registry
+    from loramux.registry.registry import Registry, collect_garbage_periodically
 
     registry = Registry.open(args.data_dir)  # API keys (and, without --hub, the adapters) live here
+    collect_garbage_periodically(registry)  # uploads never committed, partial uploads, unused xorbs
     keys = registry.store.has_keys()
     if not keys and not is_loopback(args.host) and not args.allow_insecure_no_auth:
         raise ValueError(

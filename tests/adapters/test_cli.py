@@ -60,6 +60,7 @@ def test_push_ls_show_pull_rm(hub, make_adapter, tmp_path):
     pulled = adapters("pull", "me/tiny", "--revision", first, "--to", str(tmp_path / "old"), env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads((tmp_path / "old" / "adapter_config.json").read_text())["r"] == 8
+    assert not (tmp_path / "old" / ".cache").exists()  # only the adapter's files, no download bookkeeping
     assert (tmp_path / "old" / "adapter_model.safetensors").read_bytes() == (
         adapter / "adapter_model.safetensors"
     ).read_bytes()

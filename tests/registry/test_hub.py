@@ -151,6 +151,9 @@ def test_tenants_private_repos_and_write_permissions(hub, make_adapter):
     with pytest.raises(HfHubHTTPError) as forbidden:
         as_globex.create_repo("acme/other")
     assert forbidden.value.response.status_code == 403
+    message = "tenant 'globex' may not write to namespace 'acme'"  # both names quoted whole
+    assert forbidden.value.response.json()["error"] == message
+    assert forbidden.value.response.headers["x-error-message"] == message
     with pytest.raises(HfHubHTTPError) as unauthenticated:
         anonymous.create_repo("acme/other")
     assert unauthenticated.value.response.status_code == 401
