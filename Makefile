@@ -4,8 +4,9 @@ export LORAMUX_VENV := $(VENV)
 
 .PHONY: serve test gpu-test lint install
 
+# With the clients the README's examples use (openai; matplotlib for the load generator's plot).
 install:
-	@scripts/setup.sh
+	@scripts/setup.sh client
 
 serve: install
 	$(VENV)/bin/loramux serve

@@ -467,8 +467,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {args.json}")
         if not args.no_plot:
             png = args.png or args.json.with_suffix(".png")
-            plot(report, png)
-            print(f"plot: {png}")
+            try:
+                plot(report, png)
+                print(f"plot: {png}")
+            except ModuleNotFoundError as exc:
+                if not (exc.name or "").startswith("matplotlib"):
+                    raise
+                print(
+                    f"plot: not drawn, matplotlib is not installed: `pip install matplotlib` (or `make serve`, which "
+                    f"installs it), then run again, or plot {args.json} yourself: it holds every request and the "
+                    "timeline"
+                )
     except OSError as exc:
         print(f"loadgen: error: {exc}", file=sys.stderr)
         return 1

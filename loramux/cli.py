@@ -8,11 +8,13 @@ import importlib
 import logging
 import sys
 
+from loramux import BNB_CPU_LOGGER
+
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 Commands = dict[str, tuple[str, str]]
 
 COMMANDS: Commands = {
-    "generate": ("loramux.server.generate_cli", "load a base model (and adapter) and answer one prompt"),
+    "generate": ("loramux.server.generate_cli", "load a base model (and an adapter) and answer one prompt"),
     "serve": ("loramux.server.serve_cli", "serve the OpenAI-compatible API, the adapter hub and /metrics"),
     "hub": ("loramux.registry.cli.hub", "serve the adapter hub (Hugging Face Hub API) alone, without torch"),
     "tenants": ("loramux.registry.cli.tenants", "create and list tenants and their namespaces"),
@@ -43,11 +45,8 @@ def run_commands(
     `PROG COMMAND: error: ...` on stderr and exit status 1."""
     args = build_parser(prog, description, commands).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # On CPUs with AVX512-BF16, bitsandbytes warns at import that it could not fetch an optional CPU kernel from
-        # the Hugging Face Hub (the `kernels` package): loramux downloads nothing at run time, and its CPU path
-        # multiplies with the dequantized weight, not that kernel.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.NOTSET)  # quieted in loramux/__init__.py, shown here
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (or $LORAMUX_VENV) with loramux and everything it needs; safe to run again.
 # On a machine with an NVIDIA GPU pip takes torch's CUDA build; elsewhere the CPU build torch==2.13.0.
-# Pass "dev" to add the test tools.
+# Pass "client" to add the clients the README's examples use (what `make serve` does), "dev" for those and the
+# test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${LORAMUX_VENV:-.venv}

@@ -287,7 +287,12 @@ def hub(request, tmp_path, monkeypatch):
     from loramux.registry.registry import Registry
 
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    # The client as users have it: hf_xet installed and Xet on (huggingface_hub then uploads through the hub's Xet
+    # routes); its cache of uploaded shards kept with the test.
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "")  # recorded, so that the variable is removed again afterwards
+    monkeypatch.delenv("HF_HUB_DISABLE_XET")
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet-cache"))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     data_dir = tmp_path / "data"
     if getattr(request, "param", "local") == "local":

@@ -2,10 +2,12 @@
 
 The adapters were trained against (and are served with) the NF4 base, so each decoder linear weight is first
 quantized to NF4 exactly as the server does (`NF4Linear`: blocksize 64, double quantization) and dequantized; the
-deltas are added to `dequant(NF4(W))` in fp32 and the result is rounded once to bf16. The base is streamed one
-tensor at a time from its safetensors files and, on a GPU, only the layer being merged is on the device, so an
-8B-shape model never has two copies in GPU memory. The checkpoint is written into a temporary sibling directory
-and renamed at the end: a failure leaves nothing under the final name.
+deltas are added to `dequant(NF4(W))` in fp32 and the result is rounded once to bf16. The checkpoint's config.json
+carries `MERGE_MARKER`, so that `loramux serve --base DIR` keeps it in bf16; every merge also measures how far
+quantizing it to NF4 again would move the model (`measure_drift`), since that can erase what the adapter learned.
+The base is streamed one tensor at a time from its safetensors files and, on a GPU, only the layer being merged is
+on the device, so an 8B-shape model never has two copies in GPU memory. The checkpoint is written into a temporary
+sibling directory and renamed at the end: a failure leaves nothing under the final name.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from loramux.adapters.config import CONFIG_FILE, LINEAR_MODULES, WEIGHTS_FILE
 from loramux.adapters.source import ResolvedAdapter
 from loramux.adapters.weights import LoraModule, LoraWeights, load_lora
 from loramux.server.layers.nf4_linear import NF4Linear
-from loramux.server.models.checkpoint import BaseModelError, load_config, resolve_base
+from loramux.server.models.checkpoint import MERGE_MARKER, BaseModelError, load_config, resolve_base
 from loramux.server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained
 OUT_DTYPE = torch.bfloat16
-REQUANTIZE_CHOICES = ("nf4",)
+# Below this top-1 agreement between the unmerged model and the merge re-quantized to NF4, `adapters merge` warns
+# that serving the merge in NF4 changes its answers.
+NF4_AGREEMENT_WARNING = 0.99
 
 # Everything of the base directory besides weights and config that a user of the merged model needs.
 _SIDE_FILES = re.compile(
@@ -64,7 +68,8 @@ class WeightedAdapter:
 
 @dataclass
 class Drift:
-    """How far the re-quantized merged model is from the unmerged NF4 base + adapters, on `positions` tokens."""
+    """How far the merged model quantized to NF4 again is from the unmerged NF4 base + adapters, on `positions`
+    tokens."""
 
     kl_mean: float  # mean KL(unmerged || requantized merged) of next-token distributions, in nats
     top1_agreement: float  # fraction of positions where both models' most likely next token is the same
@@ -87,20 +92,17 @@ def merge_adapters(
     *,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    requantize: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> MergeResult:
-    """Write `base` with `Σ weight·scaling·B·A` of `adapters` folded in as a bf16 checkpoint at `out`.
+    """Write `base` with `Σ weight·scaling·B·A` of `adapters` folded in as a bf16 checkpoint at `out`, and measure the
+    drift that serving it in NF4 would add (`MergeResult.drift`, see `measure_drift`).
 
-    base: a model directory, a hub id, or None for the default base. requantize: "nf4" to measure the drift that
-    serving the merged checkpoint in NF4 adds (see `measure_drift`). Raises `MergeError` (or an adapter's
+    base: a model directory, a hub id, or None for the default base. Raises `MergeError` (or an adapter's
     `AdapterConfigError`) before anything is written when the input is bad.
     """
     if not adapters:
         raise MergeError("no adapter to merge")
-    if requantize is not None and requantize not in REQUANTIZE_CHOICES:
-        raise MergeError(f"--requantize {requantize!r} is not supported: choose from {', '.join(REQUANTIZE_CHOICES)}")
     if max_shard_bytes < 1:
         raise MergeError("the maximum shard size must be positive")
     base_dir = resolve_base(base)
@@ -119,10 +121,9 @@ def merge_adapters(
         result.files, result.total_bytes = _write_weights(
             base_dir, config, loras, [a.weight for a in adapters], tmp, max_shard_bytes, device, progress
         )
-        _write_side_files(base_dir, tmp)
-        if requantize == "nf4":
-            result.drift = measure_drift(base_dir, adapters, tmp, device)
         base_name = base if base and not Path(base).expanduser().is_dir() else base_dir.name
+        _write_side_files(base_dir, tmp, _merge_record(base_name, adapters))
+        result.drift = measure_drift(base_dir, adapters, tmp, device)
         _write_readme(tmp, base_name, base_dir, adapters, result)
         _install(tmp, out)
         return result
@@ -287,11 +288,22 @@ class _ShardWriter:
 # ---- config, tokenizer, README ---------------------------------------------------------------------------------
 
 
-def _write_side_files(base_dir: Path, target: Path) -> None:
-    """config.json with dtype bf16 (and no quantization config), and the tokenizer, chat template, generation config."""
+def _merge_record(base_name: str, adapters: Sequence[WeightedAdapter]) -> dict:
+    """What config.json records under `MERGE_MARKER`: the base and each adapter's revision and weight."""
+    return {
+        "base": base_name,
+        "adapters": [{"repo": a.adapter.repo, "commit": a.adapter.commit, "weight": a.weight} for a in adapters],
+        "weights": "dequant(NF4(W)) + sum(weight * scaling * B @ A), bf16",
+    }
+
+
+def _write_side_files(base_dir: Path, target: Path, record: dict) -> None:
+    """config.json with dtype bf16, no quantization config and the merge `record`, and the tokenizer, chat template,
+    generation config."""
     raw = json.loads((base_dir / "config.json").read_text())
     raw.pop("quantization_config", None)
     raw["dtype"] = raw["torch_dtype"] = "bfloat16"
+    raw[MERGE_MARKER] = record
     (target / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     for path in sorted(base_dir.iterdir()):
         if path.is_file() and _SIDE_FILES.fullmatch(path.name):
@@ -315,6 +327,8 @@ def _write_readme(
         "`W' = dequant(NF4(W)) + Σ weight·scaling·B·A`, and the result is stored in bf16. The base weights are the",
         "dequantized NF4 ones (NF4 with double quantization, blocksize 64), the weights the adapters were trained",
         "against and are served with, not the original 16-bit ones. Other tensors are the base's, in bf16.",
+        "`loramux serve --base DIR` serves it in bf16 (config.json records the merge under `loramux_merge`);",
+        "`--quantize nf4` serves it in NF4, a quarter of the memory, with the drift below.",
         "",
         "## Base",
         "",
@@ -343,9 +357,10 @@ def _write_readme(
             "",
             "## Drift when served in NF4",
             "",
-            "Quantizing these merged weights to NF4 again (as `loramux serve --base` does) moves the model away from",
-            f"the unmerged NF4 base + adapters by a mean KL divergence of {d.kl_mean:.4g} nats per next token, with",
-            f"top-1 agreement {d.top1_agreement:.1%} over {d.positions} positions of {d.texts} built-in texts.",
+            "Quantizing these merged weights to NF4 again (`loramux serve --base DIR --quantize nf4`) moves the model",
+            f"away from the unmerged NF4 base + adapters by a mean KL divergence of {d.kl_mean:.4g} nats per next",
+            f"token, with top-1 agreement {d.top1_agreement:.1%} over {d.positions} positions of {d.texts} built-in",
+            "texts. In bf16 (the default) the merge computes what the unmerged model does, up to bf16 rounding.",
         ]
     (target / "README.md").write_text("\n".join(lines) + "\n")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from pathlib import Path
 
 from loramux.registry.cli.common import add_hub_arguments
@@ -13,7 +14,10 @@ from loramux.registry.client import hub_token, hub_url
 EPILOG = (
     "The adapters are folded into the dequantized NF4 base weights, dequant(NF4(W)), the weights they were trained "
     "against and are served with, not the original 16-bit ones. The checkpoint is written into a temporary sibling "
-    "directory and renamed when complete, so a failure leaves nothing under --out."
+    "directory and renamed when complete, so a failure leaves nothing under --out. `loramux serve --base OUT` serves "
+    "it in bf16; every merge reports how far quantizing it to NF4 again (`--quantize nf4`) would move the model "
+    "(mean KL divergence, top-1 agreement against the unmerged NF4 base + adapters) and warns when top-1 agreement "
+    "is below 99%."
 )
 
 _SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*")
@@ -43,13 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)"
     )
-    parser.add_argument(
-        "--requantize",
-        choices=["nf4"],
-        default=None,
-        help="also quantize the merged weights to NF4 again, as serving them does, and report the drift this adds "
-        "(mean KL divergence, top-1 agreement) against the unmerged NF4 base + adapters",
-    )
     parser.add_argument("--push", metavar="NS/NAME", default=None, help="upload the merged checkpoint as a model repo")
     add_hub_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -57,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loramux.adapters.merge import merge_adapters
+    from loramux.adapters.merge import NF4_AGREEMENT_WARNING, merge_adapters
 
     factors = parse_weights(args.weights, len(args.adapters))
     max_shard_bytes = parse_size(args.max_shard_size)
@@ -71,16 +68,21 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         force=args.force,
         max_shard_bytes=max_shard_bytes,
-        requantize=args.requantize,
         device=args.device,
         progress=not args.no_progress,
     )
     print(f"wrote {result.out} ({len(result.files)} weight file(s), {result.total_bytes / 1e9:.2f} GB in bf16)")
-    if result.drift is not None:
-        d = result.drift
+    print(f"serve it with: loramux serve --base {result.out} (bf16)")
+    d = result.drift
+    print(
+        f"served in NF4 instead (--quantize nf4): mean KL {d.kl_mean:.4g} nats, top-1 agreement "
+        f"{d.top1_agreement:.1%} ({d.positions} positions, {d.texts} texts) against the unmerged NF4 base + adapters"
+    )
+    if d.top1_agreement < NF4_AGREEMENT_WARNING:
         print(
-            f"re-quantized to NF4: mean KL {d.kl_mean:.4g} nats, top-1 agreement {d.top1_agreement:.1%} "
-            f"({d.positions} positions, {d.texts} texts) against the unmerged NF4 base + adapters"
+            f"warning: in NF4 the merge picks another next token at {1 - d.top1_agreement:.1%} of positions; it "
+            "would not answer like its adapter: serve it in bf16 (the default), or serve the adapter on the NF4 base",
+            file=sys.stderr,
         )
     if args.push is not None:
         print(f"pushed to {push_merged(result.out, args.push, hub, token)}")
@@ -114,22 +116,12 @@ def parse_size(text: str) -> int:
 def _resolve(text: str, factor: float, hub: str, token: str | None):
     """A local adapter directory as it is, or NS/NAME[@REV] pulled through the hub."""
     from loramux.adapters.merge import WeightedAdapter
-    from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+    from loramux.adapters.source import AdapterRef
+    from loramux.registry.source import resolve_adapter_argument
 
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return WeightedAdapter(ResolvedAdapter(repo=str(path.absolute()), commit="local", path=path), factor)
-    try:
-        ref = AdapterRef.parse(text)
-    except ValueError as exc:
-        raise ValueError(f"{text!r} is neither an adapter directory nor an adapter name (ns/name[@revision])") from exc
-    from loramux.registry.source import HubSource
-
-    try:
-        resolved = HubSource(hub, token).resolve(ref, None)
-    except AdapterNotFoundError as exc:
-        raise ValueError(f"adapter {ref} not found on {hub} (or not readable with this token)") from exc
-    return WeightedAdapter(resolved, factor, requested=ref.revision or "main")
+    resolved = resolve_adapter_argument(text, hub, token)
+    requested = None if resolved.commit == "local" else (AdapterRef.parse(text).revision or "main")
+    return WeightedAdapter(resolved, factor, requested=requested)
 
 
 def _check_repo_name(name: str) -> None:
@@ -145,12 +137,12 @@ def _check_repo_name(name: str) -> None:
 
 def push_merged(directory: Path, repo: str, hub: str, token: str | None) -> str:
     """Upload `directory` as the model repo `repo` (created if needed); returns the new commit id."""
-    from loramux.registry.client import call, hub_api
+    from loramux.registry.client import call, hub_api, new_repo_removed_on_failure
 
     api = hub_api(hub, token)
-    call("creating the repo", hub, api.create_repo, repo, repo_type="model", exist_ok=True)
-    commit = call(
-        "uploading", hub, api.upload_folder, folder_path=str(directory), repo_id=repo, repo_type="model",
-        commit_message="adapters merge",
-    )  # fmt: skip
+    with new_repo_removed_on_failure(api, hub, repo, repo_type="model"):
+        commit = call(
+            "uploading", hub, api.upload_folder, folder_path=str(directory), repo_id=repo, repo_type="model",
+            commit_message="adapters merge",
+        )  # fmt: skip
     return f"{hub}/{repo} (commit {commit.oid})"

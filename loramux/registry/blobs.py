@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -43,18 +44,42 @@ class BlobStore(Protocol):
 
     def delete(self, sha256: str) -> None: ...
 
+    def remove_partial_uploads(self, older_than_seconds: float) -> int:
+        """Delete what uploads that never finished left behind, once untouched that long; returns how many."""
+        ...
+
     def all_blobs(self) -> Iterable[tuple[str, float]]:
         """(sha256, modification time) of every stored blob, for garbage collection."""
         ...
 
 
+# A partial upload in `tmp/` untouched this long belongs to a writer that is gone (an upload in progress writes to
+# its file continuously): removed when a store opens and by `Registry.collect_garbage`.
+PARTIAL_GRACE_SECONDS = 3600.0
+
+
+def remove_stale_files(folder: Path, older_than_seconds: float) -> int:
+    """Delete the files of `folder` untouched for `older_than_seconds` -> how many."""
+    removed = 0
+    for path in folder.iterdir():
+        try:
+            if time.time() - path.stat().st_mtime > older_than_seconds:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished (renamed) or removed meanwhile
+            continue
+    return removed
+
+
 class LocalBlobStore:
-    """Blobs as files `root/ab/cdef...` (sha256 split after two hex digits to keep directories small)."""
+    """Blobs as files `root/ab/cdef...` (sha256 split after two hex digits to keep directories small); uploads are
+    written in `root/tmp` first."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
+        self.remove_partial_uploads()
         # Blobs already hashed since their file last changed: (inode, size, mtime) -> sha256. A file rewritten in
         # place changes its mtime, so a corrupted blob is hashed (and caught) again.
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -118,6 +143,11 @@ class LocalBlobStore:
         with self._lock:
             self._verified.pop(sha256, None)
         self._path(sha256).unlink(missing_ok=True)
+
+    def remove_partial_uploads(self, older_than_seconds: float = PARTIAL_GRACE_SECONDS) -> int:
+        """Delete what crashed or killed uploads left in `tmp/` (untouched for `older_than_seconds`: another process
+        sharing the store may be writing the newer ones); returns how many files."""
+        return remove_stale_files(self.root / "tmp", older_than_seconds)
 
     def all_blobs(self) -> Iterable[tuple[str, float]]:
         for folder in self.root.iterdir():

@@ -3,8 +3,12 @@ show/rm` do. Imports huggingface_hub only when called, never torch."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,13 +32,24 @@ def hub_token(explicit: str | None) -> str | None:
 
 
 def hub_api(url: str, token: str | None):
-    # A loramux hub speaks the LFS upload protocol, not Xet; the variable is read when huggingface_hub loads.
+    """An HfApi for `url`. Towards a loramux hub, uploads go through LFS rather than Xet (which loramux hubs also
+    answer): no xorbs are kept on the hub for them, and hubs older than their Xet routes work too."""
     if url != HF_HUB:
-        os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+        use_lfs_uploads()
         _check_reachable(url)
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=url, token=token or False)
+
+
+def use_lfs_uploads() -> None:
+    """Turn huggingface_hub's Xet uploads off for this process, whether or not it is imported yet: the variable is
+    read once, at its import (some command may have imported it already, through transformers), and the constant it
+    sets is what every upload checks."""
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_DISABLE_XET = True
 
 
 def call(what: str, url: str, fn, *args, **kwargs):
@@ -80,13 +95,30 @@ def push(directory: Path, repo_id: str, url: str, token: str | None, private: bo
     files = adapter_files_in(directory)
     summary = validate_adapter_files(files)
     api = hub_api(url, token)
-    call("creating the repo", url, api.create_repo, repo_id, private=private, exist_ok=True)
-    info = call("reading the repo", url, api.model_info, repo_id)
-    stale = [s.rfilename for s in info.siblings or [] if s.rfilename not in files and s.rfilename != ".gitattributes"]
-    operations = [CommitOperationAdd(path, str(local)) for path, local in files.items()]
-    operations += [CommitOperationDelete(path) for path in stale]
-    commit = call("uploading", url, api.create_commit, repo_id, operations=operations, commit_message=message)
+    with new_repo_removed_on_failure(api, url, repo_id, private=private, repo_type="model"):
+        info = call("reading the repo", url, api.model_info, repo_id)
+        stale = [
+            s.rfilename for s in info.siblings or [] if s.rfilename not in files and s.rfilename != ".gitattributes"
+        ]
+        operations = [CommitOperationAdd(path, str(local)) for path, local in files.items()]
+        operations += [CommitOperationDelete(path) for path in stale]
+        commit = call("uploading", url, api.create_commit, repo_id, operations=operations, commit_message=message)
     return PushResult(repo_id, commit.oid, summary)
+
+
+@contextlib.contextmanager
+def new_repo_removed_on_failure(api, url: str, repo_id: str, **create) -> Iterator[None]:
+    """Create `repo_id` if it does not exist; if it was created here and the block fails, delete it again, so that
+    a failed first push leaves no empty repo behind."""
+    existed = call("reading the repo", url, api.repo_exists, repo_id)
+    call("creating the repo", url, api.create_repo, repo_id, exist_ok=True, **create)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(Exception):  # the push's own error is the one to report
+                api.delete_repo(repo_id)
+        raise
 
 
 def pull(repo_id: str, url: str, token: str | None, revision: str | None, to: Path | None) -> Path:
@@ -99,4 +131,9 @@ def pull(repo_id: str, url: str, token: str | None, revision: str | None, to: Pa
         "downloading", url, snapshot_download, repo_id, revision=revision, local_dir=target, endpoint=url,
         token=token or False,
     )  # fmt: skip
+    # huggingface_hub keeps its download bookkeeping in DIR/.cache/huggingface (to resume an interrupted download);
+    # once the download is complete the target holds the adapter's files alone.
+    shutil.rmtree(target / ".cache" / "huggingface", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (target / ".cache").rmdir()  # only if nothing else is in it
     return Path(path)

@@ -58,7 +58,9 @@ RETRY_AFTER_SECONDS = 5  # what a 503 asks the client to wait
 
 
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
-    headers = {"X-Error-Message": message.splitlines()[0][:200].encode("ascii", "replace").decode()}
+    # A header value may not end in whitespace (h11 refuses to send it), which a cut at 200 characters can leave.
+    first_line = (message.splitlines() or [""])[0][:200].strip()
+    headers = {"X-Error-Message": first_line.encode("ascii", "replace").decode()}
     if code:
         headers["X-Error-Code"] = code
     if status == 503:
@@ -86,7 +88,7 @@ class HubRoute(APIRoute):
                     if isinstance(exc, kind):
                         if status >= 500:
                             log.error("%s %s: %s", request.method, request.url.path, exc)
-                        return error_response(status, str(exc).strip("'\""), code)
+                        return error_response(status, _message(exc), code)
                 if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     # Nothing was recorded (blobs appear only whole, revisions only after them): say so and why.
                     log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
@@ -94,6 +96,12 @@ class HubRoute(APIRoute):
                 raise
 
         return handle
+
+
+def _message(exc: Exception) -> str:
+    """The exception's own text: a KeyError's str() quotes it, no other exception's does (a message ending in a
+    quoted name keeps its closing quote)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 def bearer_token(request: Request) -> str | None:

@@ -30,6 +30,7 @@ from loramux.registry.http import (
 from loramux.registry.names import MAIN, SHA256, check_file_path, check_part
 from loramux.registry.registry import AddFile, Caller, CommitError, DeleteFile, Registry, RepoView
 from loramux.registry.store import FileEntry, Repo, RepoExistsError, Revision
+from loramux.registry.xet import CAS_PREFIX, XetTokens, token_response, xet_router
 
 LFS_THRESHOLD = 1 << 20  # files from 1 MiB travel through the LFS batch upload, never base64 inside the commit
 MAX_COMMIT_BODY = 256 << 20
@@ -39,6 +40,8 @@ LFS_POINTER_SIZE = 134
 def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRouter:
     router = APIRouter(route_class=HubRoute)
     signer = signer or UploadSigner()
+    xet_tokens = XetTokens()
+    router.include_router(xet_router(registry, xet_tokens))
 
     def caller(request: Request) -> Caller:
         return registry.caller(bearer_token(request))
@@ -147,6 +150,18 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
             oid = existing[path].sha256 if lfs and path in existing else None
             answer.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         return {"files": answer}
+
+    @router.get("/api/models/{ns}/{name}/xet-{scope}-token/{rev}")
+    def xet_token(request: Request, ns: str, name: str, scope: str, rev: str, who: Who) -> JSONResponse:
+        # huggingface_hub >= 1.20 with hf_xet installed uploads every LFS file through Xet (registry/xet.py).
+        if scope not in ("read", "write"):
+            raise HubHTTPError(404, f"no Xet {scope!r} token: ask for read or write")
+        repo = _writable(registry, f"{ns}/{name}", who) if scope == "write" else registry.repo(f"{ns}/{name}", who)
+        if scope == "write":
+            _check_branch(rev)
+        cas_url = f"{endpoint_of(request)}{CAS_PREFIX}/{registry.xorbs.store_id}"
+        body, headers = token_response(xet_tokens, cas_url, repo.namespace, scope == "write")
+        return JSONResponse(body, headers=headers)
 
     @router.post("/{ns}/{name}.git/info/lfs/objects/batch")
     def lfs_batch(request: Request, ns: str, name: str, body: dict, who: Who) -> JSONResponse:

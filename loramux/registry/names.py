@@ -7,6 +7,7 @@ import re
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,199}")
 COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+SHORT_COMMIT_ID = re.compile(r"[0-9a-f]{7,39}")  # a commit id's first digits, as git abbreviates it
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAIN = "main"
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -19,9 +21,11 @@ from loramux import paths
 from loramux.adapters.config import CONFIG_FILE
 from loramux.adapters.validate import AdapterSummary, Limits, validate_adapter_files, validate_model_files
 from loramux.registry.blobs import BlobStore, LocalBlobStore
-from loramux.registry.names import COMMIT_ID, MAIN, check_file_path, check_part, split_repo_id
+from loramux.registry.names import COMMIT_ID, MAIN, SHORT_COMMIT_ID, check_file_path, check_part, split_repo_id
 from loramux.registry.sqlite_store import SQLiteStore
 from loramux.registry.store import ApiKey, FileEntry, MetadataStore, Repo, Revision, StaleHeadError, Tenant
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "lmx_"
 
@@ -84,8 +88,14 @@ class RepoView:
 
 
 class Registry:
-    def __init__(self, store: MetadataStore, blobs: BlobStore, limits: Limits | None = None) -> None:
+    def __init__(
+        self, store: MetadataStore, blobs: BlobStore, limits: Limits | None = None, xorb_dir: Path | None = None
+    ) -> None:
+        from loramux.registry.xet import XorbStore
+
         self.store, self.blobs, self.limits = store, blobs, limits or Limits()
+        # Xet uploads' xorbs (registry/xet.py); a registry without a data directory keeps them in a temporary one.
+        self.xorbs = XorbStore(xorb_dir if xorb_dir is not None else Path(tempfile.mkdtemp(prefix="loramux-xorbs-")))
         self._repo_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # One commit or blob deletion at a time in this process (see `holding_blobs`), so that the process holds at
@@ -125,7 +135,7 @@ class Registry:
         except BaseException:
             store.close()
             raise
-        return cls(store, blobs)
+        return cls(store, blobs, xorb_dir=root / "xorbs")
 
     def close(self) -> None:
         """Release the store's connections."""
@@ -240,27 +250,47 @@ class Registry:
 
     def collect_garbage(self, grace_seconds: float = 3600.0) -> int:
         """Delete blobs no revision refers to (e.g. uploads of pushes that never committed), once older than
-        `grace_seconds` so that a push in progress keeps its uploads."""
+        `grace_seconds` so that a push in progress keeps its uploads; partial uploads left by crashed writers, as
+        old; and Xet xorbs unused for a week. Returns how many files were deleted."""
+        from loramux.registry.xet import XORB_RETENTION_SECONDS
+
         deleted = 0
+        deleted += self.blobs.remove_partial_uploads(grace_seconds)
         with self.holding_blobs(exclusive=True):
             referenced = self.store.referenced_blobs()
             for sha, mtime in list(self.blobs.all_blobs()):
                 if sha not in referenced and time.time() - mtime > grace_seconds:
                     self.blobs.delete(sha)
                     deleted += 1
-        return deleted
+        return deleted + self.xorbs.collect(max(grace_seconds, XORB_RETENTION_SECONDS))
 
     # --- revisions and files
     def revision(self, repo: Repo, rev: str | None) -> Revision:
-        """`rev`: None or "main" (the newest revision) or a 40-hex commit id of this repo."""
+        """`rev`: None or "main" (the newest revision), a 40-hex commit id of this repo, or a prefix of one of 7 or
+        more hex digits (as `git` takes them) that no other revision of the repo shares."""
         if rev in (None, MAIN):
             head = self.store.head(repo, MAIN)
             if head is None:
                 raise RevisionNotFoundError(f"{repo.repo_id} has no revision yet")
             return head
-        found = self.store.get_revision(repo, rev) if COMMIT_ID.fullmatch(rev) else None
+        rev = rev.lower()
+        if COMMIT_ID.fullmatch(rev):
+            found = self.store.get_revision(repo, rev)
+        elif SHORT_COMMIT_ID.fullmatch(rev):
+            matches = [r for r in self.store.list_revisions(repo) if r.commit.startswith(rev)]
+            if len(matches) > 1:
+                raise RevisionNotFoundError(
+                    f"revision {rev!r} is ambiguous in {repo.repo_id}: {len(matches)} commits start with it; "
+                    "give more digits"
+                )
+            found = matches[0] if matches else None
+        else:
+            found = None
         if found is None:
-            raise RevisionNotFoundError(f"revision {rev!r} not found in {repo.repo_id}")
+            raise RevisionNotFoundError(
+                f"revision {rev!r} not found in {repo.repo_id} (a revision is 'main', a commit id or 7 or more of its "
+                "first hex digits)"
+            )
         return found
 
     def files(self, revision: Revision) -> list[FileEntry]:
@@ -364,6 +394,25 @@ def _needs_cluster_extra(what: str) -> Iterator[None]:
         yield
     except ImportError as exc:
         raise ValueError(f"{what} needs the cluster extra: pip install 'loramux[cluster]' ({exc})") from exc
+
+
+def collect_garbage_periodically(registry: Registry, every_seconds: float = 3600.0) -> threading.Event:
+    """Run `registry.collect_garbage()` every `every_seconds` on a daemon thread (what `loramux serve` and `loramux
+    hub` do); setting the returned event stops it."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_seconds):
+            try:
+                deleted = registry.collect_garbage()
+            except Exception:  # a failed round must not end the collector: the next one tries again
+                log.exception("collecting the registry's garbage failed")
+                continue
+            if deleted:
+                log.info("collected %d unreferenced file(s) from the registry", deleted)
+
+    threading.Thread(target=loop, name="registry-gc", daemon=True).start()
+    return stop
 
 
 def _apply(tree: dict[str, FileEntry], op: AddFile | DeleteFile) -> None:

@@ -29,7 +29,14 @@ from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from loramux.registry.blobs import CHUNK, BlobError, CorruptBlobError, hash_file
+from loramux.registry.blobs import (
+    CHUNK,
+    PARTIAL_GRACE_SECONDS,
+    BlobError,
+    CorruptBlobError,
+    hash_file,
+    remove_stale_files,
+)
 from loramux.registry.names import SHA256
 from loramux.registry.store import StorageUnavailableError
 
@@ -165,6 +172,11 @@ class S3BlobStore:
         with self._lock:
             self._verified.pop(sha256, None)
         self._cached(sha256).unlink(missing_ok=True)
+
+    def remove_partial_uploads(self, older_than_seconds: float = PARTIAL_GRACE_SECONDS) -> int:
+        """Delete the local copies that crashed uploads and downloads left in the cache's `tmp/` (S3 itself never
+        shows half an object; a bucket lifecycle rule ends multipart uploads never completed)."""
+        return remove_stale_files(self.cache / "tmp", older_than_seconds)
 
     def all_blobs(self) -> Iterable[tuple[str, float]]:
         with _unavailable(f"the bucket {self.bucket}"):

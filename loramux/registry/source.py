@@ -83,6 +83,22 @@ class HubSource:
         return ResolvedAdapter(repo=ref.repo, commit=info.sha, path=target)
 
 
+def resolve_adapter_argument(text: str, hub_url: str, token: str | None) -> ResolvedAdapter:
+    """What a command-line ADAPTER argument names: a local PEFT adapter directory as it is, or NS/NAME[@REV] pulled
+    from the hub at `hub_url`. Raises ValueError (a one-line message) when it is neither, or not found."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ResolvedAdapter(repo=str(path.absolute()), commit="local", path=path)
+    try:
+        ref = AdapterRef.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is neither an adapter directory nor an adapter name (ns/name[@revision])") from exc
+    try:
+        return HubSource(hub_url, token).resolve(ref, None)
+    except AdapterNotFoundError as exc:
+        raise ValueError(f"adapter {ref} not found on {hub_url} (or not readable with this token)") from exc
+
+
 def _expected_digest(sibling) -> str | None:
     """The file's sha256 as the hub states it: LFS files carry it; loramux's blob ids are sha256 too."""
     if sibling.lfs is not None:

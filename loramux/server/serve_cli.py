@@ -1,4 +1,5 @@
-"""`loramux serve`: the OpenAI-compatible API, the adapter hub and /metrics on one port, over one NF4 base.
+"""`loramux serve`: the OpenAI-compatible API, the adapter hub and /metrics on one port, over one base model (NF4,
+or a merged checkpoint in bf16).
 
 The engine runs in a process of its own; the API (HTTP, tokenization, detokenization, streaming) in this one, or,
 with `--api-servers N`, in N processes that share the port, this one supervising them and the engine."""
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", default=None, help="base model: a Hugging Face directory or hub id (default: SmolLM2-135M-Instruct)"
     )
+    add_quantize_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     add_storage_arguments(parser)
@@ -109,6 +111,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+QUANTIZE_HELP = (
+    "how the base's decoder linear weights are held: nf4 (4-bit NF4 with double quantization, about 0.52 bytes a "
+    "weight), none (unquantized in the compute dtype: bf16 on a GPU, 2 bytes a weight; fp32 on the CPU), or auto: "
+    "none for a checkpoint written by `adapters merge` (NF4 again can erase what the adapter learned), nf4 for any "
+    "other base (default auto)"
+)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["auto", "nf4", "none"], default="auto", help=QUANTIZE_HELP)
+
+
 def _check(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
@@ -128,7 +142,10 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from loramux.registry.registry import collect_garbage_periodically
+
     registry = open_registry(args)  # API keys (and, without --hub, the adapters) live here
+    collect_garbage_periodically(registry)  # uploads never committed, partial uploads, unused xorbs
     keys = registry.store.has_keys()
     if not keys and not is_loopback(args.host) and not args.allow_insecure_no_auth:
         raise ValueError(
@@ -164,9 +181,11 @@ def run(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         log_level=logging.getLogger().getEffectiveLevel(),
         default_max_tokens=args.default_max_tokens,
+        quantize=args.quantize,
     )
     logging.getLogger("loramux.access").setLevel(logging.INFO)
     logging.getLogger("loramux.server.api.state").setLevel(logging.INFO)
+    logging.getLogger("loramux.server.models.loader").setLevel(logging.INFO)  # says how the base's weights are held
     mode = "API keys required" if keys else "single-user mode (no API keys)"
     adapters = f"adapters from {args.hub}" if args.hub else "adapters from the local registry"
     print(f"loramux serve on http://{args.host}:{args.port} ({mode}; {adapters}); loading the model...", flush=True)

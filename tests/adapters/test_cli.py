@@ -13,8 +13,10 @@ import pytest
 
 
 def run(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    inherited = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "LORAMUX_TOKEN", "LORAMUX_HUB")}
-    full_env = {**inherited, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", **(env or {})}
+    # As a user runs it: no HF_HUB_DISABLE_XET (hf_xet is installed), no token or hub from the test's environment.
+    dropped = ("HF_TOKEN", "LORAMUX_TOKEN", "LORAMUX_HUB", "HF_HUB_DISABLE_XET")
+    inherited = {k: v for k, v in os.environ.items() if k not in dropped}
+    full_env = {**inherited, "HF_HUB_OFFLINE": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120, env=full_env
     )
@@ -49,10 +51,16 @@ def test_push_ls_show_pull_rm(hub, make_adapter, tmp_path):
     revisions = shown.stdout.split("revisions:\n")[1].strip().splitlines()
     assert len(revisions) == 2 and revisions[1].endswith("first")
 
-    first = revisions[1].split()[0]
+    newest = listed.stdout.split("\t")[2]  # the short id ls prints is what every revision argument takes
+    assert len(newest) == 12 and revisions[0].startswith(newest)
+    assert f"use it as: me/tiny@{newest}" in shown.stdout
+    by_short_id = adapters("show", "me/tiny", "--revision", newest, env=env)
+    assert by_short_id.returncode == 0 and "rank: 4" in by_short_id.stdout, by_short_id.stderr
+    first = revisions[1].split()[0][:7]
     pulled = adapters("pull", "me/tiny", "--revision", first, "--to", str(tmp_path / "old"), env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads((tmp_path / "old" / "adapter_config.json").read_text())["r"] == 8
+    assert not (tmp_path / "old" / ".cache").exists()  # only the adapter's files, no download bookkeeping
     assert (tmp_path / "old" / "adapter_model.safetensors").read_bytes() == (
         adapter / "adapter_model.safetensors"
     ).read_bytes()
@@ -63,6 +71,55 @@ def test_push_ls_show_pull_rm(hub, make_adapter, tmp_path):
     assert gone.returncode == 1 and gone.stderr.startswith("adapters show: error:") and "404" in gone.stderr
     assert len(gone.stderr.strip().splitlines()) == 1
     assert list((hub.data_dir / "blobs").glob("??/*")) == []  # rm collected every blob
+
+
+def test_a_large_adapter_pushes_and_pulls_with_no_hf_variable_set(hub, make_adapter, tmp_path):
+    """As from a fresh shell: no HF_* variable at all (hf_xet installed). A file over 1 MiB travels by LFS."""
+    adapter = make_adapter(r=128, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    weights = adapter / "adapter_model.safetensors"
+    assert weights.stat().st_size > 1 << 20
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and not k.startswith("LORAMUX_")}
+    bare["HOME"] = str(tmp_path / "home")  # a user's own caches, not the test session's
+    command = [sys.executable, "-m", "loramux.adapters.cli"]
+    pushed = subprocess.run([*command, "push", str(adapter), "me/big", "--hub", hub.url], env=bare,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    pulled = subprocess.run([*command, "pull", "me/big", "--to", str(tmp_path / "back"), "--hub", hub.url], env=bare,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
+    assert [p.name for p in (hub.data_dir / "xorbs").rglob("*") if p.is_file()] == [".store-id"]  # LFS, not Xet
+
+
+def test_a_failed_first_push_leaves_no_empty_repo(hub, make_adapter):
+    from loramux.adapters.validate import AdapterValidationError
+
+    def refuse(files):
+        raise AdapterValidationError("this hub's base cannot load it")
+
+    adapters("push", str(make_adapter()), "me/kept", "--hub", hub.url)
+    hub.registry.adapter_checks.append(refuse)
+    first = adapters("push", str(make_adapter()), "me/new", "--hub", hub.url)
+    assert first.returncode == 1 and "this hub's base cannot load it" in first.stderr
+    assert hub.registry.store.get_repo("me", "new") is None  # created for the push, removed with its failure
+    again = adapters("push", str(make_adapter(r=8)), "me/kept", "--hub", hub.url)
+    assert again.returncode == 1
+    assert hub.registry.store.get_repo("me", "kept") is not None  # an existing repo stays, with its revision
+
+
+def test_lfs_uploads_are_chosen_even_after_huggingface_hub_was_imported():
+    """`adapters merge --push` imports huggingface_hub (through transformers) long before it pushes."""
+    code = (
+        "import os; os.environ.pop('HF_HUB_DISABLE_XET', None)\n"
+        "import huggingface_hub\n"
+        "from huggingface_hub.utils._runtime import is_xet_available\n"
+        "assert is_xet_available()\n"
+        "from loramux.registry.client import use_lfs_uploads\n"
+        "use_lfs_uploads()\n"
+        "assert not is_xet_available()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_push_refuses_an_invalid_adapter_before_uploading(hub, make_adapter, tmp_path):

@@ -349,6 +349,40 @@ def test_refuses_non_loopback_targets_and_bad_options(capsys: pytest.CaptureFixt
     assert done.returncode == 2 and "203.0.113.5 is not a loopback address" in done.stderr
 
 
+def test_without_matplotlib_the_report_is_written_and_the_plot_explained(server: FakeServer, tmp_path: Path) -> None:
+    """After a plain install (no matplotlib) the run still ends well: the JSON, and how to get the plot."""
+    hide = (  # `import matplotlib` fails as where it is not installed
+        "import sys\nsys.modules['matplotlib'] = None\n"
+        "from loadtests.loadgen import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "results" / "load.json"
+    args = ("--url", server.url, "--model", "m", "--concurrency", "2", "--requests", "4", "--json", str(out))
+    done = subprocess.run([sys.executable, "-c", hide, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["requests"]["completed"] == 4
+    assert "plot: not drawn, matplotlib is not installed: `pip install matplotlib`" in done.stdout
+    assert "Traceback" not in done.stderr and not out.with_suffix(".png").exists()
+
+
+def test_make_serve_installs_what_the_readme_examples_import() -> None:
+    """`make serve` installs the `client` extra; every module the README's examples import is in it or in the
+    package's own dependencies."""
+    import re
+
+    dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert dry_run.returncode == 0 and "scripts/setup.sh client" in dry_run.stdout
+    pyproject = (REPO / "pyproject.toml").read_text()
+    lists = "".join(
+        re.search(rf"^{n} = \[(.*?)^\]", pyproject, re.S | re.M).group(1) for n in ("dependencies", "client")
+    )
+    installed = {re.split(r"[<>=!\[ ]", d)[0].lower() for d in re.findall(r'"([^"]+)"', lists)}
+    readme = (REPO / "README.md").read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", readme, re.S))
+    imported = set(re.findall(r"^(?:from|import) (\w+)", code, re.M))
+    assert imported and imported <= installed | {"loramux"}
+    assert "matplotlib" in installed  # the load generator's plot, one of the README's commands
+
+
 def test_workload_distributions_are_seeded_and_in_range() -> None:
     rng = random.Random(0)
     assert {LengthDist.parse("7").sample(rng) for _ in range(5)} == {7}

@@ -45,3 +45,36 @@ def test_a_corrupted_blob_is_detected(tmp_path):
 def test_names_that_are_not_hashes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a sha256"):
         LocalBlobStore(tmp_path).verified_path("../../etc/passwd")
+
+
+def test_partial_uploads_of_dead_writers_are_removed(tmp_path):
+    """A killed upload leaves its temporary file in tmp/: an old one goes when a store opens and with each garbage
+    collection; a recent one may be an upload in progress in another process, and stays."""
+    import os
+    import time
+
+    from loramux.registry.registry import Registry, collect_garbage_periodically
+
+    (tmp_path / "blobs" / "tmp").mkdir(parents=True)
+    old, fresh = tmp_path / "blobs" / "tmp" / "upload-old", tmp_path / "blobs" / "tmp" / "upload-fresh"
+    for path in (old, fresh):
+        path.write_bytes(b"x" * 1000)
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    registry = Registry.open(tmp_path)  # opening the store
+    assert not old.exists() and fresh.exists()
+
+    os.utime(fresh, (two_hours_ago, two_hours_ago))
+    assert registry.collect_garbage() == 1 and not fresh.exists()
+
+    late = tmp_path / "blobs" / "tmp" / "upload-late"
+    late.write_bytes(b"y")
+    os.utime(late, (two_hours_ago, two_hours_ago))
+    stop = collect_garbage_periodically(registry, every_seconds=0.05)  # what `loramux serve` and `hub` run
+    try:
+        deadline = time.monotonic() + 10
+        while late.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not late.exists()
+    finally:
+        stop.set()

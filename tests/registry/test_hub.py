@@ -43,6 +43,10 @@ def test_peft_push_and_download_with_huggingface_hub(hub, make_adapter, tmp_path
     assert api.model_info("me/tiny").sha == second.oid != commit.oid
     old = api.model_info("me/tiny", revision=commit.oid)
     assert old.sha == commit.oid  # an old revision stays readable
+    assert api.model_info("me/tiny", revision=commit.oid[:7]).sha == commit.oid  # so does a short commit id
+    short = hf_hub_download("me/tiny", "adapter_config.json", revision=commit.oid[:9], endpoint=hub.url,
+                            cache_dir=tmp_path / "c2")  # fmt: skip
+    assert Path(short).read_bytes() == (adapter / "adapter_config.json").read_bytes()
 
 
 @pytest.mark.parametrize("hub", STORAGES, indirect=True)
@@ -154,6 +158,9 @@ def test_tenants_private_repos_and_write_permissions(hub, make_adapter):
     with pytest.raises(HfHubHTTPError) as forbidden:
         as_globex.create_repo("acme/other")
     assert forbidden.value.response.status_code == 403
+    message = "tenant 'globex' may not write to namespace 'acme'"  # both names quoted whole
+    assert forbidden.value.response.json()["error"] == message
+    assert forbidden.value.response.headers["x-error-message"] == message
     with pytest.raises(HfHubHTTPError) as unauthenticated:
         anonymous.create_repo("acme/other")
     assert unauthenticated.value.response.status_code == 401
@@ -217,8 +224,8 @@ ids = torch.tensor([[1, 2, 3, 4]])
 assert torch.equal(remote(ids).logits, local(ids).logits)
 print("same logits")
 """
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-           "HF_HOME": str(tmp_path / "hf")}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same logits" in result.stdout

@@ -229,3 +229,29 @@ def test_a_missing_driver_names_the_extra_to_install(tmp_path, monkeypatch):
         Registry.open(tmp_path, database_url="postgresql://db/registry")
     with pytest.raises(ValueError, match=r"blobs on S3 needs the cluster extra"):
         Registry.open(tmp_path, blob_url="s3://bucket/prefix")
+
+
+def test_a_revision_is_named_by_any_unique_prefix_of_7_or_more_digits(tmp_path, make_adapter, monkeypatch):
+    import loramux.registry.registry as registry_module
+
+    registry = Registry.open(tmp_path / "data")
+    source = RegistrySource(registry, tmp_path / "cache")
+    registry.create_repo("me/a", LOCAL)
+    ids = iter(["abc12340" + "0" * 32, "abc12341" + "1" * 32, "fed" + "2" * 37])  # two share their first 7 digits
+    monkeypatch.setattr(registry_module, "_commit_id", lambda *args: next(ids))
+    first, second, third = (
+        registry.commit("me/a", LOCAL, add_dir(registry, make_adapter(r=r)), f"r{r}") for r in (4, 8, 2)
+    )
+    repo = registry.repo("me/a", LOCAL)
+    assert registry.revision(repo, "abc12340").commit == first.commit
+    assert registry.revision(repo, "ABC12341" + "1" * 4).commit == second.commit  # any case, any length from 7
+    assert registry.revision(repo, "fed2222").commit == third.commit
+    assert registry.revision(repo, third.commit).commit == third.commit
+    resolved = source.resolve(AdapterRef.parse("me/a@abc12340"), None)  # how requests name it: ns/name@id
+    assert resolved.commit == first.commit  # the full id: caches key by it
+    assert json.loads((resolved.path / "adapter_config.json").read_text())["r"] == 4
+    with pytest.raises(RevisionNotFoundError, match="ambiguous.*2 commits start with it"):
+        registry.revision(repo, "abc1234")
+    for unknown in ("abc1239", "fed222", "main2"):  # no such commit; 6 digits are too few; not a branch
+        with pytest.raises(RevisionNotFoundError, match="7 or more of its first hex digits"):
+            registry.revision(repo, unknown)

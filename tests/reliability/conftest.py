@@ -66,12 +66,15 @@ def write_adapter(
 
 @pytest.fixture(scope="session")
 def hub_client_env() -> Iterator[None]:
-    """huggingface_hub may talk to the local test servers (the session is offline otherwise), without Xet."""
+    """huggingface_hub may talk to the local test servers (the session is offline otherwise), with Xet on as users
+    have it."""
     import huggingface_hub.constants as hf_constants
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        patch.setenv("HF_HUB_DISABLE_XET", "")  # recorded, so that the variable is removed again afterwards
+        patch.delenv("HF_HUB_DISABLE_XET")
+        patch.setattr(hf_constants, "HF_HUB_DISABLE_XET", False)
         yield
 
 

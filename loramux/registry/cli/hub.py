@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loramux.registry.hub import create_hub_app
+    from loramux.registry.registry import collect_garbage_periodically
 
     registry = open_registry(args)
+    collect_garbage_periodically(registry)  # uploads never committed, partial uploads, unused xorbs
     keys = registry.store.has_keys()
     if not keys and not is_loopback(args.host) and not args.allow_insecure_no_auth:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""`adapters ls [NS]`: the repos you may read, newest revision first in each line."""
+"""`adapters ls [NS]`: the repos you may read, one a line: name, visibility, the newest revision's short commit id,
+when it was made."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ import argparse
 
 from loramux.registry.cli.common import add_hub_arguments
 
+EPILOG = (
+    "Each line: NS/NAME, public or private, the newest revision's commit id (its first 12 hex digits), the date. "
+    "Every command that takes a revision accepts that short id (7 or more of the first digits, if no other "
+    "revision of the repo starts with them): requests as NS/NAME@ID, `adapters pull --revision ID`, "
+    "`adapters show --revision ID`, `adapters merge NS/NAME@ID`."
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument("namespace", nargs="?", default=None, metavar="NS", help="only this namespace")
     add_hub_arguments(parser)
 

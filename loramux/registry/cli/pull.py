@@ -10,7 +10,12 @@ from loramux.registry.cli.common import add_hub_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo", metavar="NS/NAME", help="the adapter to download")
-    parser.add_argument("--revision", default=None, help="a commit id (default: the newest revision)")
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="a commit id, or 7 or more of its first hex digits as `adapters ls` prints them (default: the newest "
+        "revision)",
+    )
     parser.add_argument("--to", type=Path, default=None, help="target directory (default: ./NAME)")
     add_hub_arguments(parser)
 

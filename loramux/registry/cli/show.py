@@ -10,7 +10,12 @@ from loramux.registry.cli.common import add_hub_arguments, human_size
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo", metavar="NS/NAME", help="the adapter to describe")
-    parser.add_argument("--revision", default=None, help="a commit id (default: the newest revision)")
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="a commit id, or 7 or more of its first hex digits as `adapters ls` prints them (default: the newest "
+        "revision)",
+    )
     add_hub_arguments(parser)
 
 
@@ -25,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     commits = call("listing revisions", url, api.list_repo_commits, args.repo, revision=info.sha)
     print(f"{info.id} ({'private' if info.private else 'public'})")
     print(f"revision: {info.sha}")
+    print(f"use it as: {info.id}@{info.sha[:12]} (requests, adapters merge) or --revision {info.sha[:12]}")
     names = {s.rfilename for s in info.siblings or []}
     if "adapter_config.json" in names:
         path = call("downloading", url, api.hf_hub_download, args.repo, "adapter_config.json", revision=info.sha)

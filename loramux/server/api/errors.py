@@ -93,6 +93,12 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its "location" is a character offset, not a field
+            where = next((p for p in first.get("loc", ()) if isinstance(p, int)), None)
+            reason = (first.get("ctx") or {}).get("error") or "invalid JSON"
+            at = f" at character {where}" if where is not None else ""
+            message = f"We could not parse the JSON body of your request: {reason}{at}."
+            return APIError(400, message, code="invalid_json").response()
         location = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(location) or None
         message = first.get("msg", "invalid request")

@@ -35,6 +35,7 @@ class ServerSettings:
     hub_token: str | None = None
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     log_level: int = logging.WARNING
+    quantize: str = "auto"  # the base's decoder weights: "nf4", "none", or "auto" (none for a merged checkpoint)
     default_max_tokens: int = 1024  # a chat completion's max_tokens when it gives none (0: up to the context length)
 
     def core_spec(self):
@@ -49,7 +50,7 @@ class ServerSettings:
             if self.hub_url
             else partial(registry_source, self.data_dir, self.database_url, self.blob_url)
         )
-        return CoreSpec(self.base, self.device, self.engine, source, self.log_level)
+        return CoreSpec(self.base, self.device, self.engine, source, self.log_level, self.quantize)
 
     def open_registry(self) -> Registry:
         return Registry.open(self.data_dir, self.database_url, self.blob_url)

@@ -50,6 +50,7 @@ class CoreSpec:
     config: object  # EngineConfig (typed loosely: the parent need not import torch to describe it)
     source: Callable[[], AdapterSource | None] | None = None
     log_level: int = logging.WARNING
+    quantize: str = "auto"  # the base's decoder weights: "nf4", "none", or "auto" (none for a merged checkpoint)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def _main(spec: CoreSpec, address: str, conn) -> None:
         from loramux.server.engine.llm_engine import LLMEngine
         from loramux.server.models.loader import load_base
 
-        base = load_base(spec.base, device=spec.device)
+        base = load_base(spec.base, device=spec.device, quantize=spec.quantize)
         engine = LLMEngine(base, spec.source() if spec.source else None, spec.config)
         engine.warm_up()
         socket = zmq.Context.instance().socket(zmq.ROUTER)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loramux.server.layers.linear import DenseLinear
 from loramux.server.layers.nf4_linear import NF4Linear
 from loramux.server.layers.slots import SlotLayout
 
@@ -214,20 +215,28 @@ class SlotMemory:
         )
 
 
-class LoraLinear(NF4Linear):
-    """An NF4 linear layer with LoRA slot memory. Without slots allocated it is the plain NF4 layer."""
+class LoraSlots:
+    """LoRA slot memory on a decoder linear layer: mixed into `LoraLinear` (NF4 weight) and `DenseLoraLinear`
+    (unquantized weight, a merged checkpoint), whose own `base_forward` computes `x·Wᵀ + b`. Without slots
+    allocated the layer is its plain base layer."""
 
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
     scalings: torch.Tensor | None
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype
+    device: torch.device
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
-        super().__init__(weight, bias, compute_dtype)
+    def _init_slots(self) -> None:
         self.register_buffer("lora_a", None, persistent=False)  # (pages, r_max, in) view of the A memory
         self.register_buffer("lora_b", None, persistent=False)  # (pages, out, r_max) view of the Bᵀ memory
         self.register_buffer("scalings", None, persistent=False)  # (pages,) float32
         self.register_buffer("ranks", None, persistent=False)  # (pages,) int32 true rank, 0 = not targeted
         self.layout: SlotLayout | None = None
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def allocate_slots(
         self,
@@ -239,7 +248,7 @@ class LoraLinear(NF4Linear):
         """Slot memory for this layer: its own tensors, or the views `memory` gives (see `SlotMemory`)."""
         layout = SlotLayout.of(num_slots, max_rank, page_rank)
         if memory is None:
-            device, dtype = self.packed.device, self.compute_dtype
+            device, dtype = self.device, self.compute_dtype
             memory = SlotMemoryViews(
                 torch.zeros(layout.rows, self.in_features, device=device, dtype=dtype),
                 torch.zeros(layout.rows, self.out_features, device=device, dtype=dtype),
@@ -284,10 +293,32 @@ class LoraLinear(NF4Linear):
     def forward(
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None
     ) -> torch.Tensor:
-        y = super().forward(x)
+        y = self.base_forward(x)
         if token_slots is not None and self.lora_a is not None:
             self.lora_delta(x, y, token_slots, segments)
         return y
+
+
+class LoraLinear(LoraSlots, NF4Linear):
+    """An NF4 linear layer with LoRA slot memory (the base model's decoder layers)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        NF4Linear.__init__(self, weight, bias, compute_dtype)
+        self._init_slots()
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return NF4Linear.forward(self, x)
+
+
+class DenseLoraLinear(LoraSlots, DenseLinear):
+    """An unquantized linear layer with LoRA slot memory (a merged checkpoint served in bf16)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        DenseLinear.__init__(self, weight, bias, compute_dtype)
+        self._init_slots()
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return DenseLinear.forward(self, x)
 
 
 class LoraGroup:
@@ -298,7 +329,7 @@ class LoraGroup:
     still reads and writes its own slots as a plain `LoraLinear`.
     """
 
-    def __init__(self, layers: list[LoraLinear]) -> None:
+    def __init__(self, layers: list[LoraSlots]) -> None:
         if not 1 <= len(layers) <= 3 or len({m.in_features for m in layers}) != 1:
             raise ValueError("a LoRA group takes 1 to 3 layers of the same input size")
         self.layers = layers
@@ -321,7 +352,7 @@ class LoraGroup:
         views of ranks and scalings over the members' columns."""
         layout = SlotLayout.of(num_slots, max_rank, page_rank)
         first, g = self.layers[0], len(self.layers)
-        device, dtype = first.packed.device, first.compute_dtype
+        device, dtype = first.device, first.compute_dtype
         if a_memory is None or members is None or ranks is None or scalings is None:
             a_memory = torch.zeros(g * layout.rows, first.in_features, device=device, dtype=dtype)
             ranks = torch.zeros(layout.pages, g, device=device, dtype=torch.int32)
@@ -344,7 +375,7 @@ class LoraGroup:
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None
     ) -> list[torch.Tensor]:
         """x (T, in) -> each member's output (T, out_g), base plus LoRA."""
-        ys = [NF4Linear.forward(layer, x) for layer in self.layers]
+        ys = [layer.base_forward(x) for layer in self.layers]
         if token_slots is None or self.lora_a is None:
             return ys
         kernels = _kernels() if x.is_cuda else None

@@ -79,6 +79,10 @@ class NF4Linear(nn.Module):
         self.serving_state: bnbf.QuantState | None = None  # GPU only: quant_state with its absmax dequantized
         self._refresh_serving_state()
 
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed.device.type == "cpu" and cpu_dequant_cache_enabled():
             if self._dense is None:

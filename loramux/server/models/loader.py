@@ -1,4 +1,5 @@
-"""Loading a base model: resolve it, read config and weights, quantize the decoder linears to NF4, place it."""
+"""Loading a base model: resolve it, read config and weights, quantize the decoder linears to NF4 (or keep them in
+the compute dtype: a merged checkpoint by default), place it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from loramux.server.models.checkpoint import load_config, load_generation_defaults, load_state_dict, resolve_base
+from loramux.server.models.checkpoint import (
+    load_config,
+    load_generation_defaults,
+    load_state_dict,
+    quantize_for,
+    resolve_base,
+)
 from loramux.server.models.config import ModelConfig
 from loramux.server.models.llama import LlamaForCausalLM
 
@@ -26,6 +33,7 @@ class BaseModel:
     # generation_config.json's sampling settings (temperature, top_p, top_k, min_p, repetition_penalty,
     # max_new_tokens): the defaults of a request that gives none of its own
     generation_defaults: dict[str, float | int] = field(default_factory=dict)
+    quantize: str = "nf4"  # how the decoder linear layers hold their weights: "nf4" or "none" (the compute dtype)
 
     @property
     def device(self) -> torch.device:
@@ -60,28 +68,36 @@ def compute_dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_base(name_or_path: str | None = None, device: str | torch.device | None = None) -> BaseModel:
-    """Load a Llama-family base with every decoder linear layer in NF4 (double quantization)."""
+def load_base(
+    name_or_path: str | None = None, device: str | torch.device | None = None, quantize: str = "auto"
+) -> BaseModel:
+    """Load a Llama-family base. quantize: "nf4" (every decoder linear layer in NF4 with double quantization), "none"
+    (kept in the compute dtype), or "auto": none for a checkpoint `adapters merge` wrote, nf4 otherwise."""
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
     path = resolve_base(name_or_path)
     config = load_config(path)
+    quantize = quantize_for(path, quantize)
     device = torch.device(device) if device is not None else default_device()
     dtype = compute_dtype_for(device)
     # Quantize on the target device: bitsandbytes' GPU quantizer is much faster, and the fp32 copy of a layer
     # lives only until its NF4 copy exists.
     state = {k: v.to(device) for k, v in load_state_dict(path).items()}
-    model = LlamaForCausalLM(config, state, dtype).to(device).eval()
+    model = LlamaForCausalLM(config, state, dtype, quantize).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    weights = "NF4" if quantize == "nf4" else str(dtype).removeprefix("torch.")
     log.info(
-        "loaded base %s (%s) on %s in %.1fs", path.name, config.architecture, device, time.perf_counter() - started
-    )
+        "loaded base %s (%s, decoder weights in %s) on %s in %.1fs",
+        path.name, config.architecture, weights, device, time.perf_counter() - started,
+    )  # fmt: skip
+    name = name_or_path or path.name
     return BaseModel(
-        name=name_or_path or path.name,
+        name=name,
         path=path,
         config=config,
         model=model,
         tokenizer=tokenizer,
+        quantize=quantize,
         generation_defaults=load_generation_defaults(path),
     )

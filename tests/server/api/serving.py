@@ -44,7 +44,8 @@ def launch(home: Path, *args: str, ready_timeout: float = 180, env: dict[str, st
     """Start `loramux serve ARGS` with LORAMUX_HOME=home and wait until /ready answers 200 (`env` overrides)."""
     port = free_port()
     # One compute thread: on a CPU shared with other test processes, torch's spinning thread pool is much slower.
-    env = {**os.environ, "LORAMUX_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}  # as users run it
+    env = {**inherited, "LORAMUX_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     log = home / f"serve-{port}.log"
     home.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:

@@ -20,7 +20,7 @@ def test_serve_takes_adapters_from_a_remote_hub(hub, make_adapter, checkpoint_di
     server = launch(
         tmp_path / "home",
         "--base", str(checkpoint_dir), "--hub", hub.url, "--data-dir", str(tmp_path / "serve-data"),
-        env={"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"},
+        env={"HF_HUB_OFFLINE": "0"},
     )  # fmt: skip
     try:
         llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

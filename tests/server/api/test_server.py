@@ -45,7 +45,9 @@ def env(tmp_path_factory):
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:  # the session runs offline; this hub is local
         patch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        patch.setenv("HF_HUB_DISABLE_XET", "")  # recorded, so that the variable is removed again afterwards
+        patch.delenv("HF_HUB_DISABLE_XET")
+        patch.setattr(hf_constants, "HF_HUB_DISABLE_XET", False)  # pushes go through the hub's Xet routes
         patch.setattr(hf_constants, "HF_HUB_CACHE", str(root / "hf-cache"))
         yield SimpleNamespace(url=server.url, server=server, keys=keys, adapters=adapters, base="tiny")
     assert server.stop() == 0, server.output()  # SIGTERM: a graceful shutdown

@@ -1,4 +1,5 @@
-"""The NF4 decoder against transformers on tiny random checkpoints of each supported architecture."""
+"""The decoder (NF4, and unquantized for merged checkpoints) against transformers on tiny random checkpoints of each
+supported architecture."""
 
 from __future__ import annotations
 
@@ -57,3 +58,57 @@ def test_chat_prompt_uses_the_template(tiny_checkpoint):
     base = load_base(str(tiny_checkpoint()), device="cpu")
     ids = base.chat_prompt_ids([{"role": "user", "content": "hi"}])
     assert base.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_unquantized_logits_match_transformers(tiny_checkpoint, arch):
+    """quantize="none": the checkpoint's own weights, so transformers as it loads them is the reference."""
+    path = tiny_checkpoint(arch)
+    base = load_base(str(path), device="cpu", quantize="none")
+    assert base.quantize == "none"
+    assert not any(isinstance(m, NF4Linear) for m in base.model.modules())
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    runner = ModelRunner(base.model, block_size=4, num_blocks=4)
+    ids = [5, 17, 99, 3, 250, 42, 7]
+    (logits,) = runner.run([Chunk(ids, 0, [1, 3], all_logits=True)])
+    torch.testing.assert_close(logits, ref(torch.tensor([ids])).logits[0], atol=2e-5, rtol=1e-5)
+
+
+def test_unquantized_layers_serve_an_adapter_like_peft(tiny_checkpoint, tmp_path):
+    import peft
+
+    from loramux.adapters.weights import load_lora
+    from tests.conftest import build_adapter
+
+    path = tiny_checkpoint()
+    adapter = build_adapter(path, tmp_path / "adapter", r=4, targets=("q_proj", "v_proj", "gate_proj", "down_proj"))
+    base = load_base(str(path), device="cpu", quantize="none")
+    base.model.allocate_lora_slots(num_slots=2, max_rank=8)
+    runner = ModelRunner(base.model, block_size=4, num_blocks=8)
+    runner.write_slot(1, load_lora(adapter, base.config))
+    ids = [5, 17, 99, 3, 250, 42, 7]
+    adapted, plain = runner.run(
+        [Chunk(ids, 0, [0, 1], slot=1, all_logits=True), Chunk(ids, 0, [2, 3], all_logits=True)]
+    )
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    expected_plain = ref(torch.tensor([ids])).logits[0]
+    expected = peft.PeftModel.from_pretrained(ref, str(adapter)).eval()(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(adapted, expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, expected_plain, atol=2e-5, rtol=1e-5)
+    assert (adapted - plain).abs().max() > 0.05  # the adapter changes the answer
+
+
+def test_auto_keeps_a_merged_checkpoint_unquantized(tiny_checkpoint):
+    import json
+
+    from loramux.server.models.checkpoint import MERGE_MARKER
+
+    path = tiny_checkpoint()
+    assert load_base(str(path), device="cpu").quantize == "nf4"  # any other base: NF4
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, MERGE_MARKER: {"base": "x", "adapters": []}}))
+    assert load_base(str(path), device="cpu").quantize == "none"
+    assert load_base(str(path), device="cpu", quantize="nf4").quantize == "nf4"
+    with pytest.raises(ValueError, match="auto, nf4 or none"):
+        load_base(str(path), device="cpu", quantize="int8")
