@@ -71,7 +71,7 @@ def simulate(args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
     requests = []
     for i, adapter in enumerate(chosen):
-        r = Request(str(i), [1] * args.prompt, params, AdapterRef(f"w2/{adapter}"), None, set(), lambda out: None)
+        r = Request(str(i), [1] * args.prompt, params, AdapterRef(f"w2/{adapter}"), None, set())
         r.adapter_key = f"w2/{adapter}@{'0' * 40}"
         r.lora = SimpleNamespace(max_rank=RANKS[adapter % len(RANKS)])  # what the claim reads of the weights
         requests.append(r)

@@ -9,7 +9,7 @@ from loramux.server.engine.request import Request, SamplingParams
 
 
 def request() -> Request:
-    return Request("r", [1, 2, 3], SamplingParams(), None, None, set(), lambda _: None)
+    return Request("r", [1, 2, 3], SamplingParams(), None, None, set())
 
 
 def test_grow_free_and_cache_positions():

@@ -33,7 +33,7 @@ def make():
 
 def request(name: str, adapter: str, max_tokens: int = 4, rank: int = 8) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    r = Request(name, [1, 2, 3], params, AdapterRef(adapter), None, set(), lambda out: None)
+    r = Request(name, [1, 2, 3], params, AdapterRef(adapter), None, set())
     r.adapter_key = f"{adapter}@{'0' * 40}"
     r.lora = SimpleNamespace(max_rank=rank)  # as fetched: what the claim reads (the slot writes here are no-ops)
     return r
