@@ -1,17 +1,13 @@
 """Runs one step of the model: builds the flat batch (tokens, positions, KV cache indices, adapter slot per token)
-from the scheduled chunks, runs the forward pass, and returns the logits rows that will be sampled.
+from the scheduled chunks (`batch.py`), runs the forward pass, and returns the logits rows that will be sampled.
 
-On CUDA a step of decode tokens only (one new token per sequence) replays a CUDA graph: the batch is padded up to
-the next captured size, its inputs copied into static tensors (token ids, positions, cache slots, adapter slots,
-block tables, context lengths), and one replay runs every kernel of the step with no host synchronisation. Graphs
-are captured by `warm_up` before serving (or on first use), one per (batch size, with or without LoRA); with the
-gather path of attention (the Triton decode kernel off) also per block-table width. Padding rows compute on a scratch
-KV block that no sequence owns. A mixed step (prompt chunks beside decode tokens, the common step under
-steady load) replays the decode graph for its decode tokens and runs the prompt chunks in a pass of their own, queued
-behind the replay: that pass uploads its inputs without waiting for the device (`loramux.server.transfer`), so no host
-synchronisation happens before the step's logits are read. Passes of prompt chunks (and other steps no decode graph
-fits) replay piecewise graphs where their token count has them (`prompt_graphs.py`: everything but the attention,
-padded to a captured count), else launch kernel by kernel.
+On CUDA a step of decode tokens only (one new token per sequence) replays a CUDA graph (`decode_graphs.py`). A mixed
+step (prompt chunks beside decode tokens, the common step under steady load) replays the decode graph for its decode
+tokens and runs the prompt chunks in a pass of their own, queued behind the replay: that pass uploads its inputs
+without waiting for the device (`loramux.server.transfer`), so no host synchronisation happens before the step's
+logits are read. Passes of prompt chunks (and other steps no decode graph fits) replay piecewise graphs where their
+token count has them (`prompt_graphs.py`: everything but the attention, padded to a captured count), else launch
+kernel by kernel.
 """
 
 from __future__ import annotations
@@ -25,29 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters.weights import LoraWeights
+from loramux.server.engine.batch import Chunk, FlatBatch
+from loramux.server.engine.decode_graphs import DecodeGraphs
 from loramux.server.engine.prompt_graphs import PromptGraphs
-from loramux.server.layers import attention
 from loramux.server.layers.attention import BatchContext, PrefillBatch
 from loramux.server.models.llama import LlamaForCausalLM
 from loramux.server.transfer import to_device
 
-
-@dataclass
-class Chunk:
-    """A piece of one sequence computed in a step."""
-
-    token_ids: list[int]  # the tokens computed now
-    start: int  # position of the first of them (= tokens already in the KV cache)
-    block_table: list[int]  # blocks covering positions 0 .. start + len(token_ids) - 1
-    slot: int = -1  # adapter slot, -1 = base model only
-    all_logits: bool = False  # logits for every token of the chunk, not just the last
-
-
-# Batch sizes that decode graphs are captured for; a batch is padded up to the next one.
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-# Without the in-place decode kernel, decode graphs gather each sequence's K/V padded to the widest block table:
-# above this many gathered positions (batch x width) a step runs eagerly instead, so that the gather stays small.
-GRAPH_MAX_GATHER = 256 * 512
 # Slot-write plans kept (the copies that write an adapter of one layout, whatever the slot; a few per projection)
 WRITE_PLANS_KEPT = 256
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
@@ -61,23 +41,6 @@ class _WritePlan:
     runs: list[tuple[str, int, torch.Tensor, int, int, int, int]]
     columns: list[int]  # each module's column of the ranks and scalings, in the buffer's order
     ranks: torch.Tensor  # (modules,) int32: the slot's rank in every module
-
-
-def block_table_rows(tables: list[list[int]], width: int, pad: int | None = None, rows: int = 0) -> torch.Tensor:
-    """Block tables as a `(max(rows, len(tables)), width)` long tensor, each cut or padded to `width`: padded with
-    `pad`, or with the table's own first block where `pad` is None; rows past the tables hold `pad` only. One tensor
-    from one list (a `torch.tensor` per row cost ~4 ms of host time for 256 sequences on a 2-core VM)."""
-    out = []
-    for table in tables:
-        row = table[:width]
-        if len(row) < width:
-            row = row + [row[0] if pad is None else pad] * (width - len(row))
-        out.append(row)
-    if rows > len(out):
-        if pad is None:
-            raise ValueError("padding rows need a pad block")
-        out += [[pad] * width] * (rows - len(out))
-    return torch.tensor(out, dtype=torch.long).reshape(len(out), width)
 
 
 class ModelRunner:
@@ -100,14 +63,12 @@ class ModelRunner:
         # One block past those the block manager hands out: padding rows of a graph batch write their K/V there.
         model.allocate_kv_cache(num_blocks + 1, block_size)
         self.scratch_block = num_blocks
-        self.graphs = None
+        self.graphs: DecodeGraphs | None = None
+        self.prompt_graphs: PromptGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, block_size, scratch_block=num_blocks)
-        self.prompt_graphs: PromptGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda" and max_prompt_tokens > 0:
-            self.prompt_graphs = PromptGraphs(model, num_blocks * block_size, max_prompt_tokens)
-        self.graph_prompts = True  # passes of prompt chunks through `prompt_graphs` (where there are any)
-        self.split_mixed = True  # mixed steps: decode tokens through a graph, prompt chunks through their own pass
+            if max_prompt_tokens > 0:
+                self.prompt_graphs = PromptGraphs(model, num_blocks * block_size, max_prompt_tokens)
         self._upload_stream: torch.cuda.Stream | None = None
         self._upload_lock = threading.Lock()
         # `_write_packed`'s staging buffer on the device, and its copies per adapter layout
@@ -122,13 +83,11 @@ class ModelRunner:
         if self.graphs.fits(chunks):
             return self.graphs.run(chunks)
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and not c.all_logits]
-        if not self.split_mixed or not decode or len(decode) == len(chunks):
+        graphed = [chunks[i] for i in decode]
+        if not decode or len(decode) == len(chunks) or not self.graphs.fits(graphed):
             return self.run_pass(chunks)
         # A mixed step: its decode tokens replay a graph, the prompt chunks run in their own pass beside them. Each
         # sequence attends only to its own cache, so the split computes the same step as one pass.
-        graphed = [chunks[i] for i in decode]
-        if not self.graphs.fits(graphed):
-            return self.run_pass(chunks)
         graphed_at = set(decode)
         others = [i for i in range(len(chunks)) if i not in graphed_at]
         out: list[torch.Tensor | None] = [None] * len(chunks)
@@ -142,66 +101,35 @@ class ModelRunner:
 
     def run_pass(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """One forward pass over all chunks, without the decode graphs (what `run` does where none fits, and for a
-        mixed step's prompt chunks) -> per chunk its logits: through the piecewise prompt graphs where they are on
-        and hold its token count (the attention eager between the pieces), else kernel by kernel."""
-        ids, positions, kv_index, slots, ranges = [], [], [], [], []
-        contexts: dict[int, torch.Tensor] = {}  # chunk -> flat cache index of its positions 0..end-1 (not decode)
-        bs = self.block_size
-        for i, chunk in enumerate(chunks):
-            n = len(chunk.token_ids)
-            ranges.append((len(ids), len(ids) + n))
-            ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start, chunk.start + n))
-            slots.extend([chunk.slot] * n)
-            if n == 1:  # a decode token: only its own cache slot; attention reads the block table
-                position = chunk.start
-                kv_index.append(torch.tensor([chunk.block_table[position // bs] * bs + position % bs]))
-            else:
-                table = torch.tensor(chunk.block_table, dtype=torch.long)
-                contexts[i] = (table[:, None] * bs + torch.arange(bs)).flatten()[: chunk.start + n]
-                kv_index.append(contexts[i][chunk.start :])
-        # Attention by kind of chunk: decode tokens batched through the block tables, prompts' first chunks (all of
-        # their context is in this step) in one padded batch, the rest (continued prompts) one sequence at a time.
-        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        fresh = [i for i, c in enumerate(chunks) if c.start == 0 and len(c.token_ids) > 1]
-        longest = max((len(chunks[i].token_ids) for i in fresh), default=0)
-        fresh = [i for i in fresh if 2 * len(chunks[i].token_ids) >= longest]  # padding at most doubles the work
-        batched = set(decode) | set(fresh)
-        others = [i for i in range(len(chunks)) if i not in batched]
-        host: dict[str, torch.Tensor] = {}  # what goes to the device, in one copy that does not wait for it
-        if decode:
-            width = max(chunks[i].start // bs + 1 for i in decode)
-            host["decode_rows"] = torch.tensor([ranges[i][0] for i in decode], dtype=torch.long)
-            host["block_tables"] = block_table_rows([chunks[i].block_table for i in decode], width)
-            host["context_lens"] = torch.tensor([chunks[i].start + 1 for i in decode], dtype=torch.long)
-        lora = any(s >= 0 for s in slots)
-        graphs = self.prompt_graphs if self.prompt_graphs is not None and self.graph_prompts else None
-        if graphs is not None and graphs.size_for(len(ids)) is None:
+        mixed step's prompt chunks) -> per chunk its logits: through the piecewise prompt graphs where they hold its
+        token count (the attention eager between the pieces), else kernel by kernel."""
+        flat = FlatBatch.of(chunks, self.block_size)
+        graphs = self.prompt_graphs
+        if graphs is not None and graphs.size_for(len(flat.ids)) is None:
             graphs = None
+        lora = any(s >= 0 for s in flat.slots)
+        host = flat.decode_inputs(chunks, self.block_size)  # what goes to the device, in one copy that does not wait
         if graphs is not None:  # ids, positions, cache indices and slots padded to a captured count, in one tensor
-            host["inputs"] = graphs.pad(ids, positions, torch.cat(kv_index), slots)
+            host["inputs"] = graphs.pad(flat.ids, flat.positions, flat.kv_index, flat.slots)
         else:
             if lora:
-                host["token_slots"] = torch.tensor(slots, dtype=torch.long)
-            host["ids"] = torch.tensor(ids, dtype=torch.long)
-            host["positions"] = torch.tensor(positions, dtype=torch.long)
-            host["kv_index"] = torch.cat(kv_index)
-        # only the rows that are sampled go through the (large) output head
-        rows = [
-            torch.arange(start, end) if chunk.all_logits else torch.tensor([end - 1])
-            for chunk, (start, end) in zip(chunks, ranges, strict=True)
-        ]
+                host["token_slots"] = torch.tensor(flat.slots, dtype=torch.long)
+            host["ids"] = torch.tensor(flat.ids, dtype=torch.long)
+            host["positions"] = torch.tensor(flat.positions, dtype=torch.long)
+            host["kv_index"] = flat.kv_index
+        rows = flat.sampled_rows(chunks)  # only the rows that are sampled go through the (large) output head
         host["rows"] = torch.cat(rows)
         names = list(host)
-        moved = to_device([*host.values(), *(contexts[i] for i in others)], self.device)
+        moved = to_device([*host.values(), *(flat.contexts[i] for i in flat.others)], self.device)
         dev = dict(zip(names, moved, strict=False))
         prefill = None
-        if fresh:
-            prefill = PrefillBatch.build([ranges[i] for i in fresh], [contexts[i] for i in fresh], self.device)
+        if flat.fresh:
+            ranges, contexts = [flat.ranges[i] for i in flat.fresh], [flat.contexts[i] for i in flat.fresh]
+            prefill = PrefillBatch.build(ranges, contexts, self.device)
         ctx = BatchContext(
             kv_index=dev["inputs"][2] if graphs is not None else dev["kv_index"],
             token_slots=dev.get("token_slots"),
-            query_ranges=[ranges[i] for i in others],
+            query_ranges=[flat.ranges[i] for i in flat.others],
             context_index=moved[len(names) :],
             block_tables=dev.get("block_tables"),
             context_lens=dev.get("context_lens"),
@@ -229,7 +157,7 @@ class ModelRunner:
             self.run_pass([Chunk([0] * tokens, 0, table, slot)])
         if self.graphs is not None:
             self.graphs.capture_all()
-        if self.prompt_graphs is not None and self.graph_prompts:
+        if self.prompt_graphs is not None:
             self.prompt_graphs.capture_all((False, True) if self.model.num_lora_slots else (False,))
 
     @property
@@ -406,114 +334,3 @@ class ModelRunner:
         the W2 benchmark on an H200: 10.6 s that way, 8.45 s turned on the device). On the CPU it is turned when
         read, and the write copies it as it is."""
         return self.device.type != "cuda"
-
-
-class DecodeGraphs:
-    """CUDA graphs of decode steps, captured on first use and replayed with the step's inputs copied in."""
-
-    def __init__(self, model: LlamaForCausalLM, block_size: int, scratch_block: int) -> None:
-        self.model = model
-        self.block_size = block_size
-        self.scratch_block = scratch_block
-        self.max_batch = GRAPH_BATCH_SIZES[-1]
-        self.max_width = -(-model.config.max_position_embeddings // block_size)
-        self.in_place = attention.TRITON_DECODE  # decode attention reads blocks in place (else a padded gather)
-        device = model.lm_head_weight.device
-        # Static inputs, rows of (5, max_batch): token ids, positions, flat KV index, adapter slot, context length.
-        self.vectors = torch.zeros(5, self.max_batch, dtype=torch.long, device=device)
-        self.tables = torch.full((self.max_batch, self.max_width), scratch_block, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
-
-    def _shape(self, chunks: list[Chunk]) -> tuple[int, int]:
-        """(padded batch size, block-table width) for a batch of decode chunks."""
-        size = next(s for s in GRAPH_BATCH_SIZES if s >= len(chunks))
-        if self.in_place:
-            return size, self.max_width  # the kernel reads each sequence's own blocks: one graph per size
-        needed = max((c.start // self.block_size) + 1 for c in chunks)
-        width = 1 << (needed - 1).bit_length()  # a power of two, so that few widths are ever captured
-        return size, min(width, self.max_width)
-
-    def fits(self, chunks: list[Chunk]) -> bool:
-        if not chunks or len(chunks) > self.max_batch:
-            return False
-        if any(len(c.token_ids) != 1 or c.all_logits for c in chunks):
-            return False
-        size, width = self._shape(chunks)
-        return self.in_place or size * width * self.block_size <= GRAPH_MAX_GATHER
-
-    def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        n = len(chunks)
-        size, width = self._shape(chunks)
-        bs = self.block_size
-        scratch = self.scratch_block * bs
-        vectors = torch.zeros(5, size, dtype=torch.long)
-        vectors[2].fill_(scratch)
-        vectors[3].fill_(-1)
-        vectors[4].fill_(1)  # a padding row attends to the one scratch position it wrote
-        vectors[:, :n] = torch.tensor(
-            [
-                [c.token_ids[0] for c in chunks],
-                [c.start for c in chunks],
-                [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks],
-                [c.slot for c in chunks],
-                [c.start + 1 for c in chunks],
-            ]
-        )
-        # only the columns some sequence uses are copied: a row's later entries are never read (its context length
-        # ends before them)
-        used_width = min(width, max((c.start // bs) + 1 for c in chunks))
-        tables = block_table_rows([c.block_table for c in chunks], used_width, self.scratch_block, rows=size)
-        lora = self.model.num_lora_slots > 0 and any(c.slot >= 0 for c in chunks)
-        vectors, tables = to_device([vectors, tables], self.vectors.device)  # without waiting for the device
-        self.vectors[:, :size].copy_(vectors)
-        self.tables[:size, :used_width].copy_(tables)
-        key = (size, width, lora)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
-        graph, logits = self.graphs[key]
-        graph.replay()
-        # a copy: the next replay overwrites the graph's output
-        return list(logits[:n].clone().split(1))
-
-    def capture_all(self) -> None:
-        """Capture the graph of every batch size ahead of use, with and without adapters (inputs: padding rows)."""
-        self.vectors.zero_()
-        self.vectors[2].fill_(self.scratch_block * self.block_size)
-        self.vectors[3].fill_(-1)
-        self.vectors[4].fill_(1)
-        self.tables.fill_(self.scratch_block)
-        width = self.max_width if self.in_place else 1
-        for lora in (False, True) if self.model.num_lora_slots else (False,):
-            for size in GRAPH_BATCH_SIZES:
-                if (size, width, lora) not in self.graphs:
-                    self.graphs[(size, width, lora)] = self._capture(size, width, lora)
-
-    def _forward(self, size: int, width: int, lora: bool) -> torch.Tensor:
-        v = self.vectors
-        ctx = BatchContext(
-            kv_index=v[2, :size],
-            token_slots=v[3, :size] if lora else None,
-            query_ranges=[],
-            context_index=[],
-            block_tables=self.tables[:size, :width],
-            context_lens=v[4, :size],
-        )
-        hidden = self.model(v[0, :size], v[1, :size], ctx)
-        return self.model.compute_logits(hidden)  # (size, vocab) fp32
-
-    def _capture(self, size: int, width: int, lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream first (Triton compiles, cuBLAS picks its kernels); it computes the same step the
-        # replay will, so the K/V it writes are the same values.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward(size, width, lora)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        # thread_local: an adapter loader thread (step_thread_slot_writes off) may copy into slots during a capture
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self._forward(size, width, lora)
-        return graph, logits

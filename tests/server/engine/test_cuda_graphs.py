@@ -9,8 +9,9 @@ import torch
 from loadtests.bench_engine import LocalSource, write_adapter
 from loramux.adapters.source import AdapterRef
 from loramux.adapters.weights import load_lora
+from loramux.server.engine.batch import Chunk
+from loramux.server.engine.decode_graphs import GRAPH_BATCH_SIZES
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
-from loramux.server.engine.model_runner import GRAPH_BATCH_SIZES, Chunk
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models.loader import load_base
 
@@ -33,8 +34,7 @@ def test_graph_decode_matches_eager_decode_with_mixed_adapters(tiny_checkpoint, 
         for name in ("t/a0", "t/a1", "t/a2"):  # read first: the runs batch alike whenever their reads would end
             engine.adapters.fetch(AdapterRef.parse(name), None)
         if not graphs:
-            engine.runner.graphs = None
-            engine.runner.graph_prompts = False
+            engine.runner.graphs = engine.runner.prompt_graphs = None
         outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
         if graphs:
             assert engine.runner.graphs.graphs, "no decode step was replayed from a graph"
@@ -69,8 +69,7 @@ def test_mixed_steps_replay_the_decode_graph_beside_an_eager_prefill(tiny_checkp
 
             engine.runner.graphs.run = counted
         else:
-            engine.runner.graphs = None
-            engine.runner.graph_prompts = False
+            engine.runner.graphs = engine.runner.prompt_graphs = None
         outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
         engine.shutdown()
     assert outputs[True] == outputs[False]

@@ -7,7 +7,7 @@ import torch
 
 from loramux.adapters.config import AdapterConfig
 from loramux.adapters.weights import LoraModule, LoraWeights
-from loramux.server.engine.model_runner import ModelRunner, block_table_rows
+from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.models.loader import load_base
 
 
@@ -176,11 +176,3 @@ def test_a_write_waits_for_the_work_before_its_fence_and_not_for_what_came_after
     last.record()
     runner.write_slot(1, weights)  # no fence: it waits for everything queued on the step stream
     assert last.query()
-
-
-def test_block_tables_are_cut_or_padded_to_one_width():
-    tables = [[7, 8, 9], [4], [1, 2]]
-    assert block_table_rows(tables, 2).tolist() == [[7, 8], [4, 4], [1, 2]]  # padded with each table's first block
-    assert block_table_rows(tables, 3, pad=0, rows=5).tolist() == [[7, 8, 9], [4, 0, 0], [1, 2, 0], [0] * 3, [0] * 3]
-    with pytest.raises(ValueError, match="pad block"):
-        block_table_rows(tables, 2, rows=4)

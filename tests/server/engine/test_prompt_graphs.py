@@ -10,7 +10,8 @@ import torch
 
 from loadtests.bench_engine import write_adapter
 from loramux.adapters.weights import load_lora
-from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.batch import Chunk
+from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.engine.prompt_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
 from loramux.server.models.loader import load_base
 
@@ -56,11 +57,11 @@ def _run_steps(runner: ModelRunner) -> list[list[torch.Tensor]]:
 @pytest.mark.parametrize("device", DEVICES)
 def test_prompt_passes_through_pieces_match_the_plain_pass(tiny_checkpoint, device, tmp_path):
     runner = _runner(tiny_checkpoint, device, tmp_path)
-    runner.graph_prompts = False
+    graphs, runner.prompt_graphs = runner.prompt_graphs, None  # the plain pass first
     plain = _run_steps(runner)
     if device == "cpu":  # no CUDA graphs: the same pieces, run eagerly
-        runner.prompt_graphs = PromptGraphs(runner.model, runner.scratch_block * BLOCK, 256, capture=False)
-    runner.graph_prompts = True
+        graphs = PromptGraphs(runner.model, runner.scratch_block * BLOCK, 256, capture=False)
+    runner.prompt_graphs = graphs
     assert runner.prompt_graphs is not None and runner.prompt_graphs.sizes == (64, 128, 256)
     pieced = _run_steps(runner)
     assert set(runner.prompt_graphs.pieces) == {(64, True)}  # both steps padded to 64 tokens, with adapters

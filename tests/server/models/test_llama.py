@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.batch import Chunk
+from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.layers.nf4_linear import NF4Linear
 from loramux.server.models.loader import load_base
 
