@@ -111,8 +111,8 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        # thread_local: a graph met for the first time is captured while serving, when other threads of the process
-        # (the adapter fetch threads) run; their calls must neither fail the capture nor be captured
+        # thread_local: only this thread's calls are checked and captured; a capture on first use happens while
+        # serving, with other threads of the process (the adapter fetch threads) at work
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._forward(size, lora)
         return graph, logits

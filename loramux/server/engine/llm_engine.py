@@ -23,6 +23,8 @@ import torch
 from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.server.engine import adapter_cache
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, AdapterCache
+from loramux.server.engine.adapter_reader import ReadSpec
+from loramux.server.engine.adapter_slots import AdapterSlots
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.errors import AdapterLoadError, ContextLengthError, InvalidRequestError, QueueFullError
 from loramux.server.engine.host_arena import HostArena
@@ -31,6 +33,7 @@ from loramux.server.engine.model_runner import Chunk, ModelRunner
 from loramux.server.engine.outputs import OutputProcessor
 from loramux.server.engine.request import EngineOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
+from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.sampler import sample_tokens
 from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import BaseModel
@@ -85,7 +88,13 @@ class EngineConfig:
         if self.adapter_reader_processes is not None and self.adapter_reader_processes < 0:
             raise ValueError(f"adapter_reader_processes must not be negative, got {self.adapter_reader_processes}")
         if self.num_slots is not None:
-            SlotLayout.of(self.num_slots, self.max_lora_rank, self.slot_page_rank)  # raises for a page rank unfit
+            self.slot_layout  # noqa: B018 (raises for a page rank unfit)
+
+    @property
+    def slot_layout(self) -> SlotLayout:
+        """The layout of slot memory (once `num_slots` is decided: `fit_to_device`)."""
+        assert self.num_slots is not None, "num_slots is decided when the engine starts"
+        return SlotLayout.of(self.num_slots, self.max_lora_rank, self.slot_page_rank)
 
 
 # What a GPU of the H100 class serves an 8B-class model with (vLLM's defaults for its API server), and what a few CPU
@@ -143,8 +152,9 @@ class LLMEngine:
         self.base = base
         self.config, self.notes = fit_to_device(config or EngineConfig(), base)
         config = self.config
+        layout = config.slot_layout
         if config.num_slots:  # slots first, so that the KV cache is sized from the memory that remains
-            base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank, config.slot_page_rank)
+            base.model.allocate_lora_slots(layout)
         num_blocks = config.num_kv_blocks or _kv_blocks_from_memory(base, config)
         self.runner = ModelRunner(
             base.model, config.block_size, num_blocks, max_prompt_tokens=config.max_num_batched_tokens
@@ -174,28 +184,26 @@ class LLMEngine:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
+        self.writer = SlotWriter(base.model)
+        self.slots = AdapterSlots(layout, self.writer)
+        # On a GPU the step loop is one host thread launching kernels: a fetch's CPU passes on every core would take
+        # cores from it. On the CPU the step loop computes on those cores itself, so the default stays.
+        spec = ReadSpec(
+            base.config, self.writer.dtype, self.writer.b_rank_major, FETCH_CPU_THREADS_ON_GPU if on_gpu else None
+        )
         self.adapters = AdapterCache(
             source,
-            base.config,
-            self.runner.write_slot,
-            config.num_slots,
+            spec,
             config.max_lora_rank,
             config.adapter_cache_bytes,
-            on_change=self._wake,
-            dtype=self.runner.adapter_dtype,
             arena=arena,
-            page_rank=config.slot_page_rank,
-            # On a GPU the step loop is one host thread launching kernels: a fetch's CPU passes on every core would
-            # take cores from it. On the CPU the step loop computes on those cores itself, so the default stays.
-            fetch_cpu_threads=FETCH_CPU_THREADS_ON_GPU if on_gpu else None,
-            b_rank_major=self.runner.cache_b_rank_major,
-            fence=self.runner.step_fence,
             reader_processes=readers,
-            issue_write=self.runner.issue_write,
+            # a new revision's slots go stale on the step loop, in the order the fetch threads saw the revisions
+            on_new_revision=lambda repo, commit: self._post(lambda: self.slots.retire(repo, commit)),
         )
         self.scheduler = Scheduler(
             self.blocks,
-            self.adapters,
+            self.slots,
             config.max_num_seqs,
             config.max_num_batched_tokens,
             prefill_wave=config.prefill_wave,
@@ -213,7 +221,7 @@ class LLMEngine:
             config.block_size,
             config.num_slots,
             config.max_lora_rank,
-            self.adapters.layout.page_rank,
+            self.slots.layout.page_rank,
         )
 
     # -- requests in ---------------------------------------------------------------------------------------------
@@ -305,17 +313,17 @@ class LLMEngine:
         The slot writes of the adapters claimed in scheduling are queued right after the forward (their copies run
         beside it), and their slots are ready for the first step that begins after the copies are done."""
         self._apply_inbox()
-        self.adapters.complete_writes()  # slots whose writes are done are ready for this step
+        self.slots.complete_writes()  # slots whose writes are done are ready for this step
         batch = self.scheduler.schedule()
         logits = self.runner.run([self._chunk(request, n) for request, n in batch]) if batch else None
-        self.adapters.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
+        self.slots.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
         self._end_failed_writes()
         if on_forward_queued is not None:
             on_forward_queued()
         if logits is not None:
             self._sample(batch, logits)
-        elif self.adapters.writes_pending():  # nothing runs until they are done
-            self.adapters.complete_writes(wait=True)
+        elif self.slots.writes_pending():  # nothing runs until they are done
+            self.slots.complete_writes(wait=True)
         elif not self._outputs:
             return None
         outputs, self._outputs = self._outputs, []
@@ -363,7 +371,7 @@ class LLMEngine:
     def _end_failed_writes(self) -> None:
         """End the requests that wait for a slot whose write failed (the cache frees the slot), with AdapterLoadError;
         other requests for the adapter may load it again later."""
-        for index, key, exc in self.adapters.failed_writes():
+        for index, key, exc in self.slots.failed_writes():
             error = AdapterLoadError(f"adapter {key} could not be written into slot memory: {exc}")
             for request in [r for r in self.requests.values() if r.slot == index and r.status is RequestStatus.WAITING]:
                 request.slot = -1  # its pin went with the slot
@@ -391,7 +399,9 @@ class LLMEngine:
             "slot_misses": s.slot_misses,
             "preemptions": s.preemptions,
         }
+        stats.update(self.slots.stats())
         stats.update(self.adapters.stats())
+        stats["adapter_load_seconds"] = stats["adapter_read_seconds"] + stats["adapter_slot_write_seconds"]
         return stats
 
     def input_processor(self) -> InputProcessor:

@@ -156,7 +156,7 @@ class SlotMemoryViews:
 
 class SlotMemory:
     """The slot memory of every LoRA module of a model in a few tensors, so that writing an adapter into a slot is a
-    few copies a projection whatever the number of layers (`ModelRunner.issue_write`).
+    few copies a projection whatever the number of layers (`SlotWriter.write`).
 
     Per site (modules that read one input: q/k/v, o, gate/up, down) A of every layer is one tensor
     `(layers, G·rows, in)`, member g's rows from g·rows; per projection Bᵀ of every layer is `(layers, rows, out)`;
@@ -202,11 +202,8 @@ class SlotMemory:
         """Give a site's modules in one layer their parts (its `(pages, G)` ranks and scalings a slice)."""
         first = self.columns[(projections[0], layer)]
         a = self.a[projections[0]][0][layer]
-        layout = self.layout
         group.allocate_slots(
-            layout.num_slots,
-            layout.max_rank,
-            layout.page_rank,
+            self.layout,
             a_memory=a,
             members=[self.views(name, layer) for name in projections],
             ranks=self.ranks[:, first : first + len(projections)],
@@ -229,15 +226,8 @@ class LoraLinear(NF4Linear):
         self.register_buffer("ranks", None, persistent=False)  # (pages,) int32 true rank, 0 = not targeted
         self.layout: SlotLayout | None = None
 
-    def allocate_slots(
-        self,
-        num_slots: int,
-        max_rank: int,
-        page_rank: int | None = None,
-        memory: SlotMemoryViews | None = None,
-    ) -> None:
+    def allocate_slots(self, layout: SlotLayout, memory: SlotMemoryViews | None = None) -> None:
         """Slot memory for this layer: its own tensors, or the views `memory` gives (see `SlotMemory`)."""
-        layout = SlotLayout.of(num_slots, max_rank, page_rank)
         if memory is None:
             device, dtype = self.packed.device, self.compute_dtype
             memory = SlotMemoryViews(
@@ -308,9 +298,7 @@ class LoraGroup:
 
     def allocate_slots(
         self,
-        num_slots: int,
-        max_rank: int,
-        page_rank: int | None = None,
+        layout: SlotLayout,
         a_memory: torch.Tensor | None = None,
         members: list[SlotMemoryViews] | None = None,
         ranks: torch.Tensor | None = None,
@@ -319,7 +307,6 @@ class LoraGroup:
         """Slot memory for the group: its own tensors, or the given ones (`SlotMemory`): the shared A memory
         `(G·rows, in)`, each member's views (its B memory, its (pages,) ranks and scalings), and the `(pages, G)`
         views of ranks and scalings over the members' columns."""
-        layout = SlotLayout.of(num_slots, max_rank, page_rank)
         first, g = self.layers[0], len(self.layers)
         device, dtype = first.packed.device, first.compute_dtype
         if a_memory is None or members is None or ranks is None or scalings is None:
@@ -338,7 +325,7 @@ class LoraGroup:
         self.lora_a = _page_views(a_memory, layout, g)
         self.ranks, self.scalings = ranks, scalings
         for layer, views in zip(self.layers, members, strict=True):
-            layer.allocate_slots(num_slots, max_rank, page_rank, views)
+            layer.allocate_slots(layout, views)
 
     def __call__(
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None

@@ -201,11 +201,9 @@ class LlamaForCausalLM(nn.Module):
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
 
-    def allocate_lora_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
-        """Slot memory for `num_slots` adapters of `max_rank` in every decoder linear layer, paged by `page_rank`
-        (`slots.SlotLayout`): `num_lora_slots` slot indices (pages) from here on. It is one `SlotMemory`
-        (`lora_slot_memory`): a few tensors that every layer's modules hold views of."""
-        layout = SlotLayout.of(num_slots, max_rank, page_rank)
+    def allocate_lora_slots(self, layout: SlotLayout) -> None:
+        """Slot memory of `layout` in every decoder linear layer: `num_lora_slots` slot indices (pages) from here on.
+        It is one `SlotMemory` (`lora_slot_memory`): a few tensors that every layer's modules hold views of."""
         first = self.model.layers[0]
         attn, mlp = first.self_attn, first.mlp
 
@@ -221,9 +219,9 @@ class LlamaForCausalLM(nn.Module):
         memory = SlotMemory(layout, len(self.model.layers), sites, attn.q_proj.packed.device, attn.q_proj.compute_dtype)
         for i, layer in enumerate(self.model.layers):
             memory.allocate_group(layer.self_attn.qkv, ["q_proj", "k_proj", "v_proj"], i)
-            layer.self_attn.o_proj.allocate_slots(num_slots, max_rank, page_rank, memory.views("o_proj", i))
+            layer.self_attn.o_proj.allocate_slots(layout, memory.views("o_proj", i))
             memory.allocate_group(layer.mlp.gate_up, ["gate_proj", "up_proj"], i)
-            layer.mlp.down_proj.allocate_slots(num_slots, max_rank, page_rank, memory.views("down_proj", i))
+            layer.mlp.down_proj.allocate_slots(layout, memory.views("down_proj", i))
         self.lora_slot_memory = memory
         self.num_lora_slots = layout.pages
 

@@ -85,7 +85,8 @@ def test_a_mixed_step_queues_all_its_work_without_waiting_for_the_device(tiny_ch
     engine = LLMEngine(base, LocalSource(), EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
     runner = engine.runner
     runner.warm_up()
-    runner.write_slot(0, load_lora(adapter, base.config, runner.adapter_dtype, b_rank_major=runner.cache_b_rank_major))
+    writer = engine.writer
+    writer.write(0, load_lora(adapter, base.config, writer.dtype, b_rank_major=writer.b_rank_major)).synchronize()
     prompts = [Chunk([(7 * i + j) % 200 + 1 for j in range(80)], 0, list(range(5 * i, 5 * i + 5)), i - 1)
                for i in range(2)]  # fmt: skip
     decodes = [Chunk([11 + i], 20, [10 + 2 * i, 11 + 2 * i], i % 2 - 1) for i in range(3)]

@@ -13,6 +13,8 @@ from loramux.adapters.weights import load_lora
 from loramux.server.engine.batch import Chunk
 from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.engine.prompt_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
+from loramux.server.engine.slot_writer import SlotWriter
+from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import load_base
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -22,13 +24,15 @@ BLOCK = 4
 def _runner(tiny_checkpoint, device: str, tmp_path: Path) -> ModelRunner:
     """A tiny model with two adapters in its slots: rank 8 on every module, rank 4 on q/v and the MLP's down_proj."""
     base = load_base(str(tiny_checkpoint()), device=device)
-    base.model.allocate_lora_slots(num_slots=2, max_rank=8)
+    base.model.allocate_lora_slots(SlotLayout.of(num_slots=2, max_rank=8))
     runner = ModelRunner(base.model, block_size=BLOCK, num_blocks=64, max_prompt_tokens=256)
+    writer = SlotWriter(base.model)
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for slot, (modules, rank) in enumerate(((every, 8), (["q_proj", "v_proj", "down_proj"], 4))):
         path = write_adapter(tmp_path / f"a{slot}", rank, modules, base.config, seed=slot + 1, scale=0.3)
-        weights = load_lora(path, base.config, runner.adapter_dtype, b_rank_major=runner.cache_b_rank_major)
-        runner.write_slot(slot, weights)
+        done = writer.write(slot, load_lora(path, base.config, writer.dtype, b_rank_major=writer.b_rank_major))
+        if done is not None:
+            done.synchronize()
     return runner
 
 
