@@ -31,10 +31,10 @@ from loramux.server.engine.host_arena import HostArena
 
 log = logging.getLogger(__name__)
 
-# Adapters read from the source at once by fetch threads reading in this process. Two: on an H100 host with 16 cores,
-# two readers read 128 adapters/s and slowed a loop of kernel launches on the step thread 2.6x; four read 77/s and
-# slowed it 3.6x (the readers and the step loop contend for the GIL between their torch calls).
-FETCH_THREADS = 2
+# Adapters read at once by fetch threads reading in this process (without reader processes). Two: on an H100 host
+# with 16 cores, two readers read 128 adapters/s and slowed a loop of kernel launches on the step thread 2.6x; four
+# read 77/s and slowed it 3.6x (the readers and the step loop contend for the GIL between their torch calls).
+_READS_AT_ONCE = 2
 FETCH_CPU_THREADS_ON_GPU = 1  # CPU threads each fetch thread's torch calls use when the engine runs on a GPU
 
 
@@ -70,7 +70,7 @@ class AdapterCache:
             except OSError as exc:  # no process could be started: the fetch threads read instead
                 log.warning("adapter reader processes could not start (%s); reading in-process", exc)
         self._fetcher = ThreadPoolExecutor(  # reads run side by side: several adapters load at once
-            max_workers=reader_processes if self.readers is not None else FETCH_THREADS,
+            max_workers=reader_processes if self.readers is not None else _READS_AT_ONCE,
             thread_name_prefix="loramux-adapter-fetch",
             initializer=self._start_fetch_thread,
         )

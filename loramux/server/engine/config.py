@@ -73,7 +73,7 @@ class EngineConfig:
 
 # What a GPU of the H100 class serves an 8B-class model with (vLLM's defaults for its API server), and what a few CPU
 # cores can step. Adapter reads: on a GPU two reader processes, as many as the fetch threads that read in the engine's
-# process on the CPU (`adapter_cache.FETCH_THREADS`).
+# process on the CPU.
 GPU_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "adapter_reader_processes": 2}
 CPU_DEFAULTS = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_slots": 4, "adapter_reader_processes": 0}
 SLOT_MEMORY_FRACTION = 0.1  # of the device memory the weights leave: the most that automatic slots take

@@ -22,12 +22,13 @@ from loramux.adapters.source import AdapterRef, AdapterSource
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, AdapterCache
 from loramux.server.engine.adapter_reader import ReadSpec
 from loramux.server.engine.adapter_slots import AdapterSlots
+from loramux.server.engine.batch import Chunk
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.config import EngineConfig, fit_to_device, kv_blocks_for
 from loramux.server.engine.errors import AdapterLoadError, ContextLengthError, InvalidRequestError, QueueFullError
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.engine.inputs import InputProcessor
-from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.engine.outputs import OutputProcessor
 from loramux.server.engine.request import EngineOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
@@ -267,8 +268,8 @@ class LLMEngine:
             self._outputs.append(EngineOutput(request.request_id, [token], finish, logits=logits_row))
 
     def _end_failed_writes(self) -> None:
-        """End the requests that wait for a slot whose write failed (the cache frees the slot), with AdapterLoadError;
-        other requests for the adapter may load it again later."""
+        """End the requests that wait for a slot whose write failed (`AdapterSlots` frees the slot), with
+        AdapterLoadError; other requests for the adapter may load it again later."""
         for index, key, exc in self.slots.failed_writes():
             error = AdapterLoadError(f"adapter {key} could not be written into slot memory: {exc}")
             for request in [r for r in self.requests.values() if r.slot == index and r.status is RequestStatus.WAITING]:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # is left out: on an H200 (torch 2.11) it spent 42-100 ms of host time building a plan the first time it met each
 # (prompts, length) shape, which most steps under changing load do, against 0-2.4 ms for flash attention on the same
 # machine. (Chunks that continue a prompt, attended one by one with a mask, keep torch's choice.)
-_PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -108,7 +108,7 @@ def paged_attention(
         qs = q[p.tokens].transpose(1, 2)  # (F, H, L, hd)
         ks = k_flat[p.cache_index].transpose(1, 2)  # (F, KVH, L, hd)
         vs = v_flat[p.cache_index].transpose(1, 2)
-        with sdpa_kernel(_PREFILL_SDPA_BACKENDS):
+        with sdpa_kernel(_PREFILL_BACKENDS):
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
         out[p.targets] = o.transpose(1, 2).reshape(f * width, *q.shape[1:])[p.rows]
     for (start, end), index in zip(ctx.query_ranges, ctx.context_index, strict=True):
