@@ -63,7 +63,7 @@ class DecodeGraphs:
         # ends before them)
         used_width = min(self.max_width, max((c.start // bs) + 1 for c in chunks))
         tables = block_table_rows([c.block_table for c in chunks], used_width, self.scratch_block, rows=size)
-        lora = self.model.num_lora_slots > 0 and any(c.slot >= 0 for c in chunks)
+        lora = self.model.num_lora_pages > 0 and any(c.slot >= 0 for c in chunks)
         vectors, tables = to_device([vectors, tables], self.vectors.device)  # without waiting for the device
         self.vectors[:, :size].copy_(vectors)
         self.tables[:size, :used_width].copy_(tables)
@@ -82,7 +82,7 @@ class DecodeGraphs:
         self.vectors[3].fill_(-1)
         self.vectors[4].fill_(1)
         self.tables.fill_(self.scratch_block)
-        for lora in (False, True) if self.model.num_lora_slots else (False,):
+        for lora in (False, True) if self.model.num_lora_pages else (False,):
             for size in GRAPH_BATCH_SIZES:
                 if (size, lora) not in self.graphs:
                     self.graphs[(size, lora)] = self._capture(size, lora)

@@ -124,11 +124,11 @@ class ModelRunner:
         adapters). The forwards compute on the scratch block only."""
         if self.device.type != "cuda":
             return
-        slot = 0 if self.model.num_lora_slots else -1
+        slot = 0 if self.model.num_lora_pages else -1
         for tokens in (16, 128, 512):  # the LoRA kernels' gather path, then their segment path's two block sizes
             table = [self.scratch_block] * -(-tokens // self.block_size)
             self.run_pass([Chunk([0] * tokens, 0, table, slot)])
         if self.graphs is not None:
             self.graphs.capture_all()
         if self.prompt_graphs is not None:
-            self.prompt_graphs.capture_all((False, True) if self.model.num_lora_slots else (False,))
+            self.prompt_graphs.capture_all((False, True) if self.model.num_lora_pages else (False,))

@@ -123,7 +123,7 @@ class PromptGraphs:
         def first() -> None:
             x = model.model.embed_tokens(inputs[0])
             state["cos"], state["sin"] = model.model.rotary(inputs[1], x.dtype)
-            segments = plan_step(slots, model.num_lora_slots) if slots is not None else None
+            segments = plan_step(slots, model.num_lora_pages) if slots is not None else None
             state["ctx"] = BatchContext(
                 kv_index=inputs[2], token_slots=slots, query_ranges=[], context_index=[], segments=segments
             )

@@ -49,13 +49,13 @@ def _kernels() -> ModuleType | None:
     return lora_kernels
 
 
-def plan_step(token_slots: torch.Tensor | None, num_slots: int) -> Segments | None:
+def plan_step(token_slots: torch.Tensor | None, num_pages: int) -> Segments | None:
     """The segment plan of a step's (T,) token slots for every LoRA layer, or None where the kernels' gather path
     (few tokens, decode) or the CPU reference runs. Made once per step: a sort and a search on the device."""
     kernels = _kernels() if token_slots is not None and token_slots.is_cuda else None
     if kernels is None or token_slots.shape[0] <= kernels.GATHER_MAX_TOKENS:
         return None
-    return kernels.plan_segments(token_slots, num_slots)
+    return kernels.plan_segments(token_slots, num_pages)  # slot indices range over the pages
 
 
 def _page_views(memory: torch.Tensor, layout: SlotLayout, groups: int) -> torch.Tensor:
