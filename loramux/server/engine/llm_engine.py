@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    """The engine driven synchronously, on one thread: `add`, `abort` and `step` are called there; adapter reads
-    finish on other threads and queue their follow-up for the next step (`wake_fd` tells a waiting loop).
+    """The engine driven synchronously, on one thread: `add`, `abort`, `step` and `stats` are called there (the
+    scheduler and slot memory's bookkeeping take no lock); adapter reads finish on other threads and queue their
+    follow-up for the next step (`wake_fd` tells a waiting loop).
 
     It allocates the KV cache and adapter slots inside `base.model`: one engine per loaded base at a time.
     """

@@ -71,7 +71,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in list(self.waiting.values()))  # list(): stats() reads it from another thread
+        return sum(len(q) for q in self.waiting.values())
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
