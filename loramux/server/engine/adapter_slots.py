@@ -11,10 +11,11 @@ the requests that hold them, and are the first to be reused once their last requ
 
 A claim queues its slot's write; the step loop issues the writes of its claims once a step's forward is queued
 (`issue_writes`: their copies run beside that step) and marks their slots ready once it sees the copies done
-(`complete_writes`). So the step loop never waits for a host-to-device copy, and no other thread takes the GIL to
-write a slot. A write waits only for the device work queued before its claim (`SlotWriter.fence`), the only work
-that may still read the slot's previous adapters, not for the steps queued since. A write that fails holds its slot
-until the step loop takes the failure (`failed_writes`) and ends the requests pinned to it.
+(`complete_writes`). So the step loop never waits for a host-to-device copy, no other thread takes the GIL to write
+a slot, and a slow read (`adapter_cache`, on other threads) never holds up the write of an adapter already read. A
+write waits only for the device work queued before its claim (`SlotWriter.fence`), the only work that may still read
+the slot's previous adapters, not for the steps queued since. A write that fails holds its slot until the step loop
+takes the failure (`failed_writes`) and ends the requests pinned to it.
 
 Everything here runs on the step loop's thread: there is no lock.
 """
