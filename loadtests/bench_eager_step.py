@@ -1,9 +1,12 @@
 """Wall time of one engine step by its make-up (prompts of 128 tokens, decode tokens through a graph on a GPU), on the
 Llama-3-8B shape with 64 adapter slots loaded and nothing else running, and the host time until the step had queued
-all its work; on a GPU with the prompts' pass through piecewise graphs and launched kernel by kernel, in turn; then a
-cProfile of one mixed step (each way), to show where its host time goes.
+all its work, as the engine runs it (on a GPU the prompts' pass through piecewise graphs where its token count has
+them); then a cProfile of one mixed step, to show where its host time goes.
 
     python loadtests/bench_eager_step.py [--tiny]
+
+The figures of prompt passes launched kernel by kernel on a GPU (the engine before its prompt graphs) come from
+this script at a commit of that time: the engine no longer has a switch for it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from loadtests.bench_engine import LLAMA3_8B, TINY, build_base, write_adapter
 from loadtests.profiling import top_functions
 from loramux.adapters.weights import load_lora
+from loramux.server.engine.batch import Chunk
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
-from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.model_runner import ModelRunner
 
 SHAPES = ((0, 128), (1, 0), (3, 0), (3, 100), (16, 100), (64, 0), (64, 100))  # (prompts, decode tokens)
 SLOTS, BLOCK = 64, 16
@@ -80,28 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     captured = len(runner.prompt_graphs.pieces) if runner.prompt_graphs is not None else 0
     print(f"warm-up (kernels compiled, graphs captured; {captured} prompt token counts): "
           f"{time.perf_counter() - begun:.1f} s", flush=True)  # fmt: skip
+    writer = engine.writer
     for slot in range(SLOTS):
-        runner.write_slot(
-            slot,
-            load_lora(
-                adapters[ranks[slot % 4]], base.config, runner.adapter_dtype, b_rank_major=runner.cache_b_rank_major
-            ),
-        )
-    modes = {"graphs": True, "eager": False}  # prompt passes through piecewise graphs, or launched kernel by kernel
-    if runner.prompt_graphs is None:
-        modes = {"eager": False}
+        weights = load_lora(adapters[ranks[slot % 4]], base.config, writer.dtype, b_rank_major=writer.b_rank_major)
+        writer.write(slot, weights)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the copies done before the steps are timed
     for prompts, decodes in SHAPES:
-        batch = chunks(prompts, decodes, prompt_len)
-        for mode, graphed in modes.items():
-            runner.graph_prompts = graphed
-            seconds, queued = wall(runner, batch, device)
-            print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}, {mode:6}: {1e3 * seconds:8.1f} ms "
-                  f"(queued in {1e3 * queued:.1f} ms)", flush=True)  # fmt: skip
+        seconds, queued = wall(runner, chunks(prompts, decodes, prompt_len), device)
+        print(f"prompts {prompts:3} x {prompt_len} + decode {decodes:3}: {1e3 * seconds:8.1f} ms "
+              f"(queued in {1e3 * queued:.1f} ms)", flush=True)  # fmt: skip
     batch = chunks(3, 100, prompt_len)
-    for mode, graphed in modes.items():
-        runner.graph_prompts = graphed
-        print(f"profile, prompt passes {mode}:")
-        print(top_functions(lambda: wall(runner, batch, device, reps=1)))
+    print("profile of a mixed step:")
+    print(top_functions(lambda: wall(runner, batch, device, reps=1)))
     return 0
 
 

@@ -336,13 +336,14 @@ def bench_w1(base: BaseModel, args, root: Path, results: dict) -> None:
 
 
 def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
-    """A rank-16 all-module adapter into slot 0: from the CPU cache (weights already read) and from disk.
+    """A rank-16 all-module adapter into slot 0, until its copies are done: from the CPU cache (weights already
+    read) and from disk.
 
     The CPU cache holds what the engine's fetch reads: the slots' dtype, in a region of the page-locked arena; the
     same write from the fp32 pageable tensors `load_lora` returns by default is timed too. From disk: read on this
     thread (`load_lora`), and, where the engine has reader processes, read by one of them as the engine does."""
     device = base.device
-    runner, arena, readers = engine.runner, engine.adapters.arena, engine.adapters.readers
+    writer, arena, readers = engine.writer, engine.adapters.arena, engine.adapters.readers
     cpu, cpu_fp32, disk, via_reader = [], [], [], []
 
     def taking(regions: list[int]) -> Callable[[int], tuple[int | None, torch.Tensor]]:
@@ -362,19 +363,19 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
         take = taking(regions)
         started = time.perf_counter()
         weights = load_lora(
-            adapter_dir, base.config, runner.adapter_dtype, lambda n, take=take: take(n)[1],
-            b_rank_major=runner.cache_b_rank_major,
+            adapter_dir, base.config, writer.dtype, lambda n, take=take: take(n)[1],
+            b_rank_major=writer.b_rank_major,
         )  # fmt: skip
-        runner.write_slot(0, weights)
+        writer.write(0, weights)
         sync(device)
         disk.append(time.perf_counter() - started)
         started = time.perf_counter()
-        runner.write_slot(0, weights)
+        writer.write(0, weights)
         sync(device)
         cpu.append(time.perf_counter() - started)
         raw = load_lora(adapter_dir, base.config)
         started = time.perf_counter()
-        runner.write_slot(0, raw)
+        writer.write(0, raw)
         sync(device)
         cpu_fp32.append(time.perf_counter() - started)
         for offset in regions:
@@ -382,7 +383,7 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
         if readers is not None:
             taken: list[int] = []
             started = time.perf_counter()
-            runner.write_slot(0, readers.read(adapter_dir, taking(taken)))
+            writer.write(0, readers.read(adapter_dir, taking(taken)))
             sync(device)
             via_reader.append(time.perf_counter() - started)
             for offset in taken:

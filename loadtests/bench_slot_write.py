@@ -1,15 +1,15 @@
-"""Host time of `ModelRunner.write_slot` for W2-shaped adapters: what the loader thread spends per adapter it puts
-into a slot while steps run beside it (every Python call it makes can keep the step loop waiting for the GIL).
+"""Host time of a slot write (`SlotWriter.write`) for W2-shaped adapters: what the step loop spends queuing the
+copies of an adapter it puts into a slot (it does so while the device computes a step).
 
-    python loadtests/bench_slot_write.py [--slots 64] [--layers 32] [--rounds 5] [--row-major]
+    python loadtests/bench_slot_write.py [--slots 64] [--layers 32] [--rounds 5] [--row-major] [--fresh]
 
 Adapters of ranks 8, 16, 32 and 64 on q_proj and v_proj of every layer, written into every slot in turn so that a
 slot's rank changes with each write; the model has the 8B shape's layer count and module names but small matrices,
 so that the Python work shows rather than the copies. On a GPU the copies are asynchronous launches and the figure
-is the host time until each write returned (it waits for its copies). `--row-major`: buffers with B as files hold
-it (what a GPU engine's CPU cache keeps), else rank-major. `--fresh`: every write as the first
-one into its slot with its adapter's layout (the views it copies between made anew). Prints the fastest round's mean
-and a profile of one round.
+is the host time until each write returned, as the step loop spends it (the copies are waited for at the end of each
+round, untimed). `--row-major`: buffers with B as files hold it (what a GPU engine's CPU cache keeps), else
+rank-major. `--fresh`: every write by a writer that has not met its adapter's layout yet (it works out the copies
+anew). Prints the fastest round's mean and a profile of one round.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from loadtests.bench_engine import build_base, write_adapter
 from loadtests.profiling import top_functions
 from loramux.adapters.weights import load_lora
-from loramux.server.engine.model_runner import ModelRunner
+from loramux.server.engine.slot_writer import SlotWriter
+from loramux.server.layers.slots import SlotLayout
 
 RANKS = (8, 16, 32, 64)
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of one write into every slot")
     parser.add_argument("--row-major", action="store_true", help="B in the buffers as files hold it")
     parser.add_argument(
-        "--fresh", action="store_true", help="each write as the first into its slot with its layout (no kept views)"
+        "--fresh", action="store_true", help="each write by a new writer (its copies worked out anew, untimed)"
     )
     parser.add_argument("--root", type=Path, default=Path("/tmp/loramux-bench-slot-write"), help="where adapters go")
     args = parser.parse_args(argv)
@@ -47,25 +48,28 @@ def main(argv: list[str] | None = None) -> int:
              "num_attention_heads": 8, "num_key_value_heads": 2, "rope_theta": 500000.0,
              "max_position_embeddings": 256}  # fmt: skip
     base = build_base(shape, device)
-    base.model.allocate_lora_slots(args.slots, 64, 64)  # one page per slot: every slot takes every rank
-    runner = ModelRunner(base.model, block_size=16, num_blocks=8)
+    base.model.allocate_lora_slots(SlotLayout.of(args.slots, 64, 64))  # one page per slot: every slot takes any rank
+    writer = SlotWriter(base.model)
     adapters = [
         load_lora(write_adapter(args.root / f"r{r}", r, ["q_proj", "v_proj"], base.config, seed=r), base.config,
-                  runner.adapter_dtype, b_rank_major=not args.row_major)
+                  writer.dtype, b_rank_major=not args.row_major)
         for r in RANKS
     ]  # fmt: skip
 
     def one_round(shift: int) -> float:
-        started = time.perf_counter()
+        seconds = 0.0
         for slot in range(args.slots):
-            if args.fresh:
-                runner.forget_write_plans()
-            runner.write_slot(slot, adapters[(slot + shift) % len(adapters)])
-        return (time.perf_counter() - started) / args.slots
+            this = SlotWriter(base.model) if args.fresh else writer
+            started = time.perf_counter()
+            this.write(slot, adapters[(slot + shift) % len(adapters)])
+            seconds += time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return seconds / args.slots
 
     one_round(0)  # first writes: staging buffers, views, kernels
     seconds = min(one_round(shift) for shift in range(1, args.rounds + 1))
-    print(f"write_slot: {1e3 * seconds:.3f} ms a write ({args.slots} slots, {args.layers} layers, "
+    print(f"slot write: {1e3 * seconds:.3f} ms a write ({args.slots} slots, {args.layers} layers, "
           f"{'row' if args.row_major else 'rank'}-major B, {'fresh, ' if args.fresh else ''}{device.type})",
           flush=True)  # fmt: skip
     print(top_functions(lambda: one_round(args.rounds + 1), lines=8))

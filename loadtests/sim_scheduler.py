@@ -1,4 +1,4 @@
-"""W2's scheduling on the CPU, without a model: the engine's own Scheduler and AdapterCache (slot writes do
+"""W2's scheduling on the CPU, without a model: the engine's own Scheduler and AdapterSlots (slot writes do
 nothing) driven by W2's workload on a simulated clock, each step costed by a model fitted to GPU runs (`--costs`):
 
 - h100-eager (the default; fitted to `bench_engine.py` runs on an H100, 2026-11-23, with eager prompt passes): a
@@ -30,10 +30,11 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loramux.adapters.source import AdapterRef
-from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.adapter_slots import AdapterSlots
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.request import Request, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
+from loramux.server.layers.slots import SlotLayout
 
 BLOCK = 16
 RANKS = (8, 16, 32, 64)  # adapter i has rank RANKS[i % 4] (bench_engine.py's W2)
@@ -41,6 +42,16 @@ RANKS = (8, 16, 32, 64)  # adapter i has rank RANKS[i % 4] (bench_engine.py's W2
 
 # seconds: a decode step's fixed part and per sequence, a prompt pass's fixed part and per prompt token
 COSTS = {"h100-eager": (0.0245, 0.00004, 0.085, 0.000018), "h200-graphs": (0.017, 0.00005, 0.0135, 0.000029)}
+
+
+class NoCopies:
+    """Slot writes that copy nothing and are done once issued."""
+
+    def fence(self) -> None:
+        return None
+
+    def write(self, slot: int, weights: object, after: object) -> None:
+        return None
 
 
 def step_seconds(decode: int, prompt_tokens: int, costs: str = "h100-eager") -> float:
@@ -60,52 +71,46 @@ def simulate(args: argparse.Namespace) -> dict:
         t += rng.expovariate(args.rate)
         arrivals.append(t)
     blocks = args.max_seqs * -(-(args.prompt + args.gen) // BLOCK) + 64
-    cache = AdapterCache(
-        None, None, lambda index, weights, after: None, args.slots, max_rank=64, cpu_cache_bytes=1 << 30,
-        page_rank=args.page_rank,
-    )  # fmt: skip
+    slots = AdapterSlots(SlotLayout.of(args.slots, 64, args.page_rank), NoCopies())  # type: ignore[arg-type]
     scheduler = Scheduler(
-        BlockManager(blocks, BLOCK), cache, args.max_seqs, args.max_batched_tokens,
+        BlockManager(blocks, BLOCK), slots, args.max_seqs, args.max_batched_tokens,
         prefill_wave=args.prefill_wave, max_prefill_delay=args.max_prefill_delay,
     )  # fmt: skip
     params = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
     requests = []
     for i, adapter in enumerate(chosen):
-        r = Request(str(i), [1] * args.prompt, params, AdapterRef(f"w2/{adapter}"), None, set(), lambda out: None)
+        r = Request(str(i), [1] * args.prompt, params, AdapterRef(f"w2/{adapter}"), None, set())
         r.adapter_key = f"w2/{adapter}@{'0' * 40}"
         r.lora = SimpleNamespace(max_rank=RANKS[adapter % len(RANKS)])  # what the claim reads of the weights
         requests.append(r)
     first: dict[int, float] = {}
     now, added, done, steps, mixed, running = 0.0, 0, 0, 0, 0, []
-    try:
-        while done < len(requests):
-            while added < len(requests) and arrivals[added] <= now:
-                scheduler.add(requests[added])
-                added += 1
-            batch = scheduler.schedule()
-            cache._loader.submit(lambda: None).result()  # slot writes land before the next step, as on the GPU
-            if not batch:
-                now = arrivals[added] if added < len(requests) else now + 0.001
-                continue
-            decode = sum(n == 1 for _, n in batch)
-            prompt_tokens = sum(n for _, n in batch if n > 1)
-            now += step_seconds(decode, prompt_tokens, args.costs)
-            steps += 1
-            mixed += bool(decode and prompt_tokens)
-            running.append(len(scheduler.running))
-            for r, n in batch:
-                r.num_computed += n
-                if r.num_computed >= r.num_tokens:
-                    r.output_ids.append(0)
-                    first.setdefault(int(r.request_id), now)
-                    if len(r.output_ids) == args.gen:
-                        scheduler.finish(r)
-                        done += 1
-    finally:
-        cache.shutdown()
+    while done < len(requests):
+        while added < len(requests) and arrivals[added] <= now:
+            scheduler.add(requests[added])
+            added += 1
+        batch = scheduler.schedule()
+        slots.issue_writes()  # as the engine issues them after the step's forward: ready for the next step
+        if not batch:
+            now = arrivals[added] if added < len(requests) else now + 0.001
+            continue
+        decode = sum(n == 1 for _, n in batch)
+        prompt_tokens = sum(n for _, n in batch if n > 1)
+        now += step_seconds(decode, prompt_tokens, args.costs)
+        steps += 1
+        mixed += bool(decode and prompt_tokens)
+        running.append(len(scheduler.running))
+        for r, n in batch:
+            r.num_computed += n
+            if r.num_computed >= r.num_tokens:
+                r.output_ids.append(0)
+                first.setdefault(int(r.request_id), now)
+                if len(r.output_ids) == args.gen:
+                    scheduler.finish(r)
+                    done += 1
     ttft = sorted(first[i] - arrivals[i] for i in range(len(requests)))
     return {
-        "slots": args.slots, "page_rank": cache.layout.page_rank, "steps": steps, "mixed_steps": mixed,
+        "slots": args.slots, "page_rank": slots.layout.page_rank, "steps": steps, "mixed_steps": mixed,
         "running_mean": statistics.mean(running),
         "seconds": now, "tokens_per_s": len(requests) * args.gen / now, "ttft_p50_s": ttft[len(ttft) // 2],
         "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "slot_loads": scheduler.slot_misses,

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     from loramux.server.api.state import ServerSettings
-    from loramux.server.engine.llm_engine import EngineConfig
+    from loramux.server.engine.config import EngineConfig
 
     engine = EngineConfig(
         num_slots=args.slots,

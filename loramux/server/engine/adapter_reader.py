@@ -47,7 +47,7 @@ import torch
 
 import loramux
 from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.weights import LoraWeights, fill_lora, plan_lora
+from loramux.adapters.weights import LoraWeights, fill_lora, load_lora, plan_lora
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.models.config import ModelConfig
 
@@ -55,6 +55,22 @@ log = logging.getLogger(__name__)
 
 # (offset in the arena, the region as a uint8 tensor) for a number of bytes; offset None: not in the arena
 Allocate = Callable[[int], tuple[int | None, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """How adapters are read into the CPU cache: checked against `base`, in `dtype` (the slot memory's), with B
+    rank-major (Bᵀ, as slot memory holds it) or as the file holds it (`SlotWriter.b_rank_major` decides), by torch
+    calls on `cpu_threads` CPU threads (None: torch's default, every core)."""
+
+    base: ModelConfig | None
+    dtype: torch.dtype
+    b_rank_major: bool = False
+    cpu_threads: int | None = None
+
+    def read(self, path: Path, allocate: Callable[[int], torch.Tensor]) -> LoraWeights:
+        """Read the adapter in `path` on this thread into a buffer from `allocate` (see `load_lora`)."""
+        return load_lora(path, self.base, self.dtype, allocate, b_rank_major=self.b_rank_major)
 
 
 class AdapterReaderError(RuntimeError):
@@ -69,27 +85,18 @@ class _Reader:
 
 
 class ReaderPool:
-    """`processes` reader processes over `arena` (shared): `read` is called from any thread, one read per reader at a
-    time (a caller waits for an idle one)."""
+    """`processes` reader processes over `arena` (shared), reading as `spec` says: `read` is called from any thread,
+    one read per reader at a time (a caller waits for an idle one)."""
 
-    def __init__(
-        self,
-        processes: int,
-        arena: HostArena,
-        base: ModelConfig | None,
-        dtype: torch.dtype,
-        b_rank_major: bool = False,
-        cpu_threads: int | None = None,
-    ) -> None:
+    def __init__(self, processes: int, arena: HostArena, spec: ReadSpec) -> None:
         if arena.fd is None:
             raise ValueError("reader processes need a shared arena (HostArena(..., shared=True))")
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
         self.arena = arena
         # What every read needs, sent to each reader once when it starts
-        self._setup = (base, str(dtype).removeprefix("torch."), b_rank_major, cpu_threads)
-        self.dtype = dtype
-        self.b_rank_major = b_rank_major
+        self._setup = (spec.base, str(spec.dtype).removeprefix("torch."), spec.b_rank_major, spec.cpu_threads)
+        self.spec = spec
         self._idle: queue.SimpleQueue[_Reader] = queue.SimpleQueue()
         self._readers: list[_Reader] = []
         self._lock = threading.Lock()
@@ -139,11 +146,11 @@ class ReaderPool:
                         in_step = False
                         raise reply[1]
                     plan = reply[1]
-                    offset, region = allocate(plan.nbytes(self.dtype))
+                    offset, region = allocate(plan.nbytes(self.spec.dtype))
                     reader.conn.send(offset)
                     if offset is None:  # not in the arena: read here
                         in_step = False
-                        return fill_lora(plan, region, self.dtype, self.b_rank_major)
+                        return fill_lora(plan, region, self.spec.dtype, self.spec.b_rank_major)
                     reply = reader.conn.recv()
                     in_step = False
                 except (EOFError, OSError) as exc:
@@ -152,7 +159,7 @@ class ReaderPool:
                     raise AdapterReaderError(f"the adapter reader process failed reading {path}: {exc!r}") from exc
                 if reply[0] == "error":
                     raise reply[1]
-                return plan.weights_over(region, self.dtype, self.b_rank_major)
+                return plan.weights_over(region, self.spec.dtype, self.spec.b_rank_major)
             finally:
                 self._give_back(reader, healthy=not in_step)
         raise AssertionError("unreachable")

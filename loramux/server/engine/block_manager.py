@@ -38,8 +38,3 @@ class BlockManager:
         self._free.extend(request.block_table)
         request.block_table = []
         request.num_computed = 0
-
-    def cache_index(self, request: Request, start: int, end: int) -> list[int]:
-        """Flat cache positions (block * block_size + offset) of the request's tokens start..end-1."""
-        bs, table = self.block_size, request.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]

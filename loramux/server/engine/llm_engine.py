@@ -8,7 +8,6 @@ benchmarks, tests).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -16,125 +15,34 @@ import queue
 import select
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from loramux.adapters.source import AdapterRef, AdapterSource
-from loramux.server.engine import adapter_cache
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, AdapterCache
+from loramux.server.engine.adapter_reader import ReadSpec
+from loramux.server.engine.adapter_slots import AdapterSlots
+from loramux.server.engine.batch import Chunk
 from loramux.server.engine.block_manager import BlockManager
+from loramux.server.engine.config import EngineConfig, fit_to_device, kv_blocks_for
 from loramux.server.engine.errors import AdapterLoadError, ContextLengthError, InvalidRequestError, QueueFullError
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.engine.inputs import InputProcessor
-from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.engine.outputs import OutputProcessor
 from loramux.server.engine.request import EngineOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
+from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.sampler import Sampler
-from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import BaseModel
 
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
-
-
-@dataclass
-class EngineConfig:
-    """How the engine runs. The fields left None where None is allowed are fitted to the device when the engine
-    starts (`fit_to_device`)."""
-
-    # Slot memory: this many adapters of max_lora_rank resident at once, more of lower rank. None: 4 on the CPU; on a
-    # GPU as many as a tenth of the memory the weights leave holds (at most 64).
-    num_slots: int | None = None
-    max_lora_rank: int = 64  # r_max of the slots; adapters of higher rank are refused
-    # Rows of one page of slot memory (None: 8 where max_lora_rank is a multiple of 8; max_lora_rank: no paging, one
-    # adapter per slot whatever its rank). An adapter of rank r holds the power of two of pages that covers r.
-    slot_page_rank: int | None = None
-    block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int | None = None  # None: sized from free memory at start
-    gpu_memory_fraction: float = 0.85  # of the free GPU memory, after weights and slots, given to the KV cache
-    cpu_kv_cache_bytes: int = 256 * MiB  # KV cache size on the CPU
-    max_num_seqs: int | None = None  # requests in one batch; None: 256 on a GPU, 32 on the CPU
-    # Tokens in one step (the prefill chunk size); None: 8,192 on a GPU, 512 on the CPU.
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None  # context length; None: the base's max_position_embeddings
-    max_queue: int = 1024  # requests accepted beyond max_num_seqs before QueueFullError
-    adapter_cache_bytes: int = 2048 * MiB  # CPU cache of adapter weights, allocated when the engine starts
-    # Processes that read adapters into the CPU cache (`adapter_reader`; 0: the fetch threads read them in this
-    # process). None: as many as there are fetch threads on a GPU, where a read beside the step loop would keep its
-    # kernel launches waiting for the GIL; 0 on the CPU.
-    adapter_reader_processes: int | None = None
-    # While requests decode, new ones are admitted in waves of at least `prefill_wave` (or whatever can be admitted
-    # once they have waited `max_prefill_delay` steps): fewer steps carry a prefill beside the decode batch.
-    prefill_wave: int = 1
-    max_prefill_delay: int = 0
-    # The engine process sends a step's outputs during the next step, once its forward is queued on the device,
-    # instead of before that step starts: the device computes while the host packs and sends, for one step more
-    # before each output is seen. None: on a GPU only (on the CPU the step computes on the host: nothing to overlap).
-    overlap_outputs: bool | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name == "num_slots" else 1):
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.adapter_cache_bytes < 0:
-            raise ValueError(f"adapter_cache_bytes must not be negative, got {self.adapter_cache_bytes}")
-        if self.adapter_reader_processes is not None and self.adapter_reader_processes < 0:
-            raise ValueError(f"adapter_reader_processes must not be negative, got {self.adapter_reader_processes}")
-        if self.num_slots is not None:
-            SlotLayout.of(self.num_slots, self.max_lora_rank, self.slot_page_rank)  # raises for a page rank unfit
-
-
-# What a GPU of the H100 class serves an 8B-class model with (vLLM's defaults for its API server), and what a few CPU
-# cores can step.
-GPU_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
-CPU_DEFAULTS = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_slots": 4}
-SLOT_MEMORY_FRACTION = 0.1  # of the device memory the weights leave: the most that automatic slots take
-MAX_AUTO_SLOTS = 64
-
-
-def fit_to_device(config: EngineConfig, base: BaseModel) -> tuple[EngineConfig, list[str]]:
-    """`config` with its automatic fields decided for `base` on its device, and a line on each choice."""
-    on_gpu = base.device.type == "cuda"
-    chosen: dict[str, int] = {}
-    for name, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
-        if getattr(config, name) is None:
-            chosen[name] = value
-    device = "GPU" if on_gpu else "CPU"
-    flags = {"num_slots": "slots"}
-    notes = [
-        f"{flags.get(name, name).replace('_', '-')} {value} (the {device}'s default)" for name, value in chosen.items()
-    ]
-    if config.num_slots is None and on_gpu:
-        free, _total = torch.cuda.mem_get_info(base.device)
-        modules = base.model.lora_modules().values()
-        itemsize = torch.finfo(base.model.dtype).bits // 8
-        slot_bytes = sum(m.in_features + m.out_features for m in modules) * config.max_lora_rank * itemsize
-        chosen["num_slots"] = max(1, min(MAX_AUTO_SLOTS, int(free * SLOT_MEMORY_FRACTION) // max(1, slot_bytes)))
-        slots = chosen["num_slots"]
-        notes.append(
-            f"slots {slots} of rank {config.max_lora_rank} ({slots * slot_bytes / 2**30:.1f} GiB, at most a tenth of"
-            f" the {free / 2**30:.1f} GiB the weights leave)"
-        )
-    return (dataclasses.replace(config, **chosen) if chosen else config), notes
-
-
-def _kv_blocks_from_memory(base: BaseModel, config: EngineConfig) -> int:
-    block_bytes = base.model.kv_block_bytes(config.block_size)
-    if base.device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(base.device)
-        budget = int(free * config.gpu_memory_fraction)
-    else:
-        budget = config.cpu_kv_cache_bytes
-    return max(1, budget // block_bytes)
-
 
 class LLMEngine:
-    """The engine driven synchronously, on one thread: `add`, `abort` and `step` are called there; adapter reads
-    finish on other threads and queue their follow-up for the next step (`wake_fd` tells a waiting loop).
+    """The engine driven synchronously, on one thread: `add`, `abort`, `step` and `stats` are called there (the
+    scheduler and slot memory's bookkeeping take no lock); adapter reads finish on other threads and queue their
+    follow-up for the next step (`wake_fd` tells a waiting loop).
 
     It allocates the KV cache and adapter slots inside `base.model`: one engine per loaded base at a time.
     """
@@ -143,9 +51,10 @@ class LLMEngine:
         self.base = base
         self.config, self.notes = fit_to_device(config or EngineConfig(), base)
         config = self.config
+        layout = config.slot_layout
         if config.num_slots:  # slots first, so that the KV cache is sized from the memory that remains
-            base.model.allocate_lora_slots(config.num_slots, config.max_lora_rank, config.slot_page_rank)
-        num_blocks = config.num_kv_blocks or _kv_blocks_from_memory(base, config)
+            base.model.allocate_lora_slots(layout)
+        num_blocks = kv_blocks_for(base, config)
         self.runner = ModelRunner(
             base.model, config.block_size, num_blocks, max_prompt_tokens=config.max_num_batched_tokens
         )
@@ -157,46 +66,18 @@ class LLMEngine:
             base.config.max_position_embeddings,
             num_blocks * config.block_size,
         )
-        # The CPU cache's memory is allocated here, once: page-locked on a GPU (page-locking while serving stalls the
-        # step loop); on the CPU a plain tensor whose pages the OS commits only as adapters fill them. Shared with
-        # the reader processes where there are any.
-        arena = None
-        on_gpu = self.runner.device.type == "cuda"
-        readers = config.adapter_reader_processes
-        if readers is None:
-            readers = adapter_cache.FETCH_THREADS if on_gpu else 0
-        if config.num_slots > 0 and source is not None:
-            try:
-                arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu, shared=readers > 0)
-            except OSError as exc:  # no memory file here (memfd_create refused): the fetch threads read instead
-                log.warning("the adapter cache cannot be shared with reader processes (%s); reading in-process", exc)
-                arena, readers = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu), 0
-        # Another thread's news (an adapter read, a slot loaded) wakes a waiting step loop through this pipe.
+        # Other threads' news (an adapter read, a new revision seen) is queued for the step loop in the inbox, and
+        # wakes a waiting step loop through this pipe.
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
-        self.adapters = AdapterCache(
-            source,
-            base.config,
-            self.runner.write_slot,
-            config.num_slots,
-            config.max_lora_rank,
-            config.adapter_cache_bytes,
-            on_change=self._wake,
-            dtype=self.runner.adapter_dtype,
-            arena=arena,
-            page_rank=config.slot_page_rank,
-            # On a GPU the step loop is one host thread launching kernels: a fetch's CPU passes on every core would
-            # take cores from it. On the CPU the step loop computes on those cores itself, so the default stays.
-            fetch_cpu_threads=FETCH_CPU_THREADS_ON_GPU if on_gpu else None,
-            b_rank_major=self.runner.cache_b_rank_major,
-            fence=self.runner.step_fence,
-            reader_processes=readers,
-            issue_write=self.runner.issue_write,
-        )
+        self.writer = SlotWriter(base.model)
+        self.slots = AdapterSlots(layout, self.writer)
+        self.adapters = self._adapter_cache(source)
         self.scheduler = Scheduler(
             self.blocks,
-            self.adapters,
+            self.slots,
             config.max_num_seqs,
             config.max_num_batched_tokens,
             prefill_wave=config.prefill_wave,
@@ -206,7 +87,6 @@ class LLMEngine:
         overlap = config.overlap_outputs
         self.overlap_outputs = self.runner.device.type == "cuda" if overlap is None else overlap
         self._outputs: list[EngineOutput] = []  # this step's, so far
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.stop_token_ids = base.stop_token_ids()
         log.info(
             "engine: %d KV blocks of %d tokens, %d adapter slots of rank %d in pages of rank %d",
@@ -214,7 +94,35 @@ class LLMEngine:
             config.block_size,
             config.num_slots,
             config.max_lora_rank,
-            self.adapters.layout.page_rank,
+            layout.page_rank,
+        )
+
+    def _adapter_cache(self, source: AdapterSource | None) -> AdapterCache:
+        """The CPU cache of adapters over `source`. Its memory is allocated here, once: page-locked on a GPU
+        (page-locking while serving stalls the step loop); on the CPU a plain tensor whose pages the OS commits only
+        as adapters fill them. Shared with the reader processes where there are any."""
+        config, on_gpu = self.config, self.runner.device.type == "cuda"
+        readers, arena = config.adapter_reader_processes or 0, None
+        if config.num_slots and source is not None:
+            try:
+                arena = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu, shared=readers > 0)
+            except OSError as exc:  # no memory file here (memfd_create refused): the fetch threads read instead
+                log.warning("the adapter cache cannot be shared with reader processes (%s); reading in-process", exc)
+                arena, readers = HostArena(config.adapter_cache_bytes, pin_memory=on_gpu), 0
+        # On a GPU the step loop is one host thread launching kernels: a fetch's CPU passes on every core would take
+        # cores from it. On the CPU the step loop computes on those cores itself, so the default stays.
+        cpu_threads = FETCH_CPU_THREADS_ON_GPU if on_gpu else None
+        spec = ReadSpec(base=self.base.config, dtype=self.writer.dtype, b_rank_major=self.writer.b_rank_major,
+                        cpu_threads=cpu_threads)  # fmt: skip
+        return AdapterCache(
+            source,
+            spec,
+            config.max_lora_rank,
+            config.adapter_cache_bytes,
+            arena=arena,
+            reader_processes=readers,
+            # a new revision's slots go stale on the step loop, in the order the fetch threads saw the revisions
+            on_new_revision=lambda repo, commit: self._post(lambda: self.slots.retire(repo, commit)),
         )
 
     # -- requests in ---------------------------------------------------------------------------------------------
@@ -309,17 +217,17 @@ class LLMEngine:
         The slot writes of the adapters claimed in scheduling are queued right after the forward (their copies run
         beside it), and their slots are ready for the first step that begins after the copies are done."""
         self._apply_inbox()
-        self.adapters.complete_writes()  # slots whose writes are done are ready for this step
+        self.slots.complete_writes()  # slots whose writes are done are ready for this step
         batch = self.scheduler.schedule()
         logits = self.runner.run([self._chunk(request, n) for request, n in batch]) if batch else None
-        self.adapters.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
+        self.slots.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
         self._end_failed_writes()
         if on_forward_queued is not None:
             on_forward_queued()
         if logits is not None:
             self._sample(batch, logits)
-        elif self.adapters.writes_pending():  # nothing runs until they are done
-            self.adapters.complete_writes(wait=True)
+        elif self.slots.writes_pending():  # nothing runs until they are done
+            self.slots.complete_writes(wait=True)
         elif not self._outputs:
             return None
         outputs, self._outputs = self._outputs, []
@@ -368,9 +276,9 @@ class LLMEngine:
             )  # fmt: skip
 
     def _end_failed_writes(self) -> None:
-        """End the requests that wait for a slot whose write failed (the cache frees the slot), with AdapterLoadError;
-        other requests for the adapter may load it again later."""
-        for index, key, exc in self.adapters.failed_writes():
+        """End the requests that wait for a slot whose write failed (`AdapterSlots` frees the slot), with
+        AdapterLoadError; other requests for the adapter may load it again later."""
+        for index, key, exc in self.slots.failed_writes():
             error = AdapterLoadError(f"adapter {key} could not be written into slot memory: {exc}")
             for request in [r for r in self.requests.values() if r.slot == index and r.status is RequestStatus.WAITING]:
                 request.slot = -1  # its pin went with the slot
@@ -399,7 +307,9 @@ class LLMEngine:
             "preemptions": s.preemptions,
             "engine_pid": os.getpid(),
         }
+        stats.update(self.slots.stats())
         stats.update(self.adapters.stats())
+        stats["adapter_load_seconds"] = stats["adapter_read_seconds"] + stats["adapter_slot_write_seconds"]
         return stats
 
     def input_processor(self) -> InputProcessor:

@@ -123,7 +123,7 @@ class PromptGraphs:
         def first() -> None:
             x = model.model.embed_tokens(inputs[0])
             state["cos"], state["sin"] = model.model.rotary(inputs[1], x.dtype)
-            segments = plan_step(slots, model.num_lora_slots) if slots is not None else None
+            segments = plan_step(slots, model.num_lora_pages) if slots is not None else None
             state["ctx"] = BatchContext(
                 kv_index=inputs[2], token_slots=slots, query_ranges=[], context_index=[], segments=segments
             )
@@ -165,7 +165,8 @@ class PromptGraphs:
         graphs = []
         for function in functions.run:  # in order: piece 0's outputs (functions.state) are the later pieces' inputs
             graph = torch.cuda.CUDAGraph()
-            # thread_local: an adapter loader thread (step_thread_slot_writes off) may copy into slots during a capture
+            # thread_local: only this thread's calls are checked and captured; a capture on first use happens while
+            # serving, with other threads of the process (the adapter fetch threads) at work
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 function()
             graphs.append(graph)

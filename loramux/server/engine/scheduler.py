@@ -6,18 +6,18 @@ requests go first, oldest first: one token each when decoding, the next chunk of
 What budget is left admits waiting requests. When a decoding request needs a KV block and none is free, the newest
 running request is preempted: its blocks are freed and it is recomputed later from its tokens.
 
-Adapter slots: a waiting request for an adapter is assigned a slot before it may run, a slot that already holds its
-adapter (a hit: any number of requests share it) or a reusable one, unpinned, that starts loading off the step loop;
-a reusable slot whose adapter no waiting request wants goes first, then the least recently used. When no slot is
-free, the request reserves the run of slot memory of its size whose pinned requests end soonest (at most
-`max_reserved` runs are reserved at once, one per 16 slots): no new request pins a slot in a reserved run, so it
-drains, and it goes to the request that reserved it. Hits on the other slots go on meanwhile: popular adapters keep
-the batch full while rare ones rotate through the slots, and every request completes. Requests for the base model
-need no slot and are never held back by this. A slot is a run of pages of slot memory sized by the adapter's rank
-(`adapter_cache`): when no run of some size is free, requests needing that size or more wait while smaller adapters
-may still find room. A claim that found no room is not tried again (a claim walks every slot) until a slot was
-unpinned, loaded or freed, or a reservation given up. Optionally (`prefill_wave`), while requests decode, new ones are
-admitted in groups, so that fewer steps carry a prefill.
+Adapter slots (`adapter_slots.AdapterSlots`, which the scheduler asks): a waiting request for an adapter is assigned
+a slot before it may run, a slot that already holds its adapter (a hit: any number of requests share it) or a
+reusable one, unpinned, whose write the step loop queues beside the next forward; a reusable slot whose adapter no
+waiting request wants goes first, then the least recently used. When no slot is free, the request reserves the run
+of slot memory of its size whose pinned requests end soonest (at most one run per 16 slots is reserved at once): no
+new request pins a slot in a reserved run, so it drains, and it goes to the request that reserved it. Hits on the
+other slots go on meanwhile: popular adapters keep the batch full while rare ones rotate through the slots, and
+every request completes. Requests for the base model need no slot and are never held back by this. A slot is a run
+of pages of slot memory sized by the adapter's rank: when no run of some size is free, requests needing that size or
+more wait while smaller adapters may still find room. A claim that found no room is not tried again (a claim walks
+every slot) until a slot was unpinned, loaded or freed, or a reservation given up. Optionally (`prefill_wave`),
+while requests decode, new ones are admitted in groups, so that fewer steps carry a prefill.
 
 Fairness across tenants: waiting requests are considered tenant by tenant, least recently served tenant first,
 round-robin (each tenant's first request, then each one's second, ...), FIFO within a tenant. A tenant's burst
@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
-from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.adapter_slots import AdapterSlots
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.request import Request, RequestStatus
 
@@ -40,14 +40,14 @@ class Scheduler:
     def __init__(
         self,
         blocks: BlockManager,
-        adapters: AdapterCache,
+        slots: AdapterSlots,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         prefill_wave: int = 1,
         max_prefill_delay: int = 0,
     ) -> None:
         self.blocks = blocks
-        self.adapters = adapters
+        self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_wave = prefill_wave  # while requests decode, admit at least this many at once ...
@@ -55,28 +55,23 @@ class Scheduler:
         self._held = 0  # steps that admissible requests have been held back for a wave
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, FIFO
         self.running: list[Request] = []
-        # first page of a run of slot memory -> the waiting request it drains for (pages: the run's length)
-        self.reserved: dict[int, Request] = {}
-        self._reserved_pages: dict[int, int] = {}
-        self.max_reserved = max(1, adapters.layout.num_slots // 16)
-        self._unreserved = 0  # reservations given up: pages a claim that found no room may take now
-        # (adapter cache changes, reservations given up, pages) when a claim last found no run of that many pages:
-        # until either count moves, a claim of that size or more fails again and is not tried
-        self._no_room: tuple[int, int, int] | None = None
-        self._owner_tried: dict[Request, tuple[int, int]] = {}  # the same, for a request that holds a reservation
-        # Waiting requests that `_assign_slots` went through without giving them a slot, and the (adapter cache
-        # changes, reservations given up) they were tried at: while neither count moves and no claim succeeds,
-        # their outcome stands (no room, or their adapter's slot drains for another), and only newer requests are
-        # gone through (with ~250 waiting, a pass over all of them took ~1 ms of a step's host time).
+        # (slot changes, pages) when a claim last found no run of that many pages: until `slots.changes` moves, a
+        # claim of that size or more fails again and is not tried
+        self._no_room: tuple[int, int] | None = None
+        self._owner_tried: dict[Request, int] = {}  # the same, for a request that holds a reservation
+        # Waiting requests that `_assign_slots` went through without giving them a slot, and the slot changes they
+        # were tried at: while that count stands and no claim succeeds, their outcome stands (no room, or their
+        # adapter's slot drains for another), and only newer requests are gone through (with ~250 waiting, a pass
+        # over all of them took ~1 ms of a step's host time).
         self._tried: set[Request] = set()
-        self._tried_at: tuple[int, int] | None = None
+        self._tried_at: int | None = None
         self._served = itertools.count()
         self._last_served: dict[str, int] = {}
         self.slot_hits = self.slot_misses = self.preemptions = 0
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in list(self.waiting.values()))  # list(): stats() reads it from another thread
+        return sum(len(q) for q in self.waiting.values())
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -91,10 +86,9 @@ class Scheduler:
             queue.remove(request)
         self.blocks.free(request)
         if request.slot >= 0:
-            self.adapters.unpin(request.slot)
+            self.slots.unpin(request.slot)
             request.slot = -1
-        for index in [i for i, r in self.reserved.items() if r is request]:
-            self._unreserve(index)
+        self.slots.unreserve(request)
         self._owner_tried.pop(request, None)
         request.status = RequestStatus.FINISHED
 
@@ -148,7 +142,7 @@ class Scheduler:
         self.preemptions += 1
 
     def _assign_slots(self, order: list[Request]) -> None:
-        began = (self.adapters.freed, self._unreserved)
+        began = self.slots.changes
         if began != self._tried_at:
             self._tried = set()
         needing = [r for r in order if r.needs_slot and r.adapter_key is not None]
@@ -157,55 +151,25 @@ class Scheduler:
             return
         claimed = False
         wanted = {r.adapter_key for r in needing}  # a free slot holding one of these is reused last
-        resident = self.adapters.resident()
         # pages of the smallest run a claim found no room for (outside reservations), in this step or in an earlier
         # one with nothing freed since
-        no_room: int | None = None
-        if self._no_room is not None and self._no_room[:2] == (self.adapters.freed, self._unreserved):
-            no_room = self._no_room[2]
+        no_room = self._no_room[1] if self._no_room is not None and self._no_room[0] == began else None
         for request in waiting:
-            key = request.adapter_key
-            owned = [i for i, r in self.reserved.items() if r is request]
-            index = resident.get(key)
+            index = self.slots.slot_of(request.adapter_key)  # type: ignore[arg-type]
             if index is not None:
-                if self._reserved_for_another(index, self.adapters.slots[index].pages, request):
+                if self.slots.reserved_for_another(index, request):
                     continue  # its slot drains for another request; it gets a slot of its own later
                 self.slot_hits += 1
             else:
-                size = self.adapters.layout.pages_for(request.lora.max_rank)
-                if not owned and no_room is not None and size >= no_room:
-                    if len(self.reserved) < self.max_reserved:
-                        self._reserve(request, size)
-                    continue
-                state = (self.adapters.freed, self._unreserved)
-                if owned and self._owner_tried.get(request) == state:
-                    continue  # its last claim found no room, and nothing was freed since
-                taken = {
-                    page
-                    for start, r in self.reserved.items()
-                    if r is not request
-                    for page in range(start, start + self._reserved_pages[start])
-                }
-                index = self.adapters.claim(key, request.lora, exclude=taken, keep=wanted)
+                index, no_room = self._claim(request, wanted, no_room)
                 if index is None:
-                    no_room = size if no_room is None else min(no_room, size)
-                    self._no_room = (*state, no_room)  # for requests without a reservation (they exclude more)
-                    if owned:
-                        self._owner_tried[request] = state
-                    elif len(self.reserved) < self.max_reserved:
-                        self._reserve(request, size)
                     continue
-                self._owner_tried.pop(request, None)
-                resident = {k: i for k, i in resident.items() if self.adapters.slots[i].key == k}  # less the evicted
-                resident[key] = index
-                self.slot_misses += 1
                 claimed = True
-            for i in owned:
-                self._unreserve(i)
-            self.adapters.pin(index)
+            self.slots.unreserve(request)
+            self.slots.pin(index)
             request.slot = index
             request.lora = None  # in the slot (or on its way): the CPU copy may leave the cache's arena
-        if claimed or (self.adapters.freed, self._unreserved) != began:
+        if claimed or self.slots.changes != began:
             # an adapter became resident, or pages were freed or given up, during the pass: a request gone through
             # before that may fare otherwise now
             self._tried, self._tried_at = set(), None
@@ -213,33 +177,43 @@ class Scheduler:
             self._tried.update(r for r in waiting if r.needs_slot)
             self._tried_at = began
 
-    def _reserved_for_another(self, start: int, pages: int, request: Request) -> bool:
-        """Whether pages start .. start + pages - 1 overlap a run reserved for a request other than `request`."""
-        return any(
-            r is not request and begin < start + pages and start < begin + self._reserved_pages[begin]
-            for begin, r in self.reserved.items()
-        )
+    def _claim(self, request: Request, wanted: set[str | None], no_room: int | None) -> tuple[int | None, int | None]:
+        """Claim a slot for `request`'s adapter -> (the slot or None, the pass's `no_room` as it stands now). A
+        request that finds no room reserves a run where it may; one that holds a reservation tries again only once
+        something changed."""
+        assert request.lora is not None and request.adapter_key is not None
+        size = self.slots.pages_for(request.lora.max_rank)
+        owns = self.slots.holds_reservation(request)
+        if not owns and no_room is not None and size >= no_room:
+            self._reserve(request, size)
+            return None, no_room
+        state = self.slots.changes
+        if owns and self._owner_tried.get(request) == state:
+            return None, no_room  # its last claim found no room, and nothing was freed since
+        index = self.slots.claim(request.adapter_key, request.lora, owner=request, keep=wanted)
+        if index is None:
+            no_room = size if no_room is None else min(no_room, size)
+            self._no_room = (state, no_room)  # for requests without a reservation (they are kept out of more runs)
+            if owns:
+                self._owner_tried[request] = state
+            else:
+                self._reserve(request, size)
+            return None, no_room
+        self._owner_tried.pop(request, None)
+        self.slot_misses += 1
+        return index, no_room
 
     def _reserve(self, request: Request, pages: int) -> None:
-        """Reserve for `request` the run of `pages` pages (aligned to its length, as slots are) whose pinned
-        requests all end soonest (tokens left), among the runs no other request has reserved."""
-        left: dict[int, int] = {}  # run -> tokens left of its longest pinned request
+        """Reserve for `request` a run of `pages` pages, the one whose pinned requests all end soonest (tokens
+        left), where the slots allow one more reservation."""
+        if not self.slots.may_reserve:
+            return
+        ends: dict[int, int] = {}  # slot -> tokens left of its longest pinned request
         for other in itertools.chain(self.running, *self.waiting.values()):
             if other.slot >= 0:
                 to_go = len(other.prompt_ids) + other.params.max_tokens - other.num_computed
-                slot_pages = max(1, self.adapters.slots[other.slot].pages)
-                for run in range(other.slot // pages, (other.slot + slot_pages - 1) // pages + 1):
-                    left[run] = max(left.get(run, 0), to_go)
-        free = [run for run in left if not self._reserved_for_another(run * pages, pages, request)]
-        if free:
-            start = min(free, key=left.__getitem__) * pages
-            self.reserved[start] = request
-            self._reserved_pages[start] = pages
-
-    def _unreserve(self, start: int) -> None:
-        self._unreserved += 1
-        del self.reserved[start]
-        del self._reserved_pages[start]
+                ends[other.slot] = max(ends.get(other.slot, 0), to_go)
+        self.slots.reserve(request, pages, ends)
 
     def _admit(self, order: list[Request], batch: ScheduledBatch, budget: int) -> None:
         admitted: ScheduledBatch = []  # (request, its prompt tokens computed this step)
@@ -247,7 +221,7 @@ class Scheduler:
         for request in order:
             if budget == 0 or seqs >= self.max_num_seqs:
                 break
-            if request.adapter is not None and (request.slot < 0 or not self.adapters.is_ready(request.slot)):
+            if request.adapter is not None and (request.slot < 0 or not self.slots.is_ready(request.slot)):
                 continue  # its adapter is still on its way to a slot
             need = self.blocks.blocks_for(request.num_tokens) - len(request.block_table)
             if need > free:

@@ -16,7 +16,6 @@ that continue a prompt are attended one sequence at a time: the per-layer host w
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,15 +28,11 @@ from loramux.server.transfer import to_device
 if TYPE_CHECKING:
     from loramux.server.layers.lora_kernels import Segments
 
-# Decode attention on the GPU through the Triton kernel of `attention_kernels` (False: the gather + SDPA path, the
-# one the CPU takes; benchmarks compare the two). Read when an engine starts: its CUDA graphs depend on it.
-TRITON_DECODE = True
 # The SDPA backends the batched causal attention of prompts' first chunks may take (torch picks among them). cuDNN's
 # is left out: on an H200 (torch 2.11) it spent 42-100 ms of host time building a plan the first time it met each
-# (prompts, length) shape, which most steps under changing load do, against 0-2.4 ms for flash attention
-# on the same machine. None: torch's own choice among all. (Chunks that continue a prompt, attended one by one
-# with a mask, keep torch's choice.)
-SDPA_BACKENDS: list[SDPBackend] | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# (prompts, length) shape, which most steps under changing load do, against 0-2.4 ms for flash attention on the same
+# machine. (Chunks that continue a prompt, attended one by one with a mask, keep torch's choice.)
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -113,7 +108,7 @@ def paged_attention(
         qs = q[p.tokens].transpose(1, 2)  # (F, H, L, hd)
         ks = k_flat[p.cache_index].transpose(1, 2)  # (F, KVH, L, hd)
         vs = v_flat[p.cache_index].transpose(1, 2)
-        with sdpa_kernel(SDPA_BACKENDS) if SDPA_BACKENDS is not None else contextlib.nullcontext():
+        with sdpa_kernel(_PREFILL_BACKENDS):
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
         out[p.targets] = o.transpose(1, 2).reshape(f * width, *q.shape[1:])[p.rows]
     for (start, end), index in zip(ctx.query_ranges, ctx.context_index, strict=True):
@@ -140,9 +135,9 @@ def paged_decode_attention(
     """One query per sequence: q (B, n_heads, hd) -> (B, n_heads, hd), sequence b attending over the first
     context_lens[b] cache positions of its block table (B, max_blocks). Shapes depend only on B and max_blocks.
 
-    On the GPU (unless TRITON_DECODE is off) a Triton kernel reads the blocks in place; elsewhere the blocks are
-    gathered into a padded tensor for one SDPA call."""
-    if q.is_cuda and TRITON_DECODE:
+    On the GPU a Triton kernel reads the blocks in place; elsewhere the blocks are gathered into a padded tensor for
+    one SDPA call."""
+    if q.is_cuda:
         from loramux.server.layers.attention_kernels import paged_decode_attention as triton_decode
 
         return triton_decode(q.contiguous(), k_cache, v_cache, block_tables, context_lens)

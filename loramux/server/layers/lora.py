@@ -50,13 +50,13 @@ def _kernels() -> ModuleType | None:
     return lora_kernels
 
 
-def plan_step(token_slots: torch.Tensor | None, num_slots: int) -> Segments | None:
+def plan_step(token_slots: torch.Tensor | None, num_pages: int) -> Segments | None:
     """The segment plan of a step's (T,) token slots for every LoRA layer, or None where the kernels' gather path
     (few tokens, decode) or the CPU reference runs. Made once per step: a sort and a search on the device."""
     kernels = _kernels() if token_slots is not None and token_slots.is_cuda else None
     if kernels is None or token_slots.shape[0] <= kernels.GATHER_MAX_TOKENS:
         return None
-    return kernels.plan_segments(token_slots, num_slots)
+    return kernels.plan_segments(token_slots, num_pages)  # slot indices range over the pages
 
 
 def _page_views(memory: torch.Tensor, layout: SlotLayout, groups: int) -> torch.Tensor:
@@ -157,7 +157,7 @@ class SlotMemoryViews:
 
 class SlotMemory:
     """The slot memory of every LoRA module of a model in a few tensors, so that writing an adapter into a slot is a
-    few copies a projection whatever the number of layers (`ModelRunner.issue_write`).
+    few copies a projection whatever the number of layers (`SlotWriter.write`).
 
     Per site (modules that read one input: q/k/v, o, gate/up, down) A of every layer is one tensor
     `(layers, G·rows, in)`, member g's rows from g·rows; per projection Bᵀ of every layer is `(layers, rows, out)`;
@@ -203,11 +203,8 @@ class SlotMemory:
         """Give a site's modules in one layer their parts (its `(pages, G)` ranks and scalings a slice)."""
         first = self.columns[(projections[0], layer)]
         a = self.a[projections[0]][0][layer]
-        layout = self.layout
         group.allocate_slots(
-            layout.num_slots,
-            layout.max_rank,
-            layout.page_rank,
+            self.layout,
             a_memory=a,
             members=[self.views(name, layer) for name in projections],
             ranks=self.ranks[:, first : first + len(projections)],
@@ -238,15 +235,8 @@ class LoraSlots:
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def allocate_slots(
-        self,
-        num_slots: int,
-        max_rank: int,
-        page_rank: int | None = None,
-        memory: SlotMemoryViews | None = None,
-    ) -> None:
+    def allocate_slots(self, layout: SlotLayout, memory: SlotMemoryViews | None = None) -> None:
         """Slot memory for this layer: its own tensors, or the views `memory` gives (see `SlotMemory`)."""
-        layout = SlotLayout.of(num_slots, max_rank, page_rank)
         if memory is None:
             device, dtype = self.device, self.compute_dtype
             memory = SlotMemoryViews(
@@ -339,9 +329,7 @@ class LoraGroup:
 
     def allocate_slots(
         self,
-        num_slots: int,
-        max_rank: int,
-        page_rank: int | None = None,
+        layout: SlotLayout,
         a_memory: torch.Tensor | None = None,
         members: list[SlotMemoryViews] | None = None,
         ranks: torch.Tensor | None = None,
@@ -350,7 +338,6 @@ class LoraGroup:
         """Slot memory for the group: its own tensors, or the given ones (`SlotMemory`): the shared A memory
         `(G·rows, in)`, each member's views (its B memory, its (pages,) ranks and scalings), and the `(pages, G)`
         views of ranks and scalings over the members' columns."""
-        layout = SlotLayout.of(num_slots, max_rank, page_rank)
         first, g = self.layers[0], len(self.layers)
         device, dtype = first.device, first.compute_dtype
         if a_memory is None or members is None or ranks is None or scalings is None:
@@ -369,7 +356,7 @@ class LoraGroup:
         self.lora_a = _page_views(a_memory, layout, g)
         self.ranks, self.scalings = ranks, scalings
         for layer, views in zip(self.layers, members, strict=True):
-            layer.allocate_slots(num_slots, max_rank, page_rank, views)
+            layer.allocate_slots(layout, views)
 
     def __call__(
         self, x: torch.Tensor, token_slots: torch.Tensor | None = None, segments: Segments | None = None

@@ -1,6 +1,10 @@
 """The layout of LoRA slot memory (pure arithmetic, no torch): how `--slots` and `--max-lora-rank` become pages,
-and how many pages an adapter of a given rank takes. `lora.py` allocates the memory; the adapter cache hands out
-its pages."""
+and how many pages an adapter of a given rank takes. `lora.py` allocates the memory; `engine/adapter_slots.py` hands
+out its pages.
+
+One word per concept: a page is the unit of slot memory (`page_rank` rows of every module's A and Bᵀ); a slot is a
+run of pages holding one adapter, identified by its first page (the index a batch carries per token), so slot
+indices range over the pages."""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ PAGE_RANK = 8  # rows of one page of slot memory (where the slot rank is a multi
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """Slot memory of `num_slots` slots of `max_rank` rows, paged by `page_rank` rows.
+    """Slot memory that holds `num_slots` slots of `max_rank` (more of lower rank), in pages of `page_rank` rows.
 
-    pages: slot indices (an adapter is addressed by its first page). rows: rows of A per module, with `max_rank -
-    page_rank` rows past the last page so that every page's `(max_rank, in)` view lies inside the tensor.
+    pages: how many (the slot indices). rows: rows of A per module, with `max_rank - page_rank` rows past the last page
+    so that every page's `(max_rank, in)` view lies inside the tensor.
     """
 
     num_slots: int

@@ -158,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
             return state_dict.pop(name, None)
 
         self.model = LlamaModel(config, take, dtype, quantize)
-        self.num_lora_slots = 0
+        self.num_lora_pages = 0
         self.lora_slot_memory: SlotMemory | None = None  # set by `allocate_lora_slots`
         head = take("lm_head.weight")
         if head is None or config.tie_word_embeddings:
@@ -170,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: (T,) flat tokens of a step -> hidden states (T, hidden) after the final norm."""
         x = self.model.embed_tokens(input_ids)
         if ctx.token_slots is not None and ctx.segments is None:
-            ctx = dataclasses.replace(ctx, segments=plan_step(ctx.token_slots, self.num_lora_slots))
+            ctx = dataclasses.replace(ctx, segments=plan_step(ctx.token_slots, self.num_lora_pages))
         cos, sin = self.model.rotary(positions, x.dtype)  # (T, hd) each
         for i, layer in enumerate(self.model.layers):
             attended = layer.self_attn.attend(self.layer_queries(i, x, cos, sin, ctx), ctx)
@@ -217,11 +217,9 @@ class LlamaForCausalLM(nn.Module):
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
 
-    def allocate_lora_slots(self, num_slots: int, max_rank: int, page_rank: int | None = None) -> None:
-        """Slot memory for `num_slots` adapters of `max_rank` in every decoder linear layer, paged by `page_rank`
-        (`slots.SlotLayout`): `num_lora_slots` slot indices (pages) from here on. It is one `SlotMemory`
-        (`lora_slot_memory`): a few tensors that every layer's modules hold views of."""
-        layout = SlotLayout.of(num_slots, max_rank, page_rank)
+    def allocate_lora_slots(self, layout: SlotLayout) -> None:
+        """Slot memory of `layout` in every decoder linear layer: `num_lora_pages` slot indices (pages) from here on.
+        It is one `SlotMemory` (`lora_slot_memory`): a few tensors that every layer's modules hold views of."""
         first = self.model.layers[0]
         attn, mlp = first.self_attn, first.mlp
 
@@ -237,11 +235,11 @@ class LlamaForCausalLM(nn.Module):
         memory = SlotMemory(layout, len(self.model.layers), sites, attn.q_proj.device, attn.q_proj.compute_dtype)
         for i, layer in enumerate(self.model.layers):
             memory.allocate_group(layer.self_attn.qkv, ["q_proj", "k_proj", "v_proj"], i)
-            layer.self_attn.o_proj.allocate_slots(num_slots, max_rank, page_rank, memory.views("o_proj", i))
+            layer.self_attn.o_proj.allocate_slots(layout, memory.views("o_proj", i))
             memory.allocate_group(layer.mlp.gate_up, ["gate_proj", "up_proj"], i)
-            layer.mlp.down_proj.allocate_slots(num_slots, max_rank, page_rank, memory.views("down_proj", i))
+            layer.mlp.down_proj.allocate_slots(layout, memory.views("down_proj", i))
         self.lora_slot_memory = memory
-        self.num_lora_slots = layout.pages
+        self.num_lora_pages = layout.pages
 
 
 def _required(take: Callable[[str], torch.Tensor | None], name: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from loramux.adapters.config import AdapterConfigError
 from loramux.adapters.weights import AdapterMismatchError, load_lora
-from loramux.server.engine.adapter_reader import AdapterReaderError, ReaderPool
+from loramux.server.engine.adapter_reader import AdapterReaderError, ReaderPool, ReadSpec
 from loramux.server.engine.host_arena import HostArena
 from loramux.server.models.config import ModelConfig
 
@@ -44,7 +44,7 @@ def write_adapter(directory: Path, seed: int, rank: int = 4, poison: bool = Fals
 @pytest.fixture
 def pool():
     arena = HostArena(1 << 16, pin_memory=False, shared=True)
-    readers = ReaderPool(1, arena, CONFIG, torch.bfloat16)
+    readers = ReaderPool(1, arena, ReadSpec(CONFIG, torch.bfloat16))
     yield readers, arena
     readers.close()
     arena.close()
@@ -103,7 +103,7 @@ def test_bad_adapters_raise_what_a_read_here_raises_and_the_reader_goes_on(pool,
 
 def test_an_adapter_larger_than_the_arena_is_read_here(tmp_path):
     arena = HostArena(1024, pin_memory=False, shared=True)  # smaller than any adapter below
-    readers = ReaderPool(1, arena, CONFIG, torch.float32)
+    readers = ReaderPool(1, arena, ReadSpec(CONFIG, torch.float32))
     try:
         path = write_adapter(tmp_path / "big", 5)
         weights = readers.read(path, allocator(arena, []))
@@ -134,7 +134,7 @@ def test_wait_ready_returns_once_every_reader_started_and_names_one_that_could_n
     assert all(r.ready for r in readers._readers)
     arena = HostArena(1 << 12, pin_memory=False, shared=True)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # a reader that exits at once
-    broken = ReaderPool(1, arena, CONFIG, torch.float32)
+    broken = ReaderPool(1, arena, ReadSpec(CONFIG, torch.float32))
     with pytest.raises(AdapterReaderError, match="exited as it started"):
         broken.wait_ready()
     broken.close()
@@ -161,7 +161,7 @@ def test_when_no_reader_can_be_started_again_reads_fail_at_once(monkeypatch, poo
 
 def test_close_stops_the_readers_and_refuses_reads(tmp_path):
     arena = HostArena(1 << 16, pin_memory=False, shared=True)
-    readers = ReaderPool(2, arena, CONFIG, torch.float32)
+    readers = ReaderPool(2, arena, ReadSpec(CONFIG, torch.float32))
     processes = [r.process for r in readers._readers]
     readers.close()
     assert all(p.poll() is not None for p in processes)
@@ -172,7 +172,7 @@ def test_close_stops_the_readers_and_refuses_reads(tmp_path):
 
 def test_a_reader_pool_needs_a_shared_arena():
     with pytest.raises(ValueError, match="shared arena"):
-        ReaderPool(1, HostArena(1 << 12, pin_memory=False), CONFIG, torch.float32)
+        ReaderPool(1, HostArena(1 << 12, pin_memory=False), ReadSpec(CONFIG, torch.float32))
 
 
 def test_a_shared_arena_is_one_memory_file_another_mapping_sees():

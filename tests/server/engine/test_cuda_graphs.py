@@ -9,8 +9,9 @@ import torch
 from loadtests.bench_engine import LocalSource, write_adapter
 from loramux.adapters.source import AdapterRef
 from loramux.adapters.weights import load_lora
+from loramux.server.engine.batch import Chunk
+from loramux.server.engine.decode_graphs import GRAPH_BATCH_SIZES
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
-from loramux.server.engine.model_runner import GRAPH_BATCH_SIZES, Chunk
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models.loader import load_base
 
@@ -33,8 +34,7 @@ def test_graph_decode_matches_eager_decode_with_mixed_adapters(tiny_checkpoint, 
         for name in ("t/a0", "t/a1", "t/a2"):  # read first: the runs batch alike whenever their reads would end
             engine.adapters.fetch(AdapterRef.parse(name), None)
         if not graphs:
-            engine.runner.graphs = None
-            engine.runner.graph_prompts = False
+            engine.runner.graphs = engine.runner.prompt_graphs = None
         outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
         if graphs:
             assert engine.runner.graphs.graphs, "no decode step was replayed from a graph"
@@ -69,8 +69,7 @@ def test_mixed_steps_replay_the_decode_graph_beside_an_eager_prefill(tiny_checkp
 
             engine.runner.graphs.run = counted
         else:
-            engine.runner.graphs = None
-            engine.runner.graph_prompts = False
+            engine.runner.graphs = engine.runner.prompt_graphs = None
         outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
         engine.shutdown()
     assert outputs[True] == outputs[False]
@@ -86,7 +85,8 @@ def test_a_mixed_step_queues_all_its_work_without_waiting_for_the_device(tiny_ch
     engine = LLMEngine(base, LocalSource(), EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
     runner = engine.runner
     runner.warm_up()
-    runner.write_slot(0, load_lora(adapter, base.config, runner.adapter_dtype, b_rank_major=runner.cache_b_rank_major))
+    writer = engine.writer
+    writer.write(0, load_lora(adapter, base.config, writer.dtype, b_rank_major=writer.b_rank_major)).synchronize()
     prompts = [Chunk([(7 * i + j) % 200 + 1 for j in range(80)], 0, list(range(5 * i, 5 * i + 5)), i - 1)
                for i in range(2)]  # fmt: skip
     decodes = [Chunk([11 + i], 20, [10 + 2 * i, 11 + 2 * i], i % 2 - 1) for i in range(3)]

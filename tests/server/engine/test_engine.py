@@ -116,7 +116,7 @@ def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine
     AdapterLoadError; the others are served, the slot is free again, and the adapter loads on a later request."""
     base, source, _ = tiny
     engine = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
-    write = engine.adapters.issue_write
+    write = engine.writer.write
     refused, refusing = [], [True]
 
     def refuse_b(index, weights, after):
@@ -125,7 +125,7 @@ def test_a_slot_write_that_fails_ends_the_requests_waiting_for_it_and_the_engine
             raise RuntimeError("CUDA out of memory")
         return write(index, weights, after)
 
-    engine.adapters.issue_write = refuse_b
+    engine.writer.write = refuse_b  # type: ignore[method-assign]
     ids = prompts(4, 5)
     adapters = ["t/a", "t/b", "t/b", None]
     expected = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64)).generate(

@@ -10,8 +10,11 @@ import torch
 
 from loadtests.bench_engine import write_adapter
 from loramux.adapters.weights import load_lora
-from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.batch import Chunk
+from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.engine.prompt_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
+from loramux.server.engine.slot_writer import SlotWriter
+from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import load_base
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -21,13 +24,15 @@ BLOCK = 4
 def _runner(tiny_checkpoint, device: str, tmp_path: Path) -> ModelRunner:
     """A tiny model with two adapters in its slots: rank 8 on every module, rank 4 on q/v and the MLP's down_proj."""
     base = load_base(str(tiny_checkpoint()), device=device)
-    base.model.allocate_lora_slots(num_slots=2, max_rank=8)
+    base.model.allocate_lora_slots(SlotLayout.of(num_slots=2, max_rank=8))
     runner = ModelRunner(base.model, block_size=BLOCK, num_blocks=64, max_prompt_tokens=256)
+    writer = SlotWriter(base.model)
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for slot, (modules, rank) in enumerate(((every, 8), (["q_proj", "v_proj", "down_proj"], 4))):
         path = write_adapter(tmp_path / f"a{slot}", rank, modules, base.config, seed=slot + 1, scale=0.3)
-        weights = load_lora(path, base.config, runner.adapter_dtype, b_rank_major=runner.cache_b_rank_major)
-        runner.write_slot(slot, weights)
+        done = writer.write(slot, load_lora(path, base.config, writer.dtype, b_rank_major=writer.b_rank_major))
+        if done is not None:
+            done.synchronize()
     return runner
 
 
@@ -56,11 +61,11 @@ def _run_steps(runner: ModelRunner) -> list[list[torch.Tensor]]:
 @pytest.mark.parametrize("device", DEVICES)
 def test_prompt_passes_through_pieces_match_the_plain_pass(tiny_checkpoint, device, tmp_path):
     runner = _runner(tiny_checkpoint, device, tmp_path)
-    runner.graph_prompts = False
+    graphs, runner.prompt_graphs = runner.prompt_graphs, None  # the plain pass first
     plain = _run_steps(runner)
     if device == "cpu":  # no CUDA graphs: the same pieces, run eagerly
-        runner.prompt_graphs = PromptGraphs(runner.model, runner.scratch_block * BLOCK, 256, capture=False)
-    runner.graph_prompts = True
+        graphs = PromptGraphs(runner.model, runner.scratch_block * BLOCK, 256, capture=False)
+    runner.prompt_graphs = graphs
     assert runner.prompt_graphs is not None and runner.prompt_graphs.sizes == (64, 128, 256)
     pieced = _run_steps(runner)
     assert set(runner.prompt_graphs.pieces) == {(64, True)}  # both steps padded to 64 tokens, with adapters

@@ -3,32 +3,35 @@ waiting for a slot, a reserved slot drains for its waiter, free slots holding wa
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import pytest
 
 from loramux.adapters.source import AdapterRef
-from loramux.server.engine.adapter_cache import AdapterCache
+from loramux.server.engine.adapter_slots import AdapterSlots
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.request import Request, SamplingParams
 from loramux.server.engine.scheduler import Scheduler
+from loramux.server.layers.slots import SlotLayout
+
+
+class InstantWriter:
+    """Slot writes that are done once issued (the copies themselves are not this test's business)."""
+
+    def fence(self) -> None:
+        return None
+
+    def write(self, slot: int, weights, after) -> None:
+        return None
 
 
 @pytest.fixture
 def make():
-    caches: list[AdapterCache] = []
-
     def build(num_slots: int, max_num_seqs: int = 64, max_rank: int = 8, **waves) -> Scheduler:
-        cache = AdapterCache(
-            None, None, lambda index, weights, after: None, num_slots, max_rank, cpu_cache_bytes=1 << 20
-        )
-        caches.append(cache)
-        return Scheduler(BlockManager(256, 4), cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, **waves)
+        slots = AdapterSlots(SlotLayout.of(num_slots, max_rank), InstantWriter())
+        return Scheduler(BlockManager(256, 4), slots, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, **waves)
 
-    yield build
-    for cache in caches:
-        cache.shutdown()
+    return build
 
 
 def request(name: str, adapter: str, max_tokens: int = 4, rank: int = 8) -> Request:
@@ -40,19 +43,30 @@ def request(name: str, adapter: str, max_tokens: int = 4, rank: int = 8) -> Requ
 
 
 def step(scheduler: Scheduler) -> list[str]:
-    """Schedule until every slot write landed; the names of the requests in the batch."""
-    for _ in range(200):
+    """Schedule until the slots of every request holding one are ready (the writes of a schedule's claims are issued
+    after it, as the engine issues them after the step's forward); the names of the requests in the last batch."""
+    for _ in range(3):
         batch = scheduler.schedule()
         loading = [r for r in scheduler.running + scheduler.fair_order() if r.slot >= 0]
-        if all(scheduler.adapters.is_ready(r.slot) for r in loading):
+        if all(scheduler.slots.is_ready(r.slot) for r in loading):
             names = [r.request_id for r, _ in batch]
             for r, n in batch:  # as the engine does after a step
                 r.num_computed += n
                 if r.num_computed >= r.num_tokens:
                     r.output_ids.append(0)
             return names
-        time.sleep(0.005)
+        scheduler.slots.issue_writes()
     raise AssertionError("slot writes never finished")
+
+
+def key_at(scheduler: Scheduler, slot: int) -> str:
+    """The adapter (repo@commit) slot `slot` holds."""
+    return {index: key for key, index in scheduler.slots.resident().items()}[slot]
+
+
+def owners(scheduler: Scheduler) -> list[str]:
+    """The requests the reserved runs drain for."""
+    return [owner.request_id for owner, _ in scheduler.slots.reservations().values()]
 
 
 def finish(scheduler: Scheduler, *names: str) -> None:
@@ -70,14 +84,14 @@ def test_hits_run_while_another_adapter_waits_for_a_slot(make):
     scheduler.add(request("a1", "t/a"))  # a hit on the other slot
     admitted = step(scheduler)
     assert "a1" in admitted and "c0" not in admitted
-    (reserved,) = scheduler.reserved
-    assert scheduler.adapters.slots[reserved].key.startswith("t/b")
+    (reserved,) = scheduler.slots.reservations()
+    assert key_at(scheduler, reserved).startswith("t/b")
     scheduler.add(request("b1", "t/b"))  # may not pin the reserved slot
     assert "b1" not in step(scheduler)
     finish(scheduler, "b0")
     assert "c0" in step(scheduler)  # the drained slot went to its waiter
-    assert scheduler.adapters.slots[reserved].key.startswith("t/c")
-    assert [r.request_id for r in scheduler.reserved.values()] == ["b1"]  # now t/b waits for a slot
+    assert key_at(scheduler, reserved).startswith("t/c")
+    assert owners(scheduler) == ["b1"]  # now t/b waits for a slot
 
 
 def test_the_slot_reserved_is_the_one_that_drains_soonest(make):
@@ -87,8 +101,8 @@ def test_the_slot_reserved_is_the_one_that_drains_soonest(make):
     step(scheduler)
     scheduler.add(request("c0", "t/c"))
     step(scheduler)
-    (index,) = scheduler.reserved
-    assert scheduler.adapters.slots[index].key.startswith("t/b")
+    (index,) = scheduler.slots.reservations()
+    assert key_at(scheduler, index).startswith("t/b")
 
 
 def test_adapters_of_lower_rank_share_slot_memory_and_a_larger_one_reserves_a_whole_run(make):
@@ -98,7 +112,7 @@ def test_adapters_of_lower_rank_share_slot_memory_and_a_larger_one_reserves_a_wh
     assert sorted(step(scheduler)) == ["a0", "b0"]  # two rank-8 adapters side by side
     scheduler.add(request("c0", "t/c", rank=16))  # needs both pages: it reserves them
     step(scheduler)
-    assert list(scheduler.reserved) == [0] and scheduler._reserved_pages[0] == 2
+    assert [(start, pages) for start, (_, pages) in scheduler.slots.reservations().items()] == [(0, 2)]
     scheduler.add(request("a1", "t/a"))  # hits on either page of the reserved run are held back: it drains
     scheduler.add(request("b1", "t/b"))
     assert not {"a1", "b1"} & set(step(scheduler))
@@ -106,8 +120,8 @@ def test_adapters_of_lower_rank_share_slot_memory_and_a_larger_one_reserves_a_wh
     assert not {"a1", "b1", "c0"} & set(step(scheduler))  # a0 still runs on page 0
     finish(scheduler, "a0")
     assert "c0" in step(scheduler)
-    assert scheduler.adapters.resident() == {f"t/c@{'0' * 40}": 0}
-    assert sorted(r.request_id for r in scheduler.reserved.values()) == ["a1"]  # next in line for the run
+    assert scheduler.slots.resident() == {f"t/c@{'0' * 40}": 0}
+    assert owners(scheduler) == ["a1"]  # next in line for the run
 
 
 def test_a_free_slot_holding_a_wanted_adapter_is_reused_last(make):
@@ -120,7 +134,7 @@ def test_a_free_slot_holding_a_wanted_adapter_is_reused_last(make):
     scheduler.add(request("c0", "t/c"))
     scheduler.add(request("b1", "t/b"))
     assert sorted(step(scheduler)) == ["b1", "c0"]
-    keys = sorted(slot.key.split("@")[0] for slot in scheduler.adapters.slots)
+    keys = sorted(key.split("@")[0] for key in scheduler.slots.resident())
     assert keys == ["t/b", "t/c"]  # t/a, least recently used but wanted by nobody, made room
 
 
@@ -139,7 +153,7 @@ def test_every_request_completes_when_adapters_outnumber_slots(make):
         if len(done) == len(names):
             break
     assert sorted(done) == sorted(names)
-    assert all(slot.pins == 0 for slot in scheduler.adapters.slots) and not scheduler.reserved
+    assert scheduler.slots.stats()["slots_used"] == 0 and not scheduler.slots.reservations()
 
 
 def test_admissions_come_in_waves_while_requests_decode(make):
@@ -164,8 +178,8 @@ def test_a_claim_that_found_no_room_is_tried_again_only_once_something_was_freed
     scheduler.add(request("a0", "t/a", max_tokens=50))
     assert step(scheduler) == ["a0"]
     claims = []
-    claim = scheduler.adapters.claim
-    scheduler.adapters.claim = lambda *args, **kwargs: claims.append(args[0]) or claim(*args, **kwargs)
+    claim = scheduler.slots.claim
+    scheduler.slots.claim = lambda *args, **kwargs: claims.append(args[0]) or claim(*args, **kwargs)
     scheduler.add(request("b0", "t/b"))
     for _ in range(5):
         assert step(scheduler) == ["a0"]
@@ -173,7 +187,7 @@ def test_a_claim_that_found_no_room_is_tried_again_only_once_something_was_freed
     assert len(claims) == 1
     finish(scheduler, "a0")  # its slot is unpinned
     assert step(scheduler) == ["b0"]
-    assert len(claims) == 2 and scheduler.adapters.slots[0].key.startswith("t/b")
+    assert len(claims) == 2 and key_at(scheduler, 0).startswith("t/b")
 
 
 def test_waiting_requests_already_gone_through_are_skipped_until_something_changes(make):
@@ -182,17 +196,17 @@ def test_waiting_requests_already_gone_through_are_skipped_until_something_chang
     scheduler = make(num_slots=1, max_rank=8)
     scheduler.add(request("a0", "t/a", max_tokens=50))
     assert step(scheduler) == ["a0"]
-    passes = []
-    resident = scheduler.adapters.resident
-    scheduler.adapters.resident = lambda: passes.append(scheduler.num_waiting) or resident()
+    looked = []  # the adapters of the requests gone through, in order
+    slot_of = scheduler.slots.slot_of
+    scheduler.slots.slot_of = lambda key: looked.append(key.split("@")[0]) or slot_of(key)
     for name in ("b0", "c0"):
         scheduler.add(request(name, f"t/{name}"))
     for _ in range(4):
         assert step(scheduler) == ["a0"]
-    assert passes == [2]  # one pass over b0 and c0, none after
-    scheduler.add(request("d0", "t/d"))
+    assert looked == ["t/b0", "t/c0"]  # one pass over b0 and c0, none after
+    scheduler.add(request("d0", "t/d0"))
     assert step(scheduler) == ["a0"] and step(scheduler) == ["a0"]
-    assert passes == [2, 3]  # d0's arrival: a pass (over d0 only)
+    assert looked == ["t/b0", "t/c0", "t/d0"]  # d0's arrival: a pass over d0 only
     finish(scheduler, "a0")  # a slot unpinned: everyone is gone through again, and b0 gets it
     assert step(scheduler) == ["b0"]
-    assert passes[2] == 3
+    assert looked[3:6] == ["t/b0", "t/c0", "t/d0"]

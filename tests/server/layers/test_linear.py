@@ -6,6 +6,7 @@ import torch
 
 from loramux.server.layers.linear import DenseLinear
 from loramux.server.layers.lora import DenseLoraLinear, LoraGroup
+from loramux.server.layers.slots import SlotLayout
 
 
 def test_dense_linear_computes_with_the_weight_as_given():
@@ -24,7 +25,7 @@ def test_dense_lora_linear_adds_each_tokens_slot_and_clears():
     x = torch.randn(3, 64)
     plain = layer(x)
     torch.testing.assert_close(plain, x @ weight.T)
-    layer.allocate_slots(num_slots=2, max_rank=4)
+    layer.allocate_slots(SlotLayout.of(2, 4))
     a, b = torch.randn(2, 64), torch.randn(16, 2)
     layer.write_slot(1, a, b, 3.0)
     slots = torch.tensor([1, -1, 0])
@@ -42,7 +43,7 @@ def test_a_group_of_dense_layers_serves_its_members_slots():
         DenseLoraLinear(torch.randn(24, 64), None, torch.float32),
     )
     group = LoraGroup([q, v])
-    group.allocate_slots(num_slots=2, max_rank=4)
+    group.allocate_slots(SlotLayout.of(2, 4))
     a, b = torch.randn(3, 64), torch.randn(24, 3)
     v.write_slot(0, a, b, 0.5)  # only v holds an adapter in slot 0
     x = torch.randn(4, 64)

@@ -6,6 +6,7 @@ import torch
 
 from loramux.server.layers.lora import LoraGroup, LoraLinear, expand, shrink
 from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.layers.slots import SlotLayout
 
 
 def test_shrink_expand_match_per_token_lora_with_padding_and_base_rows():
@@ -43,7 +44,7 @@ def test_lora_linear_slots_add_and_clear():
     layer = LoraLinear(weight, None, torch.float32)
     x = torch.randn(3, 64)
     plain = layer(x)
-    layer.allocate_slots(num_slots=2, max_rank=4)
+    layer.allocate_slots(SlotLayout.of(num_slots=2, max_rank=4))
     a, b = torch.randn(2, 64), torch.randn(16, 2)
     layer.write_slot(1, a, b, 3.0)
     slots = torch.tensor([1, -1, 0])
@@ -60,8 +61,8 @@ def test_a_smaller_adapter_in_a_used_slot_reads_nothing_of_the_larger_one():
     layer = LoraLinear(torch.randn(16, 64), None, torch.float32)
     q, v = LoraLinear(torch.randn(8, 64), None, torch.float32), LoraLinear(torch.randn(8, 64), None, torch.float32)
     group = LoraGroup([q, v])
-    layer.allocate_slots(num_slots=2, max_rank=8)
-    group.allocate_slots(num_slots=2, max_rank=8)
+    layer.allocate_slots(SlotLayout.of(num_slots=2, max_rank=8))
+    group.allocate_slots(SlotLayout.of(num_slots=2, max_rank=8))
     x, slots = torch.randn(3, 64), torch.tensor([0, 0, 0])
     for target in (layer, q, v):
         target.write_slot(0, torch.randn(8, 64), torch.randn(target.out_features, 8), 1.0)  # rank 8 first
@@ -88,7 +89,7 @@ def test_adapters_of_several_ranks_share_a_slot_and_read_only_their_own_rows():
     q, v = LoraLinear(torch.randn(8, 64), None, torch.float32), LoraLinear(torch.randn(24, 64), None, torch.float32)
     group = LoraGroup([q, v])
     for target in (layer, group):
-        target.allocate_slots(num_slots=1, max_rank=32)
+        target.allocate_slots(SlotLayout.of(num_slots=1, max_rank=32))
     for view in (layer.lora_a, layer.lora_b, group.lora_a, q.lora_b, v.lora_b):
         fill_memory(view, float("nan"))
     # first page of each adapter -> rank; an empty rank means the module is not targeted

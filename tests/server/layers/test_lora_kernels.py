@@ -323,12 +323,13 @@ def test_paged_slot_memory_reads_only_each_adapters_own_rows(tokens):
     the rest of the memory is NaN, so a kernel reading past any adapter's rank (into a neighbour) would show."""
     from loramux.server.layers.lora import LoraGroup, LoraLinear, expand_torch, shrink_torch
     from loramux.server.layers.nf4_linear import NF4Linear
+    from loramux.server.layers.slots import SlotLayout
 
     gen = torch.Generator().manual_seed(tokens)
     d_in, outs = 256, (256, 64, 64)
     layers = [LoraLinear(torch.randn(n, d_in, generator=gen).to(DEVICE), None, torch.bfloat16) for n in outs]
     group = LoraGroup(layers)
-    group.allocate_slots(num_slots=2, max_rank=64)  # 16 pages of rank 8
+    group.allocate_slots(SlotLayout.of(num_slots=2, max_rank=64))  # 16 pages of rank 8
     for view in (group.lora_a, *(layer.lora_b for layer in layers)):
         view.as_strided((view.untyped_storage().nbytes() // view.element_size(),), (1,), 0).fill_(float("nan"))
     placements = {0: 8, 1: 5, 2: 16, 4: 32, 8: 64}  # first page -> rank (each run aligned to its size)

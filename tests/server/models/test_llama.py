@@ -7,8 +7,11 @@ import pytest
 import torch
 import transformers
 
-from loramux.server.engine.model_runner import Chunk, ModelRunner
+from loramux.server.engine.batch import Chunk
+from loramux.server.engine.model_runner import ModelRunner
+from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import load_base
 
 
@@ -83,9 +86,10 @@ def test_unquantized_layers_serve_an_adapter_like_peft(tiny_checkpoint, tmp_path
     path = tiny_checkpoint()
     adapter = build_adapter(path, tmp_path / "adapter", r=4, targets=("q_proj", "v_proj", "gate_proj", "down_proj"))
     base = load_base(str(path), device="cpu", quantize="none")
-    base.model.allocate_lora_slots(num_slots=2, max_rank=8)
+    base.model.allocate_lora_slots(SlotLayout.of(num_slots=2, max_rank=8))
     runner = ModelRunner(base.model, block_size=4, num_blocks=8)
-    runner.write_slot(1, load_lora(adapter, base.config))
+    writer = SlotWriter(base.model)
+    writer.write(1, load_lora(adapter, base.config, writer.dtype, b_rank_major=writer.b_rank_major))
     ids = [5, 17, 99, 3, 250, 42, 7]
     adapted, plain = runner.run(
         [Chunk(ids, 0, [0, 1], slot=1, all_logits=True), Chunk(ids, 0, [2, 3], all_logits=True)]
