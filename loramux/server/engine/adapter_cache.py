@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,6 +76,7 @@ class AdapterCache:
         )
         self._reading: dict[str, threading.Lock] = {}  # key -> held while it is read, so each is read once
         self.hits = self.misses = self.loads = self.outside_arena = 0
+        self.slot_only = 0  # fetches that read nothing: the revision was in slot memory
         self.read_seconds = 0.0
 
     def _start_fetch_thread(self) -> None:
@@ -85,11 +86,17 @@ class AdapterCache:
             # Threads that made one already keep theirs.
             torch.set_num_threads(self.spec.cpu_threads)
 
-    def fetch_async(self, ref: AdapterRef, tenant: str | None) -> Future[tuple[str, LoraWeights]]:
-        return self._fetcher.submit(self.fetch, ref, tenant)
+    def fetch_async(
+        self, ref: AdapterRef, tenant: str | None, in_slots: Collection[str] = ()
+    ) -> Future[tuple[str, LoraWeights | None]]:
+        return self._fetcher.submit(self.fetch, ref, tenant, in_slots)
 
-    def fetch(self, ref: AdapterRef, tenant: str | None) -> tuple[str, LoraWeights]:
-        """Resolve `ref` for `tenant` and return (repo@commit, weights), from the CPU cache or read from disk.
+    def fetch(
+        self, ref: AdapterRef, tenant: str | None, in_slots: Collection[str] = ()
+    ) -> tuple[str, LoraWeights | None]:
+        """Resolve `ref` for `tenant` and return (repo@commit, weights), from the CPU cache or read from disk; the
+        weights are None, and nothing is read, where the revision is not in the CPU cache but is in `in_slots` (the
+        keys resident in slot memory: a request for it runs from its slot).
 
         Raises AdapterNotFoundError, or AdapterConfigError (subclasses) for an adapter that does not fit.
         """
@@ -101,6 +108,9 @@ class AdapterCache:
         key = resolved.key
         with self._lock:
             self._note_revision(resolved.repo, resolved.commit)
+            if key in in_slots and key not in self._cpu:
+                self.slot_only += 1
+                return key, None
             reading = self._reading.setdefault(key, threading.Lock())
         with reading:  # a second request for an adapter being read waits for that read
             try:
@@ -187,6 +197,7 @@ class AdapterCache:
             return {
                 "adapter_cache_hits": self.hits,
                 "adapter_cache_misses": self.misses,
+                "adapter_fetches_in_slots": self.slot_only,
                 "adapter_cache_entries": len(self._cpu),
                 "adapter_cache_bytes": sum(w.nbytes() for w in self._cpu.values()),
                 "adapter_loads": self.loads,

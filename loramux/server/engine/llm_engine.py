@@ -162,7 +162,12 @@ class LLMEngine:
         if ref is None:
             self.scheduler.add(request)
             return
-        future = self.adapters.fetch_async(ref, tenant or None)
+        self._fetch(request, frozenset(self.slots.resident()))
+
+    def _fetch(self, request: Request, in_slots: frozenset[str] = frozenset()) -> None:
+        """Resolve and read the request's adapter off the step loop; what is in slot memory (`in_slots`) is not
+        read, since the request runs from its slot."""
+        future = self.adapters.fetch_async(request.adapter, request.tenant or None, in_slots)
         future.add_done_callback(lambda f: self._post(lambda: self._adapter_fetched(request, f)))
 
     def abort(self, request_id: str) -> None:
@@ -219,6 +224,8 @@ class LLMEngine:
         self._apply_inbox()
         self.slots.complete_writes()  # slots whose writes are done are ready for this step
         batch = self.scheduler.schedule()
+        for request in self.scheduler.take_refetches():  # their adapters left slot memory before they got a slot
+            self._fetch(request)
         logits = self.runner.run([self._chunk(request, n) for request, n in batch]) if batch else None
         self.slots.issue_writes()  # the slot writes of this step's claims: their copies run beside the step
         self._end_failed_writes()

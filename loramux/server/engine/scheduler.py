@@ -68,6 +68,7 @@ class Scheduler:
         self._served = itertools.count()
         self._last_served: dict[str, int] = {}
         self.slot_hits = self.slot_misses = self.preemptions = 0
+        self._refetches: list[Request] = []  # see `take_refetches`
 
     @property
     def num_waiting(self) -> int:
@@ -160,6 +161,13 @@ class Scheduler:
                 if self.slots.reserved_for_another(index, request):
                     continue  # its slot drains for another request; it gets a slot of its own later
                 self.slot_hits += 1
+            elif request.lora is None:
+                # Its adapter was in slot memory when it was looked up, so it was not read; it has left since: the
+                # engine reads it now (`take_refetches`), and the request waits again once it is read.
+                self._leave_queue(request)
+                request.status = RequestStatus.RESOLVING
+                self._refetches.append(request)
+                continue
             else:
                 index, no_room = self._claim(request, wanted, no_room)
                 if index is None:
@@ -176,6 +184,19 @@ class Scheduler:
         else:
             self._tried.update(r for r in waiting if r.needs_slot)
             self._tried_at = began
+
+    def _leave_queue(self, request: Request) -> None:
+        """Take a waiting request (no blocks, no slot) out of the queue and of its reservation."""
+        queue = self.waiting.get(request.tenant)
+        if queue is not None and request in queue:
+            queue.remove(request)
+        self.slots.unreserve(request)
+        self._owner_tried.pop(request, None)
+
+    def take_refetches(self) -> list[Request]:
+        """The requests whose adapters must be read after all (they left slot memory before these got a slot)."""
+        refetches, self._refetches = self._refetches, []
+        return refetches
 
     def _claim(self, request: Request, wanted: set[str | None], no_room: int | None) -> tuple[int | None, int | None]:
         """Claim a slot for `request`'s adapter -> (the slot or None, the pass's `no_room` as it stands now). A

@@ -350,3 +350,21 @@ def test_warm_up_takes_the_model_out_of_the_collectors_walks_until_shutdown(tiny
     finally:
         engine.shutdown()
     assert gc.get_freeze_count() == 0
+
+
+def test_an_adapter_in_slot_memory_is_not_read_again_after_the_cpu_cache_let_it_go(tiny):
+    base, source, _ = tiny
+    # a CPU cache that holds one of these adapters: reading t/b lets t/a go, which stays in its slot
+    sizing = LLMEngine(base, source, EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
+    one = int(1.5 * sizing.adapters.fetch(AdapterRef.parse("t/a"), None)[1].nbytes())
+    sizing.shutdown()
+    config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, adapter_cache_bytes=one)
+    engine = LLMEngine(base, source, config)
+    (first,) = engine.generate([[10, 20, 30]], GREEDY, ["t/a"])
+    engine.generate([[10, 20, 30]], GREEDY, ["t/b"])
+    assert engine.stats()["adapter_cache_entries"] == 1 and engine.stats()["adapter_loads"] == 2
+    (again,) = engine.generate([[10, 20, 30]], GREEDY, ["t/a"])
+    stats = engine.stats()
+    assert stats["adapter_loads"] == 2 and stats["adapter_fetches_in_slots"] == 1  # served from its slot, unread
+    assert again.token_ids == first.token_ids
+    torch.testing.assert_close(again.logits, first.logits)

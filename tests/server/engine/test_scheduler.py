@@ -210,3 +210,26 @@ def test_waiting_requests_already_gone_through_are_skipped_until_something_chang
     finish(scheduler, "a0")  # a slot unpinned: everyone is gone through again, and b0 gets it
     assert step(scheduler) == ["b0"]
     assert looked[3:6] == ["t/b0", "t/c0", "t/d0"]
+
+
+def test_a_request_whose_adapter_left_slot_memory_before_it_was_read_goes_back_to_be_read(make):
+    """A request looked up while its adapter was in slot memory carries no weights (nothing was read); if the
+    adapter leaves slot memory before the request gets its slot, the request is handed back to be read, not stuck."""
+    scheduler = make(num_slots=1)
+    a = request("a", "t/a")
+    scheduler.add(a)
+    assert step(scheduler) == ["a"]
+    scheduler.finish(a)
+    b = request("b", "t/b")
+    scheduler.add(b)  # claims the one slot: t/a leaves slot memory
+    step(scheduler)
+    later = request("later", "t/a")
+    later.lora = None  # fetched while t/a was still in its slot
+    scheduler.add(later)
+    step(scheduler)
+    assert scheduler.take_refetches() == [later] and scheduler.take_refetches() == []
+    assert later.status.value == "resolving" and later not in scheduler.fair_order() and later.slot < 0
+    later.lora = SimpleNamespace(max_rank=8)  # read now
+    scheduler.finish(b)
+    scheduler.add(later)
+    assert step(scheduler) == ["later"] and later.slot >= 0
