@@ -150,8 +150,8 @@ class Request:
         self.output_ids: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
-        # A seeded request's own random numbers, on the sampler's device (the sampler makes it at its first step), so
-        # that batch mates never change what it samples; unseeded requests share the device's generator.
+        # A seeded request's own random numbers, on the host (the sampler makes it at its first step), so that batch
+        # mates never change what it samples; unseeded requests share the device's generator.
         self.generator: torch.Generator | None = None
 
     def token_ids(self, start: int, end: int) -> list[int]:

@@ -29,8 +29,8 @@ How, without sorting the vocabulary and without random numbers per entry:
   whatever happens (no transfer to learn which rows are done); a row still not accepted after them (rare) is
   finished exactly on the host's second look: its nucleus found by sorting that row, and a last uniform.
 - Uniforms: one `torch.rand` on the device for the step's rows; a seeded request draws its own from a generator on
-  the device (made at its first step), the same count every step, so that it samples the same tokens whatever its
-  batch mates.
+  the host (made at its first step), the same count every step, so that it samples the same tokens whatever its
+  batch mates; the seeded rows' draws go up in one asynchronous copy.
 - The chosen tokens come back to the host in one transfer a step, the requested logprobs in the same one.
 """
 
@@ -249,18 +249,18 @@ class Sampler:
         return tokens, nucleus
 
     def _uniforms(self, step: _Step) -> torch.Tensor:
-        """(n, UNIFORMS) uniforms in [0, 1): the device's generator for most rows, a seeded request's own for its
-        row (the same count every step, so that its draws do not depend on its batch mates)."""
+        """(n, UNIFORMS) uniforms in [0, 1): the device's generator for most rows; a seeded request's own, on the
+        host, for its row (the same count every step, so that its draws do not depend on its batch mates), uploaded
+        together in one asynchronous copy: no generator objects and no launch per row on the device."""
         u = torch.rand((len(step.requests), UNIFORMS), device=self.device)
         if step.seeded:
-            draws = []
-            for i in step.seeded:
+            draws = torch.empty(len(step.seeded), UNIFORMS)
+            for j, i in enumerate(step.seeded):
                 request = step.requests[i]
                 if request.generator is None:
-                    request.generator = torch.Generator(device=self.device)
-                    request.generator.manual_seed(request.params.seed)
-                draws.append(torch.rand(UNIFORMS, generator=request.generator, device=self.device))
-            draws = torch.stack(draws)
+                    request.generator = torch.Generator().manual_seed(request.params.seed)
+                torch.rand(UNIFORMS, generator=request.generator, out=draws[j])
+            (draws,) = to_device([draws], self.device)
             u = draws if step.seeded_idx is None else u.index_put((step.seeded_idx,), draws)
         return u
 
