@@ -39,8 +39,8 @@ LFS_POINTER_SIZE = 134
 
 def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRouter:
     router = APIRouter(route_class=HubRoute)
-    signer = signer or UploadSigner()
-    xet_tokens = XetTokens()
+    signer = signer or UploadSigner(registry.secret)
+    xet_tokens = XetTokens(registry.secret)
     router.include_router(xet_router(registry, xet_tokens))
 
     def caller(request: Request) -> Caller:

@@ -89,7 +89,12 @@ class RepoView:
 
 class Registry:
     def __init__(
-        self, store: MetadataStore, blobs: BlobStore, limits: Limits | None = None, xorb_dir: Path | None = None
+        self,
+        store: MetadataStore,
+        blobs: BlobStore,
+        limits: Limits | None = None,
+        xorb_dir: Path | None = None,
+        secret_file: Path | None = None,
     ) -> None:
         from loramux.registry.xet import XorbStore
 
@@ -104,6 +109,7 @@ class Registry:
         # Extra checks of every adapter commit, {path: local file} -> raises AdapterValidationError; a serving
         # process adds one that refuses adapters its base model cannot load.
         self.adapter_checks: list[Callable[[Mapping[str, Path]], None]] = []
+        self.secret = hub_secret(secret_file)
 
     @classmethod
     def open(
@@ -135,7 +141,7 @@ class Registry:
         except BaseException:
             store.close()
             raise
-        return cls(store, blobs, xorb_dir=root / "xorbs")
+        return cls(store, blobs, xorb_dir=root / "xorbs", secret_file=root / SECRET_FILE)
 
     def close(self) -> None:
         """Release the store's connections."""
@@ -385,6 +391,39 @@ class Registry:
     def _repo_lock(self, repo: int) -> threading.Lock:
         with self._locks_guard:
             return self._repo_locks.setdefault(repo, threading.Lock())
+
+
+SECRET_FILE = "hub.key"
+SECRET_ENV = "LORAMUX_HUB_SECRET"
+
+
+def hub_secret(secret_file: Path | None) -> bytes:
+    """The key that signs the hub's upload URLs and Xet tokens. Every process that serves the same registry must hold
+    the same one, since a client may be handed a URL by one and send the file to another (several API processes on
+    one port; several hubs behind a load balancer): `$LORAMUX_HUB_SECRET` where set (the hosts of a shared
+    registry), else a random key kept in the data directory's `hub.key` (made once, readable by its owner only), else
+    (no data directory) one for this process."""
+    given = os.environ.get(SECRET_ENV)
+    if given:
+        return given.encode()
+    if secret_file is None:
+        return secrets.token_bytes(32)
+    try:
+        return bytes.fromhex(secret_file.read_text().strip())
+    except FileNotFoundError:
+        pass
+    secret_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = secret_file.with_name(f".{secret_file.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, secret_file)  # the first process to get here sets the key; the others read the same one
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return bytes.fromhex(secret_file.read_text().strip())
 
 
 @contextmanager

@@ -255,3 +255,21 @@ def test_a_revision_is_named_by_any_unique_prefix_of_7_or_more_digits(tmp_path, 
     for unknown in ("abc1239", "fed222", "main2"):  # no such commit; 6 digits are too few; not a branch
         with pytest.raises(RevisionNotFoundError, match="7 or more of its first hex digits"):
             registry.revision(repo, unknown)
+
+
+def test_every_process_on_a_data_directory_signs_uploads_with_one_key(tmp_path, monkeypatch):
+    """A client may get an upload URL (or a Xet token) from one process and send the file to another: several API
+    processes on one port, several hubs on one registry. They share the data directory's key, or $LORAMUX_HUB_SECRET."""
+    from loramux.registry.http import UploadSigner
+    from loramux.registry.registry import SECRET_ENV
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    first, second = Registry.open(tmp_path / "data"), Registry.open(tmp_path / "data")
+    assert first.secret == second.secret and len(first.secret) == 32
+    assert (tmp_path / "data" / "hub.key").stat().st_mode & 0o077 == 0  # its owner's only
+    expires, sig = UploadSigner(first.secret).sign("a" * 64, 10)
+    assert UploadSigner(second.secret).check("a" * 64, 10, expires, sig)
+    assert Registry.open(tmp_path / "other").secret != first.secret
+    monkeypatch.setenv(SECRET_ENV, "shared by every host")
+    shared = b"shared by every host"
+    assert Registry.open(tmp_path / "data").secret == Registry.open(tmp_path / "other").secret == shared
