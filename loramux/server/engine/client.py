@@ -212,9 +212,9 @@ class EngineClient:
                 return
             await asyncio.sleep(DEAD_CHECK_SECONDS)
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, expected: bool = False) -> None:
         if self.failure is None:
-            log.error("engine gone: %s", message)
+            (log.info if expected else log.error)("engine gone: %s", message)
             self.failure = message
         streams, self._streams = self._streams, {}
         for request_id, stream in streams.items():
@@ -229,4 +229,4 @@ class EngineClient:
             task.cancel()
         if self._socket is not None:
             self._socket.close()
-        self._fail("the server is shut down")
+        self._fail("the server is shut down", expected=True)

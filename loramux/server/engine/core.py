@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import tempfile
@@ -135,8 +136,11 @@ class EngineProcess:
         return self.process.is_alive()
 
     def _watch(self) -> None:
-        self.process.join()
+        # Waits on the process's sentinel, without reaping it: `stop` alone joins it (two threads reaping one child
+        # race, and the loser sees it as still running).
+        multiprocessing.connection.wait([self.process.sentinel])
         if not self._stopping:
+            self.process.join(5)  # for its exit status (nobody else reaps a process that was not asked to stop)
             log.error("the engine process exited with status %s", self.process.exitcode)
             self.dead.set()
 
