@@ -402,6 +402,7 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
                 try:
                     http[key] = summary(work())
                     print(f"  {key}: {http[key]['tokens_per_s']:.1f} tokens/s", flush=True)
+                    save(args, results)  # what is measured so far survives a run cut short
                 except Exception as exc:  # the other workloads still run
                     failures[key] = f"{type(exc).__name__}: {exc}"[:2000]
                     print(f"  {key} failed: {failures[key][:300]}", flush=True)
@@ -429,6 +430,12 @@ def w2_run(root: Path, shape: dict, url: str, count: int, common: dict, results:
     print(f"  pushed {count} adapters in {results['push_w2_seconds']:.0f}s", flush=True)
     return loadgen(url, root / "w2.json", models=[name for _, name in w2], requests=512, rate=100.0, zipf=1.0,
                    sampling="mix", **common)  # fmt: skip
+
+
+def save(args: argparse.Namespace, results: dict) -> None:
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**results, "ratios": ratios(results, args.tiny)}, indent=2, default=str))
 
 
 def ratios(results: dict, tiny: bool) -> dict:
@@ -553,9 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # what was measured is kept even when a later part failed
         results["ratios"] = ratios(results, args.tiny)
         print(table(results))
+        save(args, results)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2, default=str))
             print(f"wrote {args.json}")
     return 0
 
