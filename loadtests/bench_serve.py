@@ -14,7 +14,7 @@ settings users send and the load generator over HTTP, with the engine alone meas
    server's default temperature, 25% top_p 0.9, 20% greedy, 10% seeded) and greedy alone; the same without
    adapters; W2 (512 requests over the 1,000 adapters, Zipf popularity, Poisson arrivals at 100/s, the mix); one
    stream (512 tokens, the server's default sampling, and greedy).
-5. Stops the server, then runs the engine alone on the same checkpoint and engine settings
+5. Runs the engine alone on the same checkpoint and engine settings, before the server starts
    (`bench_engine.py --base CKPT`: W1 with adapters and without, one stream; greedy and with the mix).
 6. Prints a table and writes one JSON with every figure and the ratios (HTTP / engine, adapters / none, W2 / W1,
    TPOT / the engine's median decode step), by default a new dated file under loadtests/results/.
@@ -359,6 +359,14 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
     n, concurrency = p["requests"], p["concurrency"]
     http: dict = results.setdefault("http", {})
     failures: dict = results.setdefault("failures", {})
+    # the engine alone first, then through HTTP (one at a time on the device)
+    if "engine" in args.parts:
+        engine_args = [*p["engine"], "--only", "w1,stream", "--w1-requests", str(n), "--w1-adapters",
+                       str(p["w1_adapters"]), "--w1-rank", str(p["w1_rank"]), "--prompt", str(args.engine_prompt),
+                       "--gen", str(p["gen"]), "--stream-gen", str(p["stream_gen"]), "--device", device,
+                       "--sampling", "greedy,mix" if not args.tiny else "greedy,default"]  # fmt: skip
+        results["engine"] = engine_alone(checkpoint, root / "engine.json", engine_args, env)
+        save(args, results)
     if "http" in args.parts:
         (root / "home").mkdir(parents=True, exist_ok=True)
         process, url, log, ready_s = start_server(checkpoint, root / "home", p["server"], env)
@@ -409,12 +417,6 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
         finally:
             results["server"]["exit_status"] = stop_server(process)
             results["server"]["log_tail"] = log.read_text(errors="replace")[-3000:]
-    if "engine" in args.parts:
-        engine_args = [*p["engine"], "--only", "w1,stream", "--w1-requests", str(n), "--w1-adapters",
-                       str(p["w1_adapters"]), "--w1-rank", str(p["w1_rank"]), "--prompt", str(args.engine_prompt),
-                       "--gen", str(p["gen"]), "--stream-gen", str(p["stream_gen"]), "--device", device,
-                       "--sampling", "greedy,mix" if not args.tiny else "greedy,default"]  # fmt: skip
-        results["engine"] = engine_alone(checkpoint, root / "engine.json", engine_args, env)
 
 
 def w2_run(root: Path, shape: dict, url: str, count: int, common: dict, results: dict) -> dict:
