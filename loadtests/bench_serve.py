@@ -364,7 +364,7 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
         engine_args = [*p["engine"], "--only", "w1,stream", "--w1-requests", str(n), "--w1-adapters",
                        str(p["w1_adapters"]), "--w1-rank", str(p["w1_rank"]), "--prompt", str(args.engine_prompt),
                        "--gen", str(p["gen"]), "--stream-gen", str(p["stream_gen"]), "--device", device,
-                       "--sampling", "greedy,mix" if not args.tiny else "greedy,default"]  # fmt: skip
+                       "--sampling", args.engine_sampling]  # fmt: skip
         results["engine"] = engine_alone(checkpoint, root / "engine.json", engine_args, env)
         save(args, results)
     if "http" in args.parts:
@@ -403,6 +403,8 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
                 workloads.append(("w2_mix", lambda: w2_run(root, shape, url, p["w2_adapters"], common, results)))
             order = ["w1_mix", "w1_default", "w1_greedy", "w1_base_mix", "w1_base_default", "stream_greedy", "w2_mix"]
             workloads.sort(key=lambda kw: order.index(kw[0]) if kw[0] in order else len(order))
+            if args.workloads:
+                workloads = [(key, work) for key, work in workloads if key in args.workloads]
             for key, work in workloads:
                 if time.perf_counter() - began > args.http_budget:
                     failures[key] = f"left out: the run's {args.http_budget:.0f} s for HTTP were spent"
@@ -518,6 +520,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one; cpu with --tiny)")
     p.add_argument("--workdir", type=Path, help="keep the checkpoint, logs and reports here (default: a temp dir)")
     p.add_argument("--only", default="http,engine", help="http (through loramux serve), engine (alone), or both")
+    p.add_argument("--workloads", help="only these HTTP workloads, e.g. w1_mix,w1_greedy,w2_mix (default: all)")
+    p.add_argument("--engine-sampling", help="the engine alone's W1 sampling kinds (default: greedy and the mix)")
     p.add_argument(
         "--http-budget", type=float, default=math.inf, help="seconds after which HTTP workloads not begun are left out"
     )
@@ -530,6 +534,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.shape = "tiny"
     args.parts = {x for x in args.only.split(",") if x}
+    args.workloads = {x for x in (args.workloads or "").split(",") if x}
+    args.engine_sampling = args.engine_sampling or ("greedy,default" if args.tiny else "greedy,mix")
     if args.parts - {"http", "engine"}:
         p.error("--only: http, engine or both")
     if args.client_processes is None:
