@@ -361,7 +361,8 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
     failures: dict = results.setdefault("failures", {})
     # the engine alone first, then through HTTP (one at a time on the device)
     if "engine" in args.parts:
-        engine_args = [*p["engine"], "--only", "w1,stream", "--w1-requests", str(n), "--w1-adapters",
+        parts = "w1" if args.workloads and not any(w.startswith("stream") for w in args.workloads) else "w1,stream"
+        engine_args = [*p["engine"], "--only", parts, "--w1-requests", str(n), "--w1-adapters",
                        str(p["w1_adapters"]), "--w1-rank", str(p["w1_rank"]), "--prompt", str(args.engine_prompt),
                        "--gen", str(p["gen"]), "--stream-gen", str(p["stream_gen"]), "--device", device,
                        "--sampling", args.engine_sampling]  # fmt: skip
