@@ -185,7 +185,6 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.getLogger("loramux.access").setLevel(logging.INFO)
     logging.getLogger("loramux.server.api.state").setLevel(logging.INFO)
-    logging.getLogger("loramux.server.models.loader").setLevel(logging.INFO)  # says how the base's weights are held
     mode = "API keys required" if keys else "single-user mode (no API keys)"
     adapters = f"adapters from {args.hub}" if args.hub else "adapters from the local registry"
     print(f"loramux serve on http://{args.host}:{args.port} ({mode}; {adapters}); loading the model...", flush=True)

@@ -163,6 +163,7 @@ class EngineProcess:
 def _main(spec: CoreSpec, address: str, conn) -> None:
     """The engine process: load, warm up, say ready (or why not), then run the loop until told to stop."""
     logging.basicConfig(level=spec.log_level, format=LOG_FORMAT)
+    logging.getLogger("loramux.server.models.loader").setLevel(logging.INFO)  # says how the base's weights are held
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see cli.run_commands
     # Ctrl-C reaches the whole process group: the parent stops the engine in order, after its requests drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
