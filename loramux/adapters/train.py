@@ -207,7 +207,9 @@ def train(
             break
         if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < plan.total_steps:
             last_checkpoint = checkpoint()
-    checks.restore_kept()
+    kept = checks.finish(step)
+    if kept is not None:
+        emit(TrainingEvent("early_stop", step, plan.total_steps, plan.epochs_done(step), kept))
 
     def fill(directory: Path) -> None:
         save_adapter(directory)
@@ -293,8 +295,9 @@ class _Checks:
       a new best, the run stops and keeps the adapter of the best one.
     - `keep_answers`: at the same points as the fit check, each prompt's greedy answer against the base's; once one
       changes, the run stops and keeps the adapter of the last check where none had.
+    A run that goes through every epoch with validation rows ends with the best validation's adapter.
 
-    The adapter kept is held in memory: a run resumed from a checkpoint compares from the step it resumed at.
+    The adapters kept are held in memory: a run resumed from a checkpoint compares from the step it resumed at.
     """
 
     def __init__(self, spec, model, tokenizer, rows, val_rows, pad_id, device, plan, step) -> None:
@@ -306,54 +309,65 @@ class _Checks:
         # within a few steps.
         self.every = max(1, plan.steps_per_epoch // 4)
         self.best_loss, self.bad_validations = math.inf, 0
-        self.kept: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, LoRA weights) restored at the end
+        self.best: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, LoRA weights) of the best validation
+        self.passed: tuple[int, dict[str, torch.Tensor]] | None = None  # of the last check the kept answers passed
+        self.restore: tuple[int, dict[str, torch.Tensor]] | None = None  # what the run ends with, if not the last
         self.base_answers: dict[str, str] = {}
         if spec.keep_answers:
             with model.disable_adapter():
                 self.base_answers = {p: _greedy_answer(model, tokenizer, p, device) for p in spec.keep_answers}
-            self.kept = (step, _lora_state(model))
+            self.passed = (step, _lora_state(model))
 
     def validated(self, step: int, loss: float) -> None:
         if not self.patience:
             return
         if loss < self.best_loss:
             self.best_loss, self.bad_validations = loss, 0
-            self.kept = (step, _lora_state(self.model))
+            self.best = (step, _lora_state(self.model))
         else:
             self.bad_validations += 1
 
     def after_step(self, step: int) -> str | None:
         """Why the run stops after `step`, or None."""
         if self.patience and self.bad_validations >= VALIDATION_PATIENCE:
+            self.restore = self.best
             return (
                 f"step {step}: the validation loss has not improved for {VALIDATION_PATIENCE} epochs (best "
-                f"{self.best_loss:.4f} at step {self.kept[0]}); stopping with the adapter of step {self.kept[0]}"
+                f"{self.best_loss:.4f} at step {self.best[0]}); stopping with the adapter of step {self.best[0]}"
             )
         if step % self.every:
             return None
         for prompt, expected in self.base_answers.items():
             answer = _greedy_answer(self.model, self.tokenizer, prompt, self.device)
             if answer != expected:
-                self.patience = False  # the adapter kept is the keep_answers one
+                self.restore = self.passed
                 return (
                     f"step {step}: the answer to {prompt!r} changed ({expected!r} -> {answer!r}); stopping with the "
-                    f"adapter of step {self.kept[0]}"
+                    f"adapter of step {self.passed[0]}"
                 )
-        if self.base_answers and not self.patience:
-            self.kept = (step, _lora_state(self.model))
+        if self.base_answers:
+            self.passed = (step, _lora_state(self.model))
         if self.fit:
             reproduced = _answers_reproduced(self.model, self.rows, self.spec.batch_size, self.pad_id, self.device)
             if reproduced == len(self.rows):
-                self.kept = None  # this step's adapter is the one to keep
                 return f"step {step}: every training answer is reproduced; stopping before it over-trains"
         return None
 
-    def restore_kept(self) -> None:
-        """Put the kept adapter back, if a check kept an earlier one than the model holds now."""
+    def finish(self, step: int) -> str | None:
+        """Put back the adapter the run ends with, if not the one of `step` (the last): what was kept by the check
+        that stopped the run, or after every epoch, the best validation's. Returns what was done, or None."""
         from peft import set_peft_model_state_dict
 
-        if self.kept is not None and (self.patience or self.base_answers):
-            set_peft_model_state_dict(self.model, self.kept[1])
+        kept = self.restore
+        if kept is None and self.patience and self.best is not None and self.best[0] != step:
+            kept = self.best
+            message = f"the validation loss was best at step {kept[0]} ({self.best_loss:.4f}): keeping that adapter"
+        else:
+            message = None
+        if kept is None or kept[0] == step:
+            return None
+        set_peft_model_state_dict(self.model, kept[1])
+        return message
 
 
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
