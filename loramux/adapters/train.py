@@ -39,6 +39,7 @@ from loramux.adapters.train_data import (
     split_validation,
     tokenize_dataset,
 )
+from loramux.adapters.train_replay import replay_conversations
 from loramux.adapters.train_spec import TrainingSpec
 from loramux.server.models.checkpoint import DEFAULT_BASE, resolve_base
 
@@ -93,8 +94,9 @@ def train(
 
     base_dir = resolve_base(spec.base)
     tokenizer = _load_tokenizer(base_dir)
-    train_rows, val_rows = _prepare_rows(spec, tokenizer)
-    plan = _Plan(spec, len(train_rows))
+    train_rows, val_rows, examples = _prepare_rows(spec, tokenizer)
+    settings = spec.describe_auto(examples)
+    spec = spec.resolved(examples)  # `auto` epochs and learning rate decided for this data set
 
     checkpoints_dir = output_dir / CHECKPOINTS_SUBDIR
     resume = latest_checkpoint(checkpoints_dir)
@@ -106,6 +108,13 @@ def train(
 
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(spec, base_dir, device)
+    fit_rows = train_rows  # the data set's own rows: what the fit check looks at
+    if replayed := spec.replayed_examples(examples):
+        # The LoRA starts at zero (B = 0): the model answers as the base does. Its answers are a pure function of the
+        # base, so a resumed run rebuilds the same rows.
+        replay = tokenize_dataset(tokenizer, replay_conversations(model, tokenizer, device, replayed), spec.max_seq_len)
+        train_rows = train_rows + build_rows(replay[0], spec.max_seq_len, spec.packing)
+    plan = _Plan(spec, len(train_rows))
     optimizer = _make_optimizer(spec, model, device)
     step = 0
     if resume is not None:
@@ -131,9 +140,11 @@ def train(
             step,
             plan.total_steps,
             plan.epochs_done(step),
-            f"{verb}: {len(train_rows)} training rows, {len(val_rows)} validation rows, {plan.total_steps} steps",
+            f"{verb}: {len(train_rows)} training rows, {len(val_rows)} validation rows, {plan.total_steps} steps at "
+            f"most; {settings}",
         )
     )
+    checks = _Checks(spec, model, tokenizer, fit_rows, val_rows, pad_id, device, plan, step)
     model.train()
     last_checkpoint = resume.path if resume is not None else None
     while step < plan.total_steps:
@@ -189,8 +200,16 @@ def train(
                     val_loss=val_loss,
                 )
             )
+            checks.validated(step, val_loss)
+        reason = checks.after_step(step)
+        if reason is not None:
+            emit(TrainingEvent("early_stop", step, plan.total_steps, plan.epochs_done(step), reason))
+            break
         if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < plan.total_steps:
             last_checkpoint = checkpoint()
+    kept = checks.finish(step)
+    if kept is not None:
+        emit(TrainingEvent("early_stop", step, plan.total_steps, plan.epochs_done(step), kept))
 
     def fill(directory: Path) -> None:
         save_adapter(directory)
@@ -259,18 +278,148 @@ class _Plan:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# Early stopping on fit is for small data sets (a check reads every training row): up to this many rows.
+FIT_CHECK_MAX_ROWS = 256
+VALIDATION_PATIENCE = 2  # validations in a row without a new best loss before a run stops
+KEEP_ANSWER_TOKENS = 32  # how much of each `keep_answers` answer is compared
+
+
+class _Checks:
+    """The held-back checks against over-training, run between steps; each may end the run early.
+
+    - Fit (with `early_stopping`, data sets of up to FIT_CHECK_MAX_ROWS rows): every quarter epoch, whether the model
+      now reproduces every training answer (each assistant token is its most likely next token, so greedy decoding
+      gives the answer back). Once it does, more epochs only over-train: a model that has memorized a small data set
+      starts answering unrelated questions with it. The run stops there.
+    - Validation loss (with `early_stopping` and validation rows): after VALIDATION_PATIENCE epochs in a row without
+      a new best, the run stops and keeps the adapter of the best one.
+    - `keep_answers`: at the same points as the fit check, each prompt's greedy answer against the base's; once one
+      changes, the run stops and keeps the adapter of the last check where none had.
+    A run that goes through every epoch with validation rows ends with the best validation's adapter.
+
+    The adapters kept are held in memory: a run resumed from a checkpoint compares from the step it resumed at.
+    """
+
+    def __init__(self, spec, model, tokenizer, rows, val_rows, pad_id, device, plan, step) -> None:
+        self.spec, self.model, self.tokenizer = spec, model, tokenizer
+        self.rows, self.pad_id, self.device = rows, pad_id, device
+        self.fit = spec.early_stopping and len(rows) <= FIT_CHECK_MAX_ROWS
+        self.patience = spec.early_stopping and bool(val_rows)
+        # Four checks an epoch (every step of a small one): a small data set goes from not yet learned to memorized
+        # within a few steps.
+        self.every = max(1, plan.steps_per_epoch // 4)
+        self.best_loss, self.bad_validations = math.inf, 0
+        self.best: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, LoRA weights) of the best validation
+        self.passed: tuple[int, dict[str, torch.Tensor]] | None = None  # of the last check the kept answers passed
+        self.restore: tuple[int, dict[str, torch.Tensor]] | None = None  # what the run ends with, if not the last
+        self.base_answers: dict[str, str] = {}
+        if spec.keep_answers:
+            with model.disable_adapter():
+                self.base_answers = {p: _greedy_answer(model, tokenizer, p, device) for p in spec.keep_answers}
+            self.passed = (step, _lora_state(model))
+
+    def validated(self, step: int, loss: float) -> None:
+        if not self.patience:
+            return
+        if loss < self.best_loss:
+            self.best_loss, self.bad_validations = loss, 0
+            self.best = (step, _lora_state(self.model))
+        else:
+            self.bad_validations += 1
+
+    def after_step(self, step: int) -> str | None:
+        """Why the run stops after `step`, or None."""
+        if self.patience and self.bad_validations >= VALIDATION_PATIENCE:
+            self.restore = self.best
+            return (
+                f"step {step}: the validation loss has not improved for {VALIDATION_PATIENCE} epochs (best "
+                f"{self.best_loss:.4f} at step {self.best[0]}); stopping with the adapter of step {self.best[0]}"
+            )
+        if step % self.every:
+            return None
+        for prompt, expected in self.base_answers.items():
+            answer = _greedy_answer(self.model, self.tokenizer, prompt, self.device)
+            if answer != expected:
+                self.restore = self.passed
+                return (
+                    f"step {step}: the answer to {prompt!r} changed ({expected!r} -> {answer!r}); stopping with the "
+                    f"adapter of step {self.passed[0]}"
+                )
+        if self.base_answers:
+            self.passed = (step, _lora_state(self.model))
+        if self.fit:
+            reproduced = _answers_reproduced(self.model, self.rows, self.spec.batch_size, self.pad_id, self.device)
+            if reproduced == len(self.rows):
+                return f"step {step}: every training answer is reproduced; stopping before it over-trains"
+        return None
+
+    def finish(self, step: int) -> str | None:
+        """Put back the adapter the run ends with, if not the one of `step` (the last): what was kept by the check
+        that stopped the run, or after every epoch, the best validation's. Returns what was done, or None."""
+        from peft import set_peft_model_state_dict
+
+        kept = self.restore
+        if kept is None and self.patience and self.best is not None and self.best[0] != step:
+            kept = self.best
+            message = f"the validation loss was best at step {kept[0]} ({self.best_loss:.4f}): keeping that adapter"
+        else:
+            message = None
+        if kept is None or kept[0] == step:
+            return None
+        set_peft_model_state_dict(self.model, kept[1])
+        return message
+
+
+def _lora_state(model: Any) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+@torch.no_grad()
+def _answers_reproduced(model: Any, rows: Sequence[Row], batch_size: int, pad_id: int, device: torch.device) -> int:
+    """How many rows' learned tokens are all the model's most likely next tokens (teacher-forced)."""
+    model.eval()
+    reproduced = 0
+    causal_lm = model.get_base_model()
+    for start in range(0, len(rows), batch_size):
+        batch = _collate(rows[start : start + batch_size], pad_id, device)
+        hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"])[0]
+        targets = batch["labels"][:, 1:]  # (B, T-1)
+        learned = targets != IGNORE_INDEX
+        predicted = torch.zeros_like(targets)
+        predicted[learned] = causal_lm.get_output_embeddings()(hidden[:, :-1][learned]).argmax(-1)
+        reproduced += int(((predicted == targets) | ~learned).all(dim=1).sum())
+    model.train()
+    return reproduced
+
+
+@torch.no_grad()
+def _greedy_answer(model: Any, tokenizer: Any, prompt: str, device: torch.device) -> str:
+    model.eval()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    output = model.generate(input_ids=ids, max_new_tokens=KEEP_ANSWER_TOKENS, do_sample=False, use_cache=True)
+    model.train()
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
 def _load_tokenizer(base_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(base_dir))
 
 
-def _prepare_rows(spec: TrainingSpec, tokenizer: Any) -> tuple[list[Row], list[Row]]:
+def _prepare_rows(spec: TrainingSpec, tokenizer: Any) -> tuple[list[Row], list[Row], int]:
+    """(training rows, validation rows, training examples)."""
     conversations = [c for path in spec.data for c in load_chat_jsonl(path)]
     if spec.validation_data:
         validation = load_chat_jsonl(spec.validation_data)
     else:
-        conversations, validation = split_validation(conversations, spec.validation_fraction, spec.seed)
+        share = spec.validation_share(len(conversations))
+        conversations, validation = split_validation(conversations, share, spec.seed)
     examples, dropped = tokenize_dataset(tokenizer, conversations, spec.max_seq_len)
     if not examples:
         raise DataError(f"every example's assistant turns lie beyond max_seq_len={spec.max_seq_len} tokens")
@@ -280,6 +429,7 @@ def _prepare_rows(spec: TrainingSpec, tokenizer: Any) -> tuple[list[Row], list[R
     return (
         build_rows(examples, spec.max_seq_len, spec.packing),
         build_rows(val_examples, spec.max_seq_len, spec.packing),
+        len(examples),
     )
 
 
@@ -288,22 +438,33 @@ def _load_model(spec: TrainingSpec, base_dir: Path, device: torch.device) -> Any
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    # bf16 compute on the GPU; fp32 on the CPU, where bf16 matmuls are slow. The LoRA weights themselves are
-    # fp32 everywhere (PEFT upcasts them), so small updates are not lost to rounding.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base_dir), quantization_config=quantization, dtype=dtype, device_map={"": str(device)}
-    )
+    if device.type == "cuda":
+        # bf16 compute on the GPU. The LoRA weights themselves are fp32 everywhere (PEFT upcasts them), so small
+        # updates are not lost to rounding.
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), quantization_config=quantization, dtype=torch.bfloat16, device_map={"": str(device)}
+        )
+    else:
+        # On the CPU, in fp32, each linear layer holds dequant(NF4(W)) as a plain weight: the values bitsandbytes'
+        # NF4 layer computes with, which it would dequantize again on every call of every step (a third of a step's
+        # time on SmolLM2). The base is frozen, so the training is QLoRA's all the same.
+        from loramux.server.layers.nf4_linear import NF4Linear
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
+        head = model.get_output_embeddings()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                module.weight.data = NF4Linear(module.weight.data, None, torch.float32).dequantize()
     model.config.use_cache = False
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if spec.gradient_checkpointing:
+    if spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device.type == "cuda":
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it

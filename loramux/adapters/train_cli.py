@@ -15,43 +15,111 @@ import threading
 from pathlib import Path
 
 from loramux.adapters.config import LINEAR_MODULES
-from loramux.adapters.train_spec import SCHEDULES, TrainingSpec
+from loramux.adapters.train_spec import (
+    AUTO,
+    AUTO_LEARNING_RATE,
+    AUTO_VALIDATION_FRACTION,
+    BASE_EPOCHS,
+    MAX_AUTO_EPOCHS,
+    REPLAY_EXAMPLES,
+    SCHEDULES,
+    SMALL_DATA_EXAMPLES,
+    SMALL_DATA_LEARNING_RATE,
+    TARGET_EXAMPLES,
+    TrainingSpec,
+)
 from loramux.registry.cli.common import add_hub_arguments
+
+EPILOG = (
+    "auto settings follow the data set's size, as OpenAI's fine-tuning does: epochs enough that about "
+    f"{TARGET_EXAMPLES} examples are seen in all ({BASE_EPOCHS} for a large data set, at most {MAX_AUTO_EPOCHS}), "
+    f"learning rate {AUTO_LEARNING_RATE:g} ({SMALL_DATA_LEARNING_RATE:g} below {SMALL_DATA_EXAMPLES} examples), "
+    f"{AUTO_VALIDATION_FRACTION:.0%} held out for validation from {SMALL_DATA_EXAMPLES} examples. What was chosen is "
+    "printed when training starts. Against over-training (a model that has memorized a few examples answers "
+    f"unrelated questions with them): below {SMALL_DATA_EXAMPLES} examples, up to {REPLAY_EXAMPLES} of the base's own "
+    "answers to general prompts are trained on beside DATA (--no-replay: not); a run stops early once it reproduces "
+    "every training answer (data sets of up to 256 rows), or when the validation loss has not improved for 2 epochs "
+    "(keeping the best epoch's adapter); --keep-answer PROMPT also stops it (keeping the last adapter that passed) "
+    "once that prompt's answer changes."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every option's default in --help
+    parser.epilog = EPILOG
     parser.add_argument("data", nargs="+", help='chat-format JSONL: one {"messages": [...]} per line')
     parser.add_argument("--name", metavar="NS/NAME", help="the adapter repo to push to (needed unless --no-push)")
-    parser.add_argument("--base", default=None, help="base model directory or hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", default=None, help="base model directory or hub id (None: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", type=Path, default=None, help="keep checkpoints and the adapter here (resumable)")
     parser.add_argument("--no-push", action="store_true", help="train only; the adapter stays in --out")
     parser.add_argument("--private", action="store_true", help="a new repo is readable by its tenant only")
     data = parser.add_argument_group("data")
     data.add_argument("--validation-file", default=None, help="JSONL held out for the validation loss")
-    data.add_argument("--validation-fraction", type=float, default=0.0, help="hold out this share of DATA instead")
+    data.add_argument(
+        "--validation-fraction", type=_auto(float), default=AUTO, help="hold out this share of DATA instead, or auto"
+    )
     data.add_argument("--max-seq-len", type=int, default=1024, help="tokens per example (longer ones are cut)")
     data.add_argument("--packing", action="store_true", help="pack several examples into each row")
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--rank", "-r", type=int, default=16)
-    lora.add_argument("--alpha", type=float, default=32.0)
-    lora.add_argument("--dropout", type=float, default=0.05)
+    lora.add_argument("--rank", "-r", type=int, default=16, help="LoRA rank")
+    lora.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha/rank)")
+    lora.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    lora.add_argument(
-        "--targets", default=",".join(LINEAR_MODULES), help="comma-separated modules (default: all linear layers)"
-    )
+    lora.add_argument("--targets", default=",".join(LINEAR_MODULES), help="comma-separated modules")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=3)
+    optim.add_argument("--epochs", type=_auto(int), default=AUTO, help="passes over the data, or auto (see below)")
     optim.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    optim.add_argument("--learning-rate", "--lr", type=float, default=2e-4)
-    optim.add_argument("--batch-size", type=int, default=4)
+    optim.add_argument(
+        "--learning-rate", "--lr", type=_auto(float), default=AUTO, help="peak learning rate, or auto (see below)"
+    )
+    optim.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
     optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--warmup-ratio", type=float, default=0.03)
-    optim.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    optim.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, uses more memory")
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps with a rising rate")
+    optim.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate decay after warm-up")
+    optim.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward pass: less memory, slower (None: on a GPU only)",
+    )
+    optim.add_argument("--seed", type=int, default=0, help="seed of the data order, dropout and LoRA init")
     optim.add_argument("--checkpoint-every", type=int, default=100, help="optimizer steps between checkpoints")
-    optim.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: the GPU if there is one)")
+    optim.add_argument("--device", default=None, help="cuda, cuda:1, cpu (None: the GPU if there is one)")
+    checks = parser.add_argument_group("checks against over-training")
+    checks.add_argument(
+        "--no-early-stopping",
+        action="store_true",
+        help="train every epoch, even once the training answers are reproduced or the validation loss rises",
+    )
+    checks.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="train on DATA alone, without the base's own answers to general prompts that a small data set is "
+        "trained with (for an adapter meant to change every answer: a style, a language)",
+    )
+    checks.add_argument(
+        "--keep-answer",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="a prompt whose answer must stay the base's (repeatable); the run stops once it changes",
+    )
     add_hub_arguments(parser)
+
+
+def _auto(kind: type):
+    """An argparse type taking `auto` or a number."""
+
+    def parse(text: str):
+        if text == AUTO:
+            return AUTO
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
         lr_schedule=args.schedule,
         max_seq_len=args.max_seq_len,
         packing=args.packing,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing,
+        early_stopping=not args.no_early_stopping,
+        replay=False if args.no_replay else AUTO,
+        keep_answers=list(args.keep_answer),
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
@@ -134,7 +205,7 @@ def _train_with_progress(spec: TrainingSpec) -> Path | None:
             bar.set_postfix(
                 loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.2e}", tok_s=f"{event.tokens_per_second:.0f}"
             )
-        elif event.kind == "validation":
+        elif event.kind in ("validation", "early_stop"):
             tqdm.write(event.message, file=sys.stderr)
 
     # Signal handlers can only be set from the main thread (the command is also called from tests and tools).

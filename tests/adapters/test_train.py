@@ -72,6 +72,43 @@ def test_bad_data_fails_before_any_model_is_loaded(tmp_path: Path):
         train(spec)
 
 
+def test_auto_settings_follow_the_data_sets_size(tmp_path: Path):
+    from loramux.adapters.train_spec import auto_epochs, auto_learning_rate
+
+    spec = TrainingSpec(data=["d.jsonl"], output_dir="out")
+    assert (spec.epochs, spec.learning_rate, spec.validation_fraction) == ("auto", "auto", "auto")
+    assert [auto_epochs(n) for n in (1, 10, 20, 40, 53, 54, 1000, 8333, 8334, 100_000)] == [
+        25, 16, 8, 4, 4, 3, 3, 3, 2, 1,
+    ]  # fmt: skip
+    assert auto_learning_rate(20) > auto_learning_rate(100) == 2e-4
+    small, large = spec.resolved(20), spec.resolved(500)
+    assert (small.epochs, small.learning_rate, small.validation_fraction) == (8, 3e-4, 0.0)  # too few to hold out
+    assert (large.epochs, large.learning_rate, large.validation_fraction) == (3, 2e-4, 0.1)
+    assert TrainingSpec(data=["d"], output_dir="o", validation_data="v.jsonl").validation_share(500) == 0.0
+    assert spec.describe_auto(20) == (
+        "epochs 8 (auto for 20 examples), learning rate 3e-04 (auto), 20 of the base's own answers replayed (auto)"
+    )
+    assert TrainingSpec(data=["d"], output_dir="o", epochs=2, learning_rate=1e-3, replay=False).describe_auto(20) == (
+        "epochs 2, learning rate 1e-03"
+    )
+    with pytest.raises(TrainingSpecError, match="epochs must be an integer"):
+        TrainingSpec(data=["d"], output_dir="o", epochs="many")
+    with pytest.raises(TrainingSpecError, match="keep_answers must be a list of prompts"):
+        TrainingSpec(data=["d"], output_dir="o", keep_answers="What is 2 + 2?")
+
+
+def test_adapters_train_help_shows_every_default_and_what_auto_means(capsys):
+    from loramux.adapters.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs EPOCHS passes over the data, or auto (see below) (default: auto)" in text
+    assert "--lr LEARNING_RATE peak learning rate, or auto (see below) (default: auto)" in text
+    assert "--rank RANK, -r RANK LoRA rank (default: 16)" in text and "(default: 0.03)" in text
+    assert "auto settings follow the data set's size" in text and "stops early once it reproduces" in text
+
+
 # --- the loop on a tiny model ---------------------------------------------------------------------------------------
 
 TINY_PAIRS = [(f"question {i}?", f"answer number {i}.") for i in range(12)]
@@ -83,7 +120,10 @@ def tiny_run(tmp_path: Path, tiny_checkpoint):
     data = write_jsonl(tmp_path / "train.jsonl", TINY_PAIRS)
 
     def make(out: str, **settings) -> TrainingSpec:
-        defaults = dict(r=4, lora_alpha=8, epochs=2, batch_size=4, learning_rate=5e-3, max_seq_len=128, seed=1)
+        # Without replay: these tests follow the loop's steps, which the base's replayed answers would add to.
+        defaults = dict(
+            r=4, lora_alpha=8, epochs=2, batch_size=4, learning_rate=5e-3, max_seq_len=128, seed=1, replay=False
+        )
         return TrainingSpec(
             data=[str(data)], output_dir=str(tmp_path / out), base=str(base), **{**defaults, **settings}
         )
@@ -119,6 +159,54 @@ def test_a_run_reports_progress_and_writes_a_servable_peft_adapter(tiny_run):
     # Asked again once finished, the run returns the adapter without training.
     again: list[TrainingEvent] = []
     assert train(spec, again.append) == adapter and again == []
+
+
+def test_auto_settings_are_in_the_first_event_and_a_learned_data_set_stops_early(tiny_run, tmp_path: Path):
+    from dataclasses import replace
+
+    # Short answers, which the tiny model learns in a few steps.
+    data = write_jsonl(tmp_path / "yes.jsonl", [(f"question {i}?", "yes") for i in range(12)])
+    events: list[TrainingEvent] = []
+    spec = replace(tiny_run("auto", epochs="auto", learning_rate=2e-2, lora_dropout=0.0), data=[str(data)])
+    train(spec, events.append)
+    started = events[0]
+    assert started.kind == "started" and "epochs 14 (auto for 12 examples), learning rate 2e-02" in started.message
+    assert started.total_steps == 14 * 3
+    stop = next(e for e in events if e.kind == "early_stop")
+    assert "every training answer is reproduced" in stop.message and stop.step < started.total_steps
+    assert events[-1].kind == "finished" and max(e.step for e in events if e.kind == "step") == stop.step
+
+    full: list[TrainingEvent] = []
+    spec = replace(spec, output_dir=str(tmp_path / "no-early"), early_stopping=False)
+    train(spec, full.append)
+    assert not any(e.kind == "early_stop" for e in full) and full[-2].step == started.total_steps
+
+
+def test_a_changed_keep_answer_stops_the_run_with_the_last_adapter_that_kept_it(tiny_run):
+    prompt = "question 3?"  # trained on: its answer changes within the first steps
+    events: list[TrainingEvent] = []
+    spec = tiny_run("keep", keep_answers=[prompt], epochs=4, learning_rate=2e-2, lora_dropout=0.0)
+    adapter = train(spec, events.append)
+    stop = next(e for e in events if e.kind == "early_stop")
+    assert f"the answer to {prompt!r} changed" in stop.message and "stopping with the adapter of step 0" in stop.message
+    assert all(t.abs().sum() == 0 for name, t in adapter_tensors(adapter).items() if "lora_B" in name)  # step 0
+
+
+def test_validation_loss_that_stops_falling_ends_the_run_with_the_best_adapter(tiny_run, tmp_path: Path):
+    # Validation answers the training data never shows: the loss on them rises as the model memorizes.
+    validation = write_jsonl(tmp_path / "val.jsonl", [(f"question {i}?", f"something else {i * 7}.") for i in range(4)])
+    events: list[TrainingEvent] = []
+    spec = tiny_run("val", validation_data=str(validation), epochs=12, learning_rate=2e-2, lora_dropout=0.0)
+    spec.early_stopping = True
+    train(spec, events.append)
+    losses = [(e.step, e.val_loss) for e in events if e.kind == "validation"]
+    stop = next(e for e in events if e.kind == "early_stop")
+    best_step, best = min(losses, key=lambda item: item[1])
+    if "validation loss has not improved" in stop.message:
+        assert f"best {best:.4f} at step {best_step}" in stop.message
+        assert all(loss >= best for step, loss in losses if step > best_step)
+    else:  # the training answers were reproduced first
+        assert "every training answer is reproduced" in stop.message
 
 
 def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -199,6 +287,7 @@ def test_smollm2_learns_an_invented_fact(tmp_path: Path, default_base_dir: Path)
         warmup_ratio=0.0,
         max_seq_len=96,
         gradient_checkpointing=False,  # exercised on the tiny model; here it would only cost time
+        replay=False,  # the fact alone (the defaults, replay among them, are tests/e2e/test_first_hour.py's)
     )
     events: list[TrainingEvent] = []
     adapter = train(spec, events.append)
@@ -248,7 +337,19 @@ def test_adapters_train_pushes_the_trained_adapter_to_the_hub(tmp_path: Path, ti
 
     base = tiny_checkpoint("llama")
     data = write_jsonl(tmp_path / "train.jsonl", TINY_PAIRS)
-    argv = ["train", str(data), "--name", "me/trained", "--base", str(base), "--hub", hub.url, "--epochs", "1"]
+    argv = [
+        "train",
+        str(data),
+        "--name",
+        "me/trained",
+        "--base",
+        str(base),
+        "--hub",
+        hub.url,
+        "--epochs",
+        "1",
+        "--no-replay",
+    ]
     assert main([*argv, "--rank", "4", "--lr", "1e-3", "--max-seq-len", "64"]) == 0
     captured = capsys.readouterr()
     assert f"to {hub.url}" in captured.out and "pushed me/trained@" in captured.out

@@ -46,6 +46,7 @@ def test_a_fine_tuning_job_teaches_smollm2_an_invented_fact_that_the_server_then
         hyperparameters={
             "n_epochs": 3, "batch_size": 3, "learning_rate_multiplier": 15,  # 15 x 2e-4 = 3e-3
             "warmup_ratio": 0, "max_seq_len": 96, "gradient_checkpointing": False,
+            "early_stopping": False, "replay": False,  # every step of the 3 epochs, on the data alone
         },
         extra_body={"lora": {"rank": 16, "alpha": 32, "dropout": 0.0}},
     )  # fmt: skip

@@ -5,7 +5,10 @@ the caller's tenant; another tenant's file or job gets the same 404 as one that 
 
 Hyperparameters (under `hyperparameters`, or `method.supervised.hyperparameters`): `n_epochs`, `batch_size`,
 `learning_rate_multiplier` (times 2e-4), each also "auto"; the LoRA as `lora_rank`, `lora_alpha`, `lora_dropout`,
-`lora_target_modules`, `use_rslora`; and `max_seq_len`, `warmup_ratio`, `gradient_checkpointing`. The LoRA may
+`lora_target_modules`, `use_rslora`; and `max_seq_len`, `warmup_ratio`, `gradient_checkpointing`, `early_stopping`
+(default true), `replay` (the base's own answers to general prompts trained on beside a small data set; default
+auto), `keep_answers` (prompts whose answers must not change). `auto` epochs and learning rate are decided
+by the worker from the data set's size; the job's first event says what it chose. The LoRA may
 instead come as a top-level `lora` object: `{"rank", "alpha", "dropout", "target_modules", "use_rslora"}`.
 """
 
@@ -54,6 +57,9 @@ HYPERPARAMETERS = {
     "max_seq_len": "max_seq_len",
     "warmup_ratio": "warmup_ratio",
     "gradient_checkpointing": "gradient_checkpointing",
+    "early_stopping": "early_stopping",
+    "replay": "replay",
+    "keep_answers": "keep_answers",
 }
 LORA_FIELDS = {
     "rank": "lora_rank",
@@ -246,9 +252,9 @@ def _training_settings(body: JobRequest, max_rank: int | None) -> tuple[dict[str
             code="invalid_hyperparameters",
         )
     shown = {
-        "n_epochs": spec.epochs,
+        "n_epochs": spec.epochs,  # "auto" until the worker decides it from the data (its first event says)
         "batch_size": spec.batch_size,
-        "learning_rate_multiplier": spec.learning_rate / BASE_LEARNING_RATE,
+        "learning_rate_multiplier": "auto" if spec.learning_rate == "auto" else spec.learning_rate / BASE_LEARNING_RATE,
         "lora_rank": spec.r,
         "lora_alpha": spec.lora_alpha,
         "lora_dropout": spec.lora_dropout,

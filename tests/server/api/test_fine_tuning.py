@@ -190,7 +190,10 @@ def test_workers_cancel_a_running_job_survive_a_kill_and_the_result_is_served_at
     # 12 rows, 4 per step: 3 steps an epoch, 60 steps in all.
     job = llm.fine_tuning.jobs.create(
         model="tiny", training_file=file_id, suffix="answers",
-        hyperparameters={"n_epochs": 20, "batch_size": 4, "learning_rate_multiplier": 25}, extra_body=lora,
+        hyperparameters={
+            "n_epochs": 20, "batch_size": 4, "learning_rate_multiplier": 25, "early_stopping": False, "replay": False,
+        },
+        extra_body=lora,
     )  # fmt: skip
     worker_args = ("--poll-interval", "0.2", "--lease-seconds", "4")
     first = start_worker(env.data, env.home, *worker_args, "--checkpoint-every", "3")
