@@ -22,6 +22,19 @@ GPU_API_SERVERS_MIN_CPUS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_arguments(parser)
+    parser.add_argument(
+        "--api-servers",
+        type=int,
+        default=None,
+        help="processes serving HTTP (tokenization, detokenization, streaming) for the one engine process (default: "
+        f"{GPU_API_SERVERS} where the engine runs on a GPU and the host has {GPU_API_SERVERS_MIN_CPUS} or more CPUs, "
+        "else 1)",
+    )
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of one serving engine and its API, shared by `loramux serve` and `loramux cluster serve`."""
     parser.add_argument(
         "--base", default=None, help="base model: a Hugging Face directory or hub id (default: SmolLM2-135M-Instruct)"
     )
@@ -56,14 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="tokens computed in one step, prompt chunks included (default: 8192 on a GPU, 512 on the CPU)",
-    )
-    parser.add_argument(
-        "--api-servers",
-        type=int,
-        default=None,
-        help="processes serving HTTP (tokenization, detokenization, streaming) for the one engine process (default: "
-        f"{GPU_API_SERVERS} where the engine runs on a GPU and the host has {GPU_API_SERVERS_MIN_CPUS} or more CPUs, "
-        "else 1)",
     )
     parser.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting beyond the batch before 429 (default 1024)"
@@ -123,14 +128,15 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["auto", "nf4", "none"], default="auto", help=QUANTIZE_HELP)
 
 
-def _check(args: argparse.Namespace) -> None:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse the options of `add_server_arguments` (and --api-servers) that no server could run with."""
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     for name in ("slots", "max_queue", "adapter_cache_mb", "adapter_readers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "api_servers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.default_max_tokens < 0:
         raise ValueError(f"--default-max-tokens must not be negative, got {args.default_max_tokens}")
@@ -141,7 +147,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check(args)
+    check_arguments(args)
     from loramux.registry.registry import collect_garbage_periodically
 
     registry = open_registry(args)  # API keys (and, without --hub, the adapters) live here
@@ -155,19 +161,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     from loramux.server.api.state import ServerSettings
-    from loramux.server.engine.config import EngineConfig
 
-    engine = EngineConfig(
-        num_slots=args.slots,
-        max_lora_rank=args.max_lora_rank,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_queue=args.max_queue,
-        adapter_cache_bytes=args.adapter_cache_mb * MiB,
-        adapter_reader_processes=args.adapter_readers,
-        overlap_outputs=args.overlap_outputs,
-        max_model_len=args.max_model_len,
-    )
+    engine = engine_config(args)
     hub_token = args.hub_token or os.environ.get("LORAMUX_TOKEN") or os.environ.get("HF_TOKEN")
     settings = ServerSettings(
         base=args.base,
@@ -196,6 +191,23 @@ def run(args: argparse.Namespace) -> int:
         return serve(ServerState(settings, registry), args.host, args.port)
     print(f"{api_servers} API processes for one engine process", flush=True)
     return _supervise(settings, args.host, args.port, api_servers)
+
+
+def engine_config(args: argparse.Namespace):
+    """The EngineConfig that `add_server_arguments`' options describe."""
+    from loramux.server.engine.config import EngineConfig
+
+    return EngineConfig(
+        num_slots=args.slots,
+        max_lora_rank=args.max_lora_rank,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queue=args.max_queue,
+        adapter_cache_bytes=args.adapter_cache_mb * MiB,
+        adapter_reader_processes=args.adapter_readers,
+        overlap_outputs=args.overlap_outputs,
+        max_model_len=args.max_model_len,
+    )
 
 
 def _api_servers_for(device: str | None) -> int:

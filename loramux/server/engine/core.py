@@ -34,7 +34,7 @@ from loramux.server.engine.protocol import ABORT, ADD, DEAD, HELLO, OUTPUTS, SHU
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-PARENT_CHECK_SECONDS = 1.0  # how often an idle engine checks that its parent still lives
+PARENT_CHECK_SECONDS = 1.0  # how long an idle engine waits for work before it checks that its parent lives
 
 
 class EngineStartError(RuntimeError):
@@ -217,13 +217,15 @@ class EngineCore:
                 self.receive()
                 if not self.running:
                     break
+                # A parent killed outright (a replica killed under load) leaves no one to read the outputs: stop
+                # at the next step rather than run the batch to its end on a device a new replica may need.
+                if os.getppid() != parent:
+                    log.error("the serving process is gone; the engine stops")
+                    return
                 outputs = engine.step(send_during_step)
                 self.send_pending()  # what the step did not send (no overlap, or it ran nothing)
                 if outputs is None:
                     poller.poll(PARENT_CHECK_SECONDS * 1000)
-                    if os.getppid() != parent:
-                        log.error("the serving process is gone; the engine stops")
-                        return
                     continue
                 self.pending = outputs
                 if send_during_step is None:
