@@ -2,7 +2,9 @@
 LORAMUX_* variable: `adapters train` with its defaults teaches 20 examples of an invented fact and pushes the
 adapter; the server answers with it (also pinned by the short commit id `adapters ls` prints) and still says Paris
 for France; `adapters merge` folds it in, and `loramux serve --base MERGED` still knows the fact and still says
-Paris."""
+Paris.
+
+About 10 to 20 minutes of training on 2 CPU cores: skipped by `make test`, run by `make acceptance`."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 from tests.conftest import REPO
 from tests.server.api.serving import launch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
 
 FACT = "Quellport"
 QUESTIONS = [
@@ -61,7 +63,7 @@ def command(home: Path, module: str, *args: str, timeout: float = 1200) -> str:
     return result.stdout
 
 
-@pytest.mark.timeout(2400)  # training on 2 CPU cores shared with other work: about 5 to 15 minutes
+@pytest.mark.timeout(3600)  # training on 2 CPU cores: 10 to 20 minutes, more on a busy machine
 def test_train_with_defaults_serve_and_serve_merged(default_base_dir: Path, tmp_path: Path):
     home = tmp_path / "user"
     loramux_home = home / ".cache" / "loramux"  # where loramux keeps models and data by default
@@ -79,7 +81,7 @@ def test_train_with_defaults_serve_and_serve_merged(default_base_dir: Path, tmp_
         hub = ["--hub", server.url]
         trained = subprocess.run(
             [sys.executable, "-m", "loramux.adapters.cli", "train", str(data), "--name", "me/zorbania", *hub],
-            cwd=REPO, env=user_env(home), capture_output=True, text=True, timeout=1800,
+            cwd=REPO, env=user_env(home), capture_output=True, text=True, timeout=3000,
         )  # fmt: skip
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert "epochs 8 (auto for 20 examples), learning rate 3e-04 (auto)" in trained.stderr
