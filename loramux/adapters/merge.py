@@ -29,12 +29,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from loramux.adapters.config import CONFIG_FILE, LINEAR_MODULES, WEIGHTS_FILE
-from loramux.adapters.source import ResolvedAdapter
-from loramux.adapters.weights import LoraModule, LoraWeights, load_lora
+from loramux.core.adapter_config import CONFIG_FILE, WEIGHTS_FILE
+from loramux.core.adapter_source import ResolvedAdapter
+from loramux.core.model_config import LINEAR_MODULES, ModelConfig
 from loramux.server.layers.nf4_linear import NF4Linear
 from loramux.server.models.checkpoint import MERGE_MARKER, BaseModelError, load_config, resolve_base
-from loramux.server.models.config import ModelConfig
+from loramux.server.models.lora_weights import LoraModule, LoraWeights, load_lora
 
 log = logging.getLogger(__name__)
 

@@ -23,24 +23,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loramux.adapters.config import CONFIG_FILE, WEIGHTS_FILE
 from loramux.adapters.train_checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
     save_checkpoint,
     write_atomically,
 )
-from loramux.adapters.train_data import (
-    IGNORE_INDEX,
-    DataError,
-    Row,
-    build_rows,
-    load_chat_jsonl,
-    split_validation,
-    tokenize_dataset,
-)
+from loramux.adapters.train_data import IGNORE_INDEX, Row, build_rows, split_validation, tokenize_dataset
 from loramux.adapters.train_replay import replay_conversations
-from loramux.adapters.train_spec import TrainingSpec
+from loramux.core.adapter_config import CONFIG_FILE, WEIGHTS_FILE
+from loramux.core.chat_data import DataError, load_chat_jsonl
+from loramux.core.train_spec import TrainingSpec
 from loramux.server.models.checkpoint import DEFAULT_BASE, resolve_base
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from loramux.adapters.config import LINEAR_MODULES
-from loramux.adapters.train_spec import (
+from loramux.core.model_config import LINEAR_MODULES
+from loramux.core.train_spec import (
     AUTO,
     AUTO_LEARNING_RATE,
     AUTO_VALIDATION_FRACTION,

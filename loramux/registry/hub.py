@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from loramux import __version__
-from loramux.adapters.config import CONFIG_FILE
+from loramux.core.adapter_config import CONFIG_FILE
 from loramux.registry.blobs import BlobError
 from loramux.registry.http import (
     HubHTTPError,

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from loramux import paths
-from loramux.adapters.config import CONFIG_FILE
-from loramux.adapters.validate import AdapterSummary, Limits, validate_adapter_files, validate_model_files
+from loramux.core import paths
+from loramux.core.adapter_config import CONFIG_FILE
+from loramux.core.validate import AdapterSummary, Limits, validate_adapter_files, validate_model_files
 from loramux.registry.blobs import BlobStore, LocalBlobStore
 from loramux.registry.names import COMMIT_ID, MAIN, SHORT_COMMIT_ID, check_file_path, check_part, split_repo_id
 from loramux.registry.sqlite_store import SQLiteStore

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from loramux.adapters import merge, merge_cli
 from loramux.adapters.merge import MergeError, WeightedAdapter, merge_adapters
-from loramux.adapters.source import ResolvedAdapter
-from loramux.adapters.weights import AdapterMismatchError
+from loramux.core.adapter_source import ResolvedAdapter
 from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.models.lora_weights import AdapterMismatchError
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write one sentence about cats."]
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]

@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.source import AdapterNotFoundError, AdapterRef
+from loramux.core.adapter_config import AdapterConfigError
+from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef
 from loramux.registry.names import InvalidNameError, check_file_path
 from loramux.registry.registry import (
     AddFile,

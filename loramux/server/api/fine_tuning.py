@@ -20,8 +20,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from loramux.adapters.train_data import DataError
-from loramux.adapters.train_spec import TrainingSpec, TrainingSpecError
+from loramux.core.chat_data import DataError
+from loramux.core.train_spec import TrainingSpec, TrainingSpecError
 from loramux.registry.jobs import (
     LOCAL_TENANT_NAMESPACE,
     FileNotFound,
