@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from loramux.core.adapter_source import AdapterNotFoundError
+from loramux.core.model_config import LINEAR_MODULES
 from loramux.server.engine.errors import AdapterTooLargeError, ContextLengthError
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
@@ -24,7 +25,7 @@ from tests.server.engine.driving import Driver
 
 pytestmark = pytest.mark.slow
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = list(LINEAR_MODULES)
 
 # the four kinds the parity family must cover, then more adapters for the slot-rotation test
 SPECS = {
