@@ -1,5 +1,6 @@
 """The layers of loramux point one way: each package imports only from the layers below it (the order is in the
-docstring of loramux/__init__.py), the core imports no torch, and nothing in loramux/ or loadtests/ imports tests.
+docstring of loramux/__init__.py), the core imports no torch, nothing in loramux/ or loadtests/ imports tests, and
+loramux/ imports no loadtests.
 
 Every `import` and `from ... import` counts, at the top of a module or inside a function (a lazy import is still a
 dependency). `python tests/test_layers.py` lists every backward edge.
@@ -22,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 CORE = "loramux.core"
 TESTS = "tests"
+LOADTESTS = "loadtests"
 
 Edge = tuple[str, str]  # (importing module, imported module)
 
@@ -83,12 +85,15 @@ def layer_of(module: str) -> int | None:
 
 
 def backward_edges(root: Path = ROOT) -> list[str]:
-    """Each import of a higher layer by a lower one, each loramux module in no layer, and each import of tests
-    from loramux/ or loadtests/, as `importer -> imported`."""
+    """Each import of a higher layer by a lower one, each loramux module in no layer, each import of tests from
+    loramux/ or loadtests/ and of loadtests from loramux/, as `importer -> imported`."""
     found = [f"{name}: in no layer of LAYERS" for name in python_files(root, "loramux") if layer_of(name) is None]
     for importer, imported in import_edges(root, ("loramux", "loadtests")):
         if imported == TESTS or imported.startswith(TESTS + "."):
             found.append(f"{importer} -> {imported} (nothing imports tests)")
+            continue
+        if importer.startswith("loramux") and imported.split(".")[0] == LOADTESTS:
+            found.append(f"{importer} -> {imported} (the package does not import loadtests)")
             continue
         source, target = layer_of(importer), layer_of(imported)
         if source is not None and target is not None and target > source:
@@ -129,7 +134,7 @@ def test_the_check_finds_backward_edges_lazy_and_relative_imports_and_imports_of
         "loramux/__init__.py": "",
         "loramux/cli.py": "from loramux.server import app\n",
         "loramux/core/__init__.py": "",
-        "loramux/core/paths.py": "import os\n",
+        "loramux/core/paths.py": "import os\nfrom loadtests import tiny_model\n",
         "loramux/core/spec.py": "from . import paths\n\n\ndef late():\n    from ..registry import store\n",
         "loramux/registry/__init__.py": "",
         "loramux/registry/store.py": "from loramux.core import paths\nfrom loramux import __version__\n",
@@ -137,6 +142,7 @@ def test_the_check_finds_backward_edges_lazy_and_relative_imports_and_imports_of
         "loramux/server/app.py": "import loramux.registry.store\nimport tests.conftest\n",
         "loramux/stray.py": "",
         "loadtests/__init__.py": "",
+        "loadtests/tiny_model.py": "",
         "loadtests/bench.py": "from tests.conftest import make\nfrom loramux.adapters import merge\n",
     }
     for name, text in files.items():
@@ -144,6 +150,7 @@ def test_the_check_finds_backward_edges_lazy_and_relative_imports_and_imports_of
         (tmp_path / name).write_text(text)
     assert backward_edges(tmp_path) == [
         "loadtests.bench -> tests.conftest (nothing imports tests)",
+        "loramux.core.paths -> loadtests.tiny_model (the package does not import loadtests)",
         "loramux.core.spec -> loramux.registry.store (layer 1 imports layer 2)",
         "loramux.server.app -> tests.conftest (nothing imports tests)",
         "loramux.stray: in no layer of LAYERS",
