@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loadtests.bench_engine import LLAMA3_8B, TINY, build_base, write_adapter
 from loadtests.profiling import top_functions
-from loramux.adapters.weights import load_lora
 from loramux.server.engine.batch import Chunk
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.model_runner import ModelRunner
+from loramux.server.models.lora_weights import load_lora
 
 SHAPES = ((0, 128), (1, 0), (3, 0), (3, 100), (16, 100), (64, 0), (64, 100))  # (prompts, decode tokens)
 SLOTS, BLOCK = 64, 16

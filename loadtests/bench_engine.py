@@ -50,13 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loadtests.record import dated_json_path
 from loadtests.workload import SAMPLING
-from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
-from loramux.adapters.weights import base_shapes, load_lora
+from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES, ModelConfig
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
-from loramux.server.models.config import ModelConfig
-from loramux.server.models.llama import LINEAR_MODULES, LlamaForCausalLM
+from loramux.server.models.llama import LlamaForCausalLM
 from loramux.server.models.loader import BaseModel, compute_dtype_for, load_base
+from loramux.server.models.lora_weights import base_shapes, load_lora
 
 PARTS = ("w1", "peft", "hf", "stream", "w2", "load")
 LLAMA3_8B = {
@@ -122,7 +122,7 @@ def write_adapter(
     for layer in range(config.num_hidden_layers):
         for module in modules:
             out, inp = shapes[module]
-            group = "self_attn" if module in LINEAR_MODULES[:4] else "mlp"
+            group = "self_attn" if module in ATTENTION_MODULES else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, inp, generator=gen) * scale).bfloat16()
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out, rank, generator=gen) * scale).bfloat16()

@@ -35,10 +35,10 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.bench_engine import LLAMA3_8B, TINY, write_adapter
-from loramux.adapters.weights import load_lora
+from loramux.core.model_config import ModelConfig
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU
 from loramux.server.engine.host_arena import HostArena
-from loramux.server.models.config import ModelConfig
+from loramux.server.models.lora_weights import load_lora
 
 MODES = ("load_file", "load_lora", "arena", "pin_new")
 RANKS = (8, 16, 32, 64)

@@ -25,6 +25,8 @@ def main() -> int:
     args = parser.parse_args()
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
+    from loadtests.tiny_model import make_tiny_checkpoint  # from this checkout, whichever loramux is measured
+
     if args.src:
         sys.path.insert(0, args.src)
 
@@ -33,7 +35,6 @@ def main() -> int:
     from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
     from loramux.server.engine.request import SamplingParams
     from loramux.server.models.loader import load_base
-    from tests.conftest import make_tiny_checkpoint
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

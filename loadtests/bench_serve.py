@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.record import REPO, commit, dated_json_path
+from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES
 
 SHAPES = {
     "llama3-8b": {
@@ -68,7 +69,6 @@ SHAPES = {
         "max_position_embeddings": 2048,
     },
 }
-ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # -- the checkpoint ----------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def write_adapter(directory: Path, shape: dict, rank: int, modules: list[str], s
     for layer in range(shape["num_hidden_layers"]):
         for module in modules:
             out, inp = shapes[module]
-            group = "self_attn" if module in ALL_MODULES[:4] else "mlp"
+            group = "self_attn" if module in ATTENTION_MODULES else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
             a = rng.normal(0, 0.01, (rank, inp)).astype(np.float32)
             b = rng.normal(0, 0.01, (out, rank)).astype(np.float32)
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
         write_checkpoint(checkpoint, shape, args.tokenizer, device)
     results["checkpoint_seconds"] = time.perf_counter() - began
     print(f"checkpoint ready in {results['checkpoint_seconds']:.0f}s", flush=True)
-    w1_dirs = [write_adapter(root / "adapters" / f"w1-{i}", shape, p["w1_rank"], ALL_MODULES, seed=i)
+    w1_dirs = [write_adapter(root / "adapters" / f"w1-{i}", shape, p["w1_rank"], list(LINEAR_MODULES), seed=i)
                for i in range(min(4, p["w1_adapters"]))]  # fmt: skip
     w1 = [(w1_dirs[i % len(w1_dirs)], f"bench/w1-{i}") for i in range(p["w1_adapters"])]
     names = [name for _, name in w1]

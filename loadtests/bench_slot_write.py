@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loadtests.bench_engine import build_base, write_adapter
 from loadtests.profiling import top_functions
-from loramux.adapters.weights import load_lora
 from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.slots import SlotLayout
+from loramux.server.models.lora_weights import load_lora
 
 RANKS = (8, 16, 32, 64)
 

@@ -54,10 +54,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; nothin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from loadtests.record import commit, dated_json_path
-from loramux.adapters.config import LINEAR_MODULES
 from loramux.adapters.train import TrainingEvent, train
-from loramux.adapters.train_data import IGNORE_INDEX, Row, build_rows, load_chat_jsonl, tokenize_dataset
-from loramux.adapters.train_spec import TrainingSpec
+from loramux.adapters.train_data import IGNORE_INDEX, Row, build_rows, tokenize_dataset
+from loramux.core.chat_data import load_chat_jsonl
+from loramux.core.model_config import LINEAR_MODULES
+from loramux.core.train_spec import TrainingSpec
 
 # Byte-level tokenizer: 256 byte tokens, then these specials (ids 256, 257, 258).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -20,7 +20,7 @@ COMMANDS: Commands = {
     "tenants": ("loramux.registry.cli.tenants", "create and list tenants and their namespaces"),
     "keys": ("loramux.registry.cli.keys", "create, list and revoke API keys"),
     "db": ("loramux.registry.cli.db", "create or migrate the tables of a PostgreSQL registry database"),
-    "train-worker": ("loramux.server.train_worker", "claim fine-tuning jobs from the registry and train them"),
+    "train-worker": ("loramux.adapters.train_worker", "claim fine-tuning jobs from the registry and train them"),
 }
 DESCRIPTION = "Serve many LoRA fine-tunes of one NF4 base model from one GPU."
 

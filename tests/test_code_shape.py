@@ -1,9 +1,7 @@
 """The shape of the code: no module over 450 lines and no function over 60, so that each file holds one idea and
 each function one step (the Triton kernel files aside: a kernel is one long function by nature).
 
-The file rule holds for all of `loramux/server`, the function rule for `loramux/server/engine` and
-`loramux/server/layers`; the scopes widen to all of `loramux/` as the rest is split. `python tests/test_code_shape.py`
-lists every offender in `loramux/`.
+Both rules hold for all of `loramux/`. `python tests/test_code_shape.py` lists every offender.
 """
 
 from __future__ import annotations
@@ -20,8 +18,7 @@ KERNEL_FILES = {  # Triton kernels, allowed long files and long functions
     "loramux/server/layers/nf4_kernels.py",
     "loramux/server/layers/attention_kernels.py",
 }
-FILE_SCOPE = ("loramux/server",)
-FUNCTION_SCOPE = ("loramux/server/engine", "loramux/server/layers")
+SCOPE = ("loramux",)
 
 
 def modules(scopes: tuple[str, ...], root: Path = ROOT) -> list[tuple[str, str]]:
@@ -56,11 +53,11 @@ def long_functions(scopes: tuple[str, ...], root: Path = ROOT) -> list[str]:
 
 
 def test_no_module_is_over_450_lines():
-    assert long_files(FILE_SCOPE) == []
+    assert long_files(SCOPE) == []
 
 
 def test_no_function_is_over_60_lines():
-    assert long_functions(FUNCTION_SCOPE) == []
+    assert long_functions(SCOPE) == []
 
 
 def test_the_checks_find_long_files_and_functions_and_pass_over_only_the_kernel_files(tmp_path):
@@ -75,6 +72,6 @@ def test_the_checks_find_long_files_and_functions_and_pass_over_only_the_kernel_
 
 
 if __name__ == "__main__":
-    offenders = long_files(("loramux",)) + long_functions(("loramux",))
+    offenders = long_files(SCOPE) + long_functions(SCOPE)
     print("\n".join(offenders) or "none")
     sys.exit(1 if offenders else 0)

@@ -1,1 +1,2 @@
-"""PEFT-format LoRA adapters: configuration, validation, weights, batched LoRA math, merge, training, the CLI."""
+"""The tools that make adapters, on top of the engine and the registry: merge, QLoRA training, the training worker
+and the `adapters` command."""

@@ -116,7 +116,7 @@ def parse_size(text: str) -> int:
 def _resolve(text: str, factor: float, hub: str, token: str | None):
     """A local adapter directory as it is, or NS/NAME[@REV] pulled through the hub."""
     from loramux.adapters.merge import WeightedAdapter
-    from loramux.adapters.source import AdapterRef
+    from loramux.core.adapter_source import AdapterRef
     from loramux.registry.source import resolve_adapter_argument
 
     resolved = resolve_adapter_argument(text, hub, token)
@@ -125,7 +125,7 @@ def _resolve(text: str, factor: float, hub: str, token: str | None):
 
 
 def _check_repo_name(name: str) -> None:
-    from loramux.adapters.source import AdapterRef
+    from loramux.core.adapter_source import AdapterRef
 
     try:
         ref = AdapterRef.parse(name)

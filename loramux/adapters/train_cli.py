@@ -14,8 +14,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from loramux.adapters.config import LINEAR_MODULES
-from loramux.adapters.train_spec import (
+from loramux.core.model_config import LINEAR_MODULES
+from loramux.core.train_spec import (
     AUTO,
     AUTO_LEARNING_RATE,
     AUTO_VALIDATION_FRACTION,
@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep checkpoints and the adapter here (resumable)")
     parser.add_argument("--no-push", action="store_true", help="train only; the adapter stays in --out")
     parser.add_argument("--private", action="store_true", help="a new repo is readable by its tenant only")
+    _add_data_arguments(parser)
+    _add_lora_arguments(parser)
+    _add_optimisation_arguments(parser)
+    _add_check_arguments(parser)
+    add_hub_arguments(parser)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--validation-file", default=None, help="JSONL held out for the validation loss")
     data.add_argument(
@@ -60,12 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--max-seq-len", type=int, default=1024, help="tokens per example (longer ones are cut)")
     data.add_argument("--packing", action="store_true", help="pack several examples into each row")
+
+
+def _add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", "-r", type=int, default=16, help="LoRA rank")
     lora.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha/rank)")
     lora.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     lora.add_argument("--targets", default=",".join(LINEAR_MODULES), help="comma-separated modules")
+
+
+def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=_auto(int), default=AUTO, help="passes over the data, or auto (see below)")
     optim.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -85,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--seed", type=int, default=0, help="seed of the data order, dropout and LoRA init")
     optim.add_argument("--checkpoint-every", type=int, default=100, help="optimizer steps between checkpoints")
     optim.add_argument("--device", default=None, help="cuda, cuda:1, cpu (None: the GPU if there is one)")
+
+
+def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
     checks = parser.add_argument_group("checks against over-training")
     checks.add_argument(
         "--no-early-stopping",
@@ -104,7 +121,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PROMPT",
         help="a prompt whose answer must stay the base's (repeatable); the run stops once it changes",
     )
-    add_hub_arguments(parser)
 
 
 def _auto(kind: type):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from loramux.adapters.validate import AdapterSummary, adapter_files_in, validate_adapter_files
+from loramux.core.validate import AdapterSummary, adapter_files_in, validate_adapter_files
 
 DEFAULT_HUB = "http://127.0.0.1:8000"
 HF_HUB = "https://huggingface.co"

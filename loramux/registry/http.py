@@ -17,7 +17,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from loramux.adapters.config import AdapterConfigError
+from loramux.core.adapter_config import AdapterConfigError
 from loramux.registry.blobs import BlobError
 from loramux.registry.names import InvalidNameError
 from loramux.registry.registry import (

@@ -9,14 +9,14 @@ import io
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from loramux import __version__
-from loramux.adapters.config import CONFIG_FILE
+from loramux.core.adapter_config import CONFIG_FILE
 from loramux.registry.blobs import BlobError
 from loramux.registry.http import (
     HubHTTPError,
@@ -47,8 +47,21 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
         return registry.caller(bearer_token(request))
 
     Who = Annotated[Caller, Depends(caller)]
+    _add_repo_routes(router, registry, Who)
+    _add_browse_routes(router, registry, Who)
+    _add_upload_routes(router, registry, Who, signer, xet_tokens)
+    _add_write_routes(router, registry, Who, signer)
+    _add_download_routes(router, registry, Who)
+    return router
 
-    # --- repos
+
+# Each function below adds one group of routes; `Who` is the caller dependency of `hub_router`'s registry. The order
+# of the groups is the order the routes are matched in.
+
+
+def _add_repo_routes(router: APIRouter, registry: Registry, Who: Any) -> None:
+    """Create, delete and configure repos; who the caller is."""
+
     @router.post("/api/repos/create")
     def create_repo(request: Request, body: dict, who: Who) -> JSONResponse:
         if body.get("type") not in (None, "model"):
@@ -91,6 +104,10 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
         name = who.tenant or "local"
         orgs = [{"name": ns} for ns in registry.store.namespaces_of(name) if ns != name] if who.tenant else []
         return {"type": "user", "name": name, "fullname": name, "orgs": orgs, "auth": {"type": "access_token"}}
+
+
+def _add_browse_routes(router: APIRouter, registry: Registry, Who: Any) -> None:
+    """List repos, a repo's info, its file tree and its commits."""
 
     @router.get("/api/models")
     def list_models(who: Who, author: str | None = None, search: str | None = None) -> list:
@@ -136,7 +153,12 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
             for r in history[start:]
         ]  # fmt: skip
 
-    # --- upload
+
+def _add_upload_routes(
+    router: APIRouter, registry: Registry, Who: Any, signer: UploadSigner, xet_tokens: XetTokens
+) -> None:
+    """What to upload and where: preupload, Xet tokens and the LFS batch that signs upload URLs."""
+
     @router.post("/api/models/{ns}/{name}/preupload/{rev}")
     def preupload(ns: str, name: str, rev: str, body: dict, who: Who) -> dict:
         repo = _writable(registry, f"{ns}/{name}", who)
@@ -184,6 +206,10 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
                 objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload}})
         return JSONResponse({"transfer": "basic", "objects": objects}, media_type="application/vnd.git-lfs+json")
 
+
+def _add_write_routes(router: APIRouter, registry: Registry, Who: Any, signer: UploadSigner) -> None:
+    """The uploaded bytes (a signed LFS PUT) and the commit that records files as a new revision."""
+
     @router.put("/api/lfs/upload/{oid}")
     async def lfs_upload(request: Request, oid: str, size: int, expires: int, sig: str) -> dict:
         if not signer.check(oid, size, expires, sig):
@@ -217,7 +243,10 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
         url = f"{endpoint_of(request)}/{ns}/{name}/commit/{revision.commit}"
         return {"success": True, "commitOid": revision.commit, "commitUrl": url, "pullRequestUrl": None}
 
-    # --- download
+
+def _add_download_routes(router: APIRouter, registry: Registry, Who: Any) -> None:
+    """Files of a revision, whole or by range (GET), or their headers alone (HEAD)."""
+
     @router.api_route("/{ns}/{name}/resolve/{rev}/{path:path}", methods=["GET", "HEAD"])
     def resolve(request: Request, ns: str, name: str, rev: str, path: str, who: Who):
         repo = registry.repo(f"{ns}/{name}", who)
@@ -233,8 +262,6 @@ def hub_router(registry: Registry, signer: UploadSigner | None = None) -> APIRou
         # GET streams only content that still matches its sha256; HEAD reads no content.
         blob = None if head else registry.blob_path(entry)
         return file_response(blob, entry.size, headers, request.headers.get("range"), head)
-
-    return router
 
 
 def create_hub_app(registry: Registry | None = None, data_dir: Path | None = None) -> FastAPI:

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from typing import BinaryIO
 
-from loramux.adapters.train_data import DataError, parse_chat_lines
+from loramux.core.chat_data import DataError, parse_chat_lines
 from loramux.registry.registry import Caller, Registry
 from loramux.registry.store import (
     CLAIMED,

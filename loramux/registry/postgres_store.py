@@ -1,12 +1,9 @@
 """The metadata store on PostgreSQL, for a registry that several processes on several machines share (every
 `loramux hub`, `loramux serve` and `loramux train-worker` pointed at one `--database-url`).
 
-psycopg 3, through a small pool of its own (`Connections`): an idle connection is checked before it is handed out,
-so that one broken by a database restart is replaced rather than failing a request, and a new one is opened at once
-when none is idle, so that requests fail fast (503) while the database is down and succeed again as soon as it is
-back. (psycopg_pool reconnects in the background with a growing delay between attempts: requests would keep
-failing for seconds after the database is back.) The tables are created and changed by the Alembic migrations in
-`migrations/` (`loramux db upgrade`); a process refuses to start on a database whose schema is not the one it knows.
+psycopg 3, through the pool of `postgres_connections.py`. The tables are created and changed by the Alembic migrations
+in `migrations/` (`loramux db upgrade`); a process refuses to start on a database whose schema is not the one it
+knows.
 
 Commits to one repo are serialized by a lock on the repo's row: the head a commit checks is the head it moves, and
 its revision, files and ref are written in one transaction, so a push that fails half-way (the database restarting,
@@ -16,7 +13,6 @@ say) leaves nothing behind. A database that cannot be reached raises `StorageUna
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +21,8 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.pq import TransactionStatus
-from psycopg.rows import dict_row
 
+from loramux.registry.postgres_connections import Connections, check_schema, unavailable
 from loramux.registry.rows import (
     JOB_FIELDS,
     check_job_fields,
@@ -52,13 +47,10 @@ from loramux.registry.store import (
     RepoExistsError,
     Revision,
     StaleHeadError,
-    StorageUnavailableError,
     Tenant,
     UploadedFile,
 )
 
-# The Alembic revisions of `migrations/versions`, oldest first; the last is the schema this code reads and writes.
-SCHEMA_REVISIONS = ("0001",)
 BLOB_LOCK = 0x6C6D78626C6F62  # the advisory lock key of `blob_lock` ("lmxblob")
 
 
@@ -66,7 +58,7 @@ class PostgresStore:
     """`MetadataStore` on PostgreSQL. `url` is a libpq URL (`postgresql://user:password@host:port/dbname`)."""
 
     def __init__(self, url: str, max_connections: int = 8, timeout: float = 5.0) -> None:
-        _check_schema(url, timeout)
+        check_schema(url, timeout)
         self._pool = Connections(url, max_connections, timeout)
 
     def close(self) -> None:
@@ -74,11 +66,11 @@ class PostgresStore:
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Connection]:
-        with _unavailable(), self._pool.connection() as conn, conn.transaction():
+        with unavailable(), self._pool.connection() as conn, conn.transaction():
             yield conn
 
     def _rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        with _unavailable(), self._pool.connection() as conn:
+        with unavailable(), self._pool.connection() as conn:
             return conn.execute(sql, args).fetchall()
 
     @contextmanager
@@ -86,7 +78,7 @@ class PostgresStore:
         # A session-level advisory lock, held on a connection of its own for as long as the caller needs it. A
         # session that ends (its process died, the database restarted) releases it.
         mode = "" if exclusive else "_shared"
-        with _unavailable(), self._pool.connection() as conn:
+        with unavailable(), self._pool.connection() as conn:
             conn.execute(f"SELECT pg_advisory_lock{mode}(%s)", (BLOB_LOCK,))
             try:
                 yield
@@ -388,97 +380,5 @@ class PostgresStore:
         return [event_of(r) for r in found]
 
 
-class Connections:
-    """At most `size` connections to the database at `url` (autocommit, rows as dicts), idle ones kept for reuse.
-
-    An idle connection is checked with an empty query before it is handed out; when none is idle (or none works) a
-    new one is opened on the spot. A connection comes back only if it is healthy and outside any transaction.
-    """
-
-    def __init__(self, url: str, size: int, timeout: float) -> None:
-        self.url, self.timeout = url, timeout
-        self._slots = threading.BoundedSemaphore(size)
-        self._idle: list[psycopg.Connection] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        if not self._slots.acquire(timeout=self.timeout):
-            raise psycopg.OperationalError(f"all connections stayed busy for {self.timeout:.0f} s")
-        conn = None
-        try:
-            conn = self._take()
-            yield conn
-        finally:
-            self._give_back(conn)
-            self._slots.release()
-
-    def _take(self) -> psycopg.Connection:
-        while True:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                return psycopg.connect(
-                    self.url, autocommit=True, row_factory=dict_row, connect_timeout=max(1, int(self.timeout))
-                )
-            try:
-                conn.execute("")  # one round trip: is the session still there (the database may have restarted)?
-                return conn
-            except psycopg.Error:
-                conn.close()
-
-    def _give_back(self, conn: psycopg.Connection | None) -> None:
-        if conn is None or conn.closed:
-            return
-        if conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
-            conn.close()
-            return
-        with self._lock:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
 def _job_columns(alias: str) -> str:
     return ", ".join(f"{alias}.{name}" for name in JOB_FIELDS)
-
-
-@contextmanager
-def _unavailable() -> Iterator[None]:
-    """Turn the driver's "cannot reach the database" errors into `StorageUnavailableError`."""
-    try:
-        yield
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise StorageUnavailableError(f"the registry database is unavailable: {describe(exc)}", "database") from exc
-
-
-def describe(exc: BaseException) -> str:
-    """A driver error on one line (libpq's messages span several)."""
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-
-
-def _check_schema(url: str, timeout: float) -> None:
-    """Refuse a database that cannot be reached or whose schema is not the one this code knows, with what to do."""
-    try:
-        with psycopg.connect(url, connect_timeout=max(1, int(timeout)), autocommit=True) as conn:
-            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-    except pg_errors.UndefinedTable:
-        row = None
-    except psycopg.ProgrammingError as exc:  # a malformed URL
-        raise ValueError(f"invalid database URL: {describe(exc)}") from exc
-    except psycopg.OperationalError as exc:
-        raise StorageUnavailableError(f"cannot connect to the registry database: {describe(exc)}", "database") from exc
-    version, head = (row[0] if row else None), SCHEMA_REVISIONS[-1]
-    if version == head:
-        return
-    if version is None or version in SCHEMA_REVISIONS:
-        state = "has no loramux tables yet" if version is None else f"has the schema of revision {version}"
-        raise ValueError(
-            f"the registry database {state}; this loramux needs revision {head}: run `loramux db upgrade` "
-            "with the same database URL first"
-        )
-    raise ValueError(f"the registry database has schema revision {version}, newer than this loramux knows: upgrade it")

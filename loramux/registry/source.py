@@ -10,8 +10,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from loramux import paths
-from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+from loramux.core import paths
+from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.registry.names import InvalidNameError
 from loramux.registry.registry import Registry, RepoNotFoundError, RevisionNotFoundError
 

@@ -1,1 +1,1 @@
-"""The serving runtime: base model loading (NF4), model runner, engine, OpenAI-compatible API."""
+"""The serving runtime: base model loading (NF4), adapter weights, model runner, engine, OpenAI-compatible API."""

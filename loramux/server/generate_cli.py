@@ -75,7 +75,7 @@ def _adapter(args: argparse.Namespace):
 
 
 def _max_rank(path) -> int:
-    from loramux.adapters.config import CONFIG_FILE, AdapterConfig
+    from loramux.core.adapter_config import CONFIG_FILE, AdapterConfig
 
     config = AdapterConfig.from_file(path / CONFIG_FILE)
     return max([config.r, *config.rank_pattern.values()])

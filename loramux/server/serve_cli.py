@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of one serving engine and its API, shared by `loramux serve` and `loramux cluster serve`."""
+    _add_source_arguments(parser)
+    _add_capacity_arguments(parser)
+    _add_runtime_arguments(parser)
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is served (the base, how it is held, where adapters come from) and on which address."""
     parser.add_argument(
         "--base", default=None, help="base model: a Hugging Face directory or hub id (default: SmolLM2-135M-Instruct)"
     )
@@ -49,6 +56,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve adapters from this remote hub (loramux or huggingface.co) instead of the local registry",
     )
     parser.add_argument("--hub-token", default=None, help="token for --hub (default: $LORAMUX_TOKEN, then $HF_TOKEN)")
+
+
+def _add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the engine holds at once: adapter slots, the batch, the queue, the adapter cache and its readers."""
     parser.add_argument(
         "--slots",
         type=int,
@@ -87,6 +98,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes that read adapters into the CPU cache, beside the serving process (default: 2 on a GPU, where "
         "reads on its own threads would hold up the step loop; 0 on the CPU: read on threads)",
     )
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the step loop runs and requests end: overlap, context and output lengths, device, shutdown, auth."""
     parser.add_argument(
         "--overlap-outputs",
         action=argparse.BooleanOptionalAction,

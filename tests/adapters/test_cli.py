@@ -92,7 +92,7 @@ def test_a_large_adapter_pushes_and_pulls_with_no_hf_variable_set(hub, make_adap
 
 
 def test_a_failed_first_push_leaves_no_empty_repo(hub, make_adapter):
-    from loramux.adapters.validate import AdapterValidationError
+    from loramux.core.validate import AdapterValidationError
 
     def refuse(files):
         raise AdapterValidationError("this hub's base cannot load it")

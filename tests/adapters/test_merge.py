@@ -15,11 +15,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from loramux.adapters import merge, merge_cli
+from loramux.adapters import merge, merge_cli, merge_drift
 from loramux.adapters.merge import MergeError, WeightedAdapter, merge_adapters
-from loramux.adapters.source import ResolvedAdapter
-from loramux.adapters.weights import AdapterMismatchError
+from loramux.core.adapter_source import ResolvedAdapter
 from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.models.lora_weights import AdapterMismatchError
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write one sentence about cats."]
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -166,7 +166,7 @@ def test_requantized_drift_is_always_measured(smol):
     assert drift is not None
     assert drift.kl_mean > 0
     assert 0 <= drift.top1_agreement <= 1
-    assert drift.positions > 50 and drift.texts == len(merge.DRIFT_TEXTS)
+    assert drift.positions > 50 and drift.texts == len(merge_drift.DRIFT_TEXTS)
     assert f"{drift.kl_mean:.4g} nats" in (smol["root"] / "merged" / "README.md").read_text()
 
 

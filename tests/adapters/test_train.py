@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from loramux.adapters.train import TrainingEvent, TrainingStopped, train
-from loramux.adapters.train_data import DataError
-from loramux.adapters.train_spec import TrainingSpec, TrainingSpecError
-from loramux.adapters.weights import load_lora
+from loramux.core.chat_data import DataError
+from loramux.core.train_spec import TrainingSpec, TrainingSpecError
 from loramux.server.models.checkpoint import load_config
+from loramux.server.models.lora_weights import load_lora
 
 
 def write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> Path:
@@ -73,7 +73,7 @@ def test_bad_data_fails_before_any_model_is_loaded(tmp_path: Path):
 
 
 def test_auto_settings_follow_the_data_sets_size(tmp_path: Path):
-    from loramux.adapters.train_spec import auto_epochs, auto_learning_rate
+    from loramux.core.train_spec import auto_epochs, auto_learning_rate
 
     spec = TrainingSpec(data=["d.jsonl"], output_dir="out")
     assert (spec.epochs, spec.learning_rate, spec.validation_fraction) == ("auto", "auto", "auto")

@@ -10,15 +10,13 @@ import pytest
 
 from loramux.adapters.train_data import (
     IGNORE_INDEX,
-    DataError,
     TokenizedExample,
     build_rows,
-    load_chat_jsonl,
-    parse_chat_lines,
     split_validation,
     tokenize_conversation,
     tokenize_dataset,
 )
+from loramux.core.chat_data import DataError, load_chat_jsonl, parse_chat_lines
 
 
 def chat(*turns: tuple[str, str], **extra) -> str:
@@ -32,7 +30,7 @@ GOOD = chat(("user", "hi"), ("assistant", "hello"))
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from tests.conftest import write_tiny_tokenizer
+    from loadtests.tiny_model import write_tiny_tokenizer
 
     directory = tmp_path_factory.mktemp("tok")
     write_tiny_tokenizer(directory)

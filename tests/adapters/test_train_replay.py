@@ -6,7 +6,7 @@ import torch
 
 from loramux.adapters.train_data import tokenize_dataset
 from loramux.adapters.train_replay import ANSWER_TOKENS, GENERAL_PROMPTS, replay_conversations
-from loramux.adapters.train_spec import REPLAY_EXAMPLES, TrainingSpec
+from loramux.core.train_spec import REPLAY_EXAMPLES, TrainingSpec
 
 
 def test_replayed_answers_are_the_models_own_greedy_answers(tiny_checkpoint):

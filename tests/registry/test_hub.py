@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from loramux.adapters.source import AdapterRef
+from loramux.core.adapter_source import AdapterRef
 from loramux.registry.source import HubSource
 from tests.conftest import STORAGES
 

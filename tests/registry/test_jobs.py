@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loramux.adapters.train_data import DataError
+from loramux.core.chat_data import DataError
 from loramux.registry.jobs import FileNotFound, FineTuning, JobFinished, JobNotFound, new_id
 from loramux.registry.registry import Caller
 from loramux.registry.store import FineTuningJob

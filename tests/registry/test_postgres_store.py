@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 from loramux.registry import migrations
-from loramux.registry.postgres_store import SCHEMA_REVISIONS, PostgresStore
+from loramux.registry.postgres_connections import SCHEMA_REVISIONS
+from loramux.registry.postgres_store import PostgresStore
 from loramux.registry.registry import Caller
 from loramux.registry.store import StorageUnavailableError
 from tests.registry.test_registry import add_bytes, add_dir

@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.source import AdapterNotFoundError, AdapterRef
+from loramux.core.adapter_config import AdapterConfigError
+from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef
 from loramux.registry.names import InvalidNameError, check_file_path
 from loramux.registry.registry import (
     AddFile,
@@ -261,7 +261,7 @@ def test_every_process_on_a_data_directory_signs_uploads_with_one_key(tmp_path, 
     """A client may get an upload URL (or a Xet token) from one process and send the file to another: several API
     processes on one port, several hubs on one registry. They share the data directory's key, or $LORAMUX_HUB_SECRET."""
     from loramux.registry.http import UploadSigner
-    from loramux.registry.registry import SECRET_ENV
+    from loramux.registry.hub_secret import SECRET_ENV
 
     monkeypatch.delenv(SECRET_ENV, raising=False)
     first, second = Registry.open(tmp_path / "data"), Registry.open(tmp_path / "data")

@@ -6,7 +6,7 @@ import shutil
 import threading
 import time
 
-from loramux.adapters.source import AdapterRef
+from loramux.core.adapter_source import AdapterRef
 from loramux.registry import source as source_module
 from loramux.registry.registry import Caller
 from loramux.registry.source import RegistrySource

@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import HfApi
 from safetensors.numpy import save_file
 
-from tests.conftest import make_tiny_checkpoint
+from loadtests.tiny_model import make_tiny_checkpoint
 from tests.server.api.serving import Server, launch
 
 # (out, in) of each projection of make_tiny_checkpoint's default config: hidden 64, 4 heads of 16, 2 KV heads, MLP 128.

@@ -15,7 +15,7 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from tests.conftest import make_tiny_checkpoint
+from loadtests.tiny_model import make_tiny_checkpoint
 from tests.reliability.conftest import push, start_tiny_server, write_adapter
 from tests.server.api.serving import launch, metric
 

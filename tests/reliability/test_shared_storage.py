@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from tests.conftest import make_tiny_checkpoint
+from loadtests.tiny_model import make_tiny_checkpoint
 from tests.registry.test_shared_registry import launch_hub
 from tests.reliability.conftest import TINY_MAX_RANK, push, write_adapter
 from tests.server.api.serving import launch

@@ -16,8 +16,8 @@ from huggingface_hub import HfApi
 
 from loadtests.loadgen import LoadConfig, run_load
 from loadtests.workload import LengthDist, Tenant, Workload
+from loramux.core.model_config import ModelConfig
 from loramux.registry.registry import Registry
-from loramux.server.models.config import ModelConfig
 from tests.reliability.conftest import push, write_adapter
 from tests.server.api.serving import launch, metric
 

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         from sqlalchemy.exc import SQLAlchemyError
 
         from loramux.registry import migrations
-        from loramux.registry.postgres_store import describe
+        from loramux.registry.postgres_connections import describe
     except ImportError as exc:
         raise ValueError(f"migrations need the cluster extra: pip install 'loramux[cluster]' ({exc})") from exc
 

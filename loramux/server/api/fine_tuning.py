@@ -20,8 +20,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from loramux.adapters.train_data import DataError
-from loramux.adapters.train_spec import TrainingSpec, TrainingSpecError
+from loramux.core.chat_data import DataError
+from loramux.core.train_spec import TrainingSpec, TrainingSpecError
 from loramux.registry.jobs import (
     LOCAL_TENANT_NAMESPACE,
     FileNotFound,
@@ -88,7 +88,13 @@ class JobRequest(BaseModel):
 
 def fine_tuning_router() -> APIRouter:
     router = APIRouter(prefix="/v1")
-    max_upload = int(os.environ.get("LORAMUX_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES))
+    _add_file_routes(router, int(os.environ.get("LORAMUX_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)))
+    _add_job_routes(router)
+    return router
+
+
+def _add_file_routes(router: APIRouter, max_upload: int) -> None:
+    """`/v1/files`: upload (checked line by line), list, retrieve and delete training files."""
 
     @router.post("/files")
     def upload_file(
@@ -122,34 +128,13 @@ def fine_tuning_router() -> APIRouter:
             raise APIError(404, str(exc), param="file_id", code="file_not_found") from None
         return {"id": file_id, "object": "file", "deleted": True}
 
+
+def _add_job_routes(router: APIRouter) -> None:
+    """`/v1/fine_tuning/jobs`: create (validated and queued for a worker), list, retrieve, events and cancel."""
+
     @router.post("/fine_tuning/jobs")
     def create_job(request: Request, body: JobRequest, who: Who) -> dict:
-        state = _state(request)
-        state.require_engine()
-        if body.model not in state.base_names:
-            raise APIError(
-                400,
-                f"Model '{body.model}' cannot be fine-tuned here: this server fine-tunes its base '{state.base_id}'.",
-                param="model",
-                code="model_not_available",
-            )
-        settings, shown = _training_settings(body, _max_rank(state))
-        job_id = new_id("ftjob")
-        repo_id = _repo_id(who, state.base_id, body.suffix, job_id)
-        for param in ("training_file", "validation_file"):
-            file_id = getattr(body, param)
-            if file_id is not None:
-                try:
-                    _fine_tuning(request).file(who, file_id)
-                except FileNotFound:
-                    message = f"{param}: no such file {file_id}"
-                    raise APIError(400, message, param=param, code="file_not_found") from None
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        job = FineTuningJob(
-            id=job_id, tenant=who.tenant, model=state.base_id, base=state.settings.base,
-            training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
-            repo_id=repo_id, settings={**settings, "seed": seed}, hyperparameters=shown, seed=seed,
-        )  # fmt: skip
+        job = _new_job(request, body, who)
         return _job_object(_fine_tuning(request).create_job(who, job))
 
     @router.get("/fine_tuning/jobs")
@@ -186,7 +171,35 @@ def fine_tuning_router() -> APIRouter:
         except JobFinished as exc:
             raise APIError(400, str(exc), param="fine_tuning_job_id", code="job_not_cancellable") from None
 
-    return router
+
+def _new_job(request: Request, body: JobRequest, who: Caller) -> FineTuningJob:
+    """The job `body` asks for, its settings checked and its files found; refused with a 400 otherwise."""
+    state = _state(request)
+    state.require_engine()
+    if body.model not in state.base_names:
+        raise APIError(
+            400,
+            f"Model '{body.model}' cannot be fine-tuned here: this server fine-tunes its base '{state.base_id}'.",
+            param="model",
+            code="model_not_available",
+        )
+    settings, shown = _training_settings(body, _max_rank(state))
+    job_id = new_id("ftjob")
+    repo_id = _repo_id(who, state.base_id, body.suffix, job_id)
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(body, param)
+        if file_id is not None:
+            try:
+                _fine_tuning(request).file(who, file_id)
+            except FileNotFound:
+                message = f"{param}: no such file {file_id}"
+                raise APIError(400, message, param=param, code="file_not_found") from None
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    return FineTuningJob(
+        id=job_id, tenant=who.tenant, model=state.base_id, base=state.settings.base,
+        training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
+        repo_id=repo_id, settings={**settings, "seed": seed}, hyperparameters=shown, seed=seed,
+    )  # fmt: skip
 
 
 def _state(request: Request) -> ServerState:

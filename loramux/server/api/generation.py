@@ -10,8 +10,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.source import AdapterNotFoundError
+from loramux.core.adapter_config import AdapterConfigError
+from loramux.core.adapter_source import AdapterNotFoundError
 from loramux.registry.blobs import BlobError
 from loramux.server.api.errors import APIError, model_not_found, overloaded
 from loramux.server.api.state import ServerState

@@ -198,9 +198,9 @@ def _base_fit_check(path: Path) -> Callable:
     registry's limit: another server on the same registry may serve higher ones."""
     from functools import partial
 
-    from loramux.adapters.validate import check_fits_base
-    from loramux.adapters.weights import base_shapes
+    from loramux.core.validate import check_fits_base
     from loramux.server.models.checkpoint import load_config
+    from loramux.server.models.lora_weights import base_shapes
 
     config = load_config(path)
     return partial(check_fits_base, shapes=base_shapes(config), num_layers=config.num_hidden_layers)

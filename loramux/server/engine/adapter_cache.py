@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from loramux.adapters.source import AdapterRef, AdapterSource
-from loramux.adapters.weights import LoraWeights
+from loramux.core.adapter_source import AdapterRef, AdapterSource
 from loramux.server.engine.adapter_reader import ReaderPool, ReadSpec
 from loramux.server.engine.errors import AdapterTooLargeError
 from loramux.server.engine.host_arena import HostArena
+from loramux.server.models.lora_weights import LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class AdapterCache:
         Raises AdapterNotFoundError, or AdapterConfigError (subclasses) for an adapter that does not fit.
         """
         if self.source is None:
-            from loramux.adapters.source import AdapterNotFoundError
+            from loramux.core.adapter_source import AdapterNotFoundError
 
             raise AdapterNotFoundError(f"adapter {ref} not found: this engine serves the base model only")
         resolved = self.source.resolve(ref, tenant)

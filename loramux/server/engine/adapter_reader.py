@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 
 import loramux
-from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.weights import LoraWeights, fill_lora, load_lora, plan_lora
+from loramux.core.adapter_config import AdapterConfigError
+from loramux.core.model_config import ModelConfig
 from loramux.server.engine.host_arena import HostArena
-from loramux.server.models.config import ModelConfig
+from loramux.server.models.lora_weights import LoraWeights, fill_lora, load_lora, plan_lora
 
 log = logging.getLogger(__name__)
 

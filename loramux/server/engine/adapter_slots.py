@@ -28,8 +28,8 @@ from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loramux.adapters.weights import LoraWeights
 from loramux.server.layers.slots import SlotLayout
+from loramux.server.models.lora_weights import LoraWeights
 
 if TYPE_CHECKING:
     from loramux.server.engine.slot_writer import SlotWriter

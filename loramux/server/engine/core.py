@@ -27,7 +27,7 @@ from pathlib import Path
 
 import zmq
 
-from loramux.adapters.source import AdapterSource
+from loramux.core.adapter_source import AdapterSource
 from loramux.server.engine import protocol
 from loramux.server.engine.protocol import ABORT, ADD, DEAD, HELLO, OUTPUTS, SHUTDOWN, STATS
 

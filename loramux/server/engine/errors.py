@@ -1,10 +1,10 @@
 """The engine's typed errors. The HTTP layer maps them: invalid request/context length -> 400, unknown adapter ->
-404 (`loramux.adapters.source.AdapterNotFoundError`), adapter that does not fit -> 400 (`AdapterConfigError`),
+404 (`loramux.core.adapter_source.AdapterNotFoundError`), adapter that does not fit -> 400 (`AdapterConfigError`),
 queue full -> 429, engine stopped or an adapter that could not be written into GPU slot memory -> 503."""
 
 from __future__ import annotations
 
-from loramux.adapters.config import AdapterConfigError
+from loramux.core.adapter_config import AdapterConfigError
 
 
 class InvalidRequestError(ValueError):

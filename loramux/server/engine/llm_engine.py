@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from loramux.adapters.source import AdapterRef, AdapterSource
+from loramux.core.adapter_source import AdapterRef, AdapterSource
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU, AdapterCache
 from loramux.server.engine.adapter_reader import ReadSpec
 from loramux.server.engine.adapter_slots import AdapterSlots

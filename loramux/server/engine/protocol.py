@@ -15,10 +15,9 @@ import dataclasses
 
 import msgpack
 
-from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.source import AdapterNotFoundError
-from loramux.adapters.validate import AdapterValidationError
-from loramux.adapters.weights import AdapterMismatchError
+from loramux.core.adapter_config import AdapterConfigError
+from loramux.core.adapter_source import AdapterNotFoundError
+from loramux.core.validate import AdapterValidationError
 from loramux.registry.blobs import BlobError, CorruptBlobError
 from loramux.registry.store import StorageUnavailableError
 from loramux.server.engine.errors import (
@@ -30,6 +29,7 @@ from loramux.server.engine.errors import (
     QueueFullError,
 )
 from loramux.server.engine.request import SamplingParams, TokenLogprobs
+from loramux.server.models.lora_weights import AdapterMismatchError
 
 HELLO, ADD, ABORT, STATS, SHUTDOWN, OUTPUTS, DEAD = "hello", "add", "abort", "stats", "shutdown", "out", "dead"
 

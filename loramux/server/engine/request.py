@@ -9,9 +9,9 @@ from enum import Enum
 
 import torch
 
-from loramux.adapters.source import AdapterRef
-from loramux.adapters.weights import LoraWeights
+from loramux.core.adapter_source import AdapterRef
 from loramux.server.engine.errors import InvalidRequestError
+from loramux.server.models.lora_weights import LoraWeights
 
 _arrivals = itertools.count()
 

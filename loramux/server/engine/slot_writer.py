@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loramux.adapters.weights import LoraWeights
 from loramux.server.models.llama import LlamaForCausalLM
+from loramux.server.models.lora_weights import LoraWeights
 
 # Write plans kept (the copies that write an adapter of one layout, whatever the slot; a few per projection)
 WRITE_PLANS_KEPT = 256

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from loramux import paths
-from loramux.server.models.config import ModelConfig
+from loramux.core import paths
+from loramux.core.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,16 +22,13 @@ from torch import nn
 if TYPE_CHECKING:
     from loramux.server.layers.lora_kernels import Segments
 
+from loramux.core.model_config import ATTENTION_MODULES, ModelConfig
 from loramux.server.layers.attention import BatchContext, paged_attention, store_kv
 from loramux.server.layers.lora import DenseLoraLinear, LoraGroup, LoraLinear, LoraSlots, SlotMemory, plan_step
 from loramux.server.layers.norm import RMSNorm
 from loramux.server.layers.rotary import RotaryEmbedding, apply_rotary
 from loramux.server.layers.slots import SlotLayout
-from loramux.server.models.config import ModelConfig
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
 QUANTIZE_CHOICES = ("nf4", "none")  # how the decoder linear layers hold their weights
 
 

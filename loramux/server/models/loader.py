@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loramux.core.model_config import ModelConfig
 from loramux.server.models.checkpoint import (
     load_config,
     load_generation_defaults,
@@ -17,7 +18,6 @@ from loramux.server.models.checkpoint import (
     quantize_for,
     resolve_base,
 )
-from loramux.server.models.config import ModelConfig
 from loramux.server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)

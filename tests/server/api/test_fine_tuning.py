@@ -19,8 +19,9 @@ import httpx
 import openai
 import pytest
 
+from loadtests.tiny_model import make_tiny_checkpoint
 from loramux.registry.registry import Registry
-from tests.conftest import REPO, make_tiny_checkpoint
+from tests.conftest import REPO
 from tests.server.api.serving import launch
 
 PAIRS = [(f"question {i}?", f"answer number {i}.") for i in range(12)]

@@ -14,8 +14,9 @@ import openai
 import psutil
 import pytest
 
+from loadtests.tiny_model import make_tiny_checkpoint
 from loramux.registry.registry import Registry
-from tests.conftest import REPO, make_tiny_checkpoint
+from tests.conftest import REPO
 from tests.server.api.serving import launch, metric, serve_command
 
 LONG = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True}

@@ -6,9 +6,9 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from loadtests.tiny_model import write_tiny_tokenizer
 from loramux.server.api.logprobs import TokenStrings, chat_content, completion_logprobs
 from loramux.server.engine.request import TokenLogprobs
-from tests.conftest import write_tiny_tokenizer
 
 
 def test_byte_level_tokens_give_back_their_bytes(tmp_path):

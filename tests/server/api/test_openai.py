@@ -11,7 +11,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import make_tiny_checkpoint
+from loadtests.tiny_model import make_tiny_checkpoint
 from tests.server.api.serving import launch
 
 HELLO = [{"role": "user", "content": "Hello there"}]

@@ -13,8 +13,9 @@ import openai
 import pytest
 from huggingface_hub import HfApi
 
+from loadtests.tiny_model import make_tiny_checkpoint
 from loramux.registry.registry import Registry
-from tests.conftest import build_adapter, make_tiny_checkpoint
+from tests.conftest import build_adapter
 from tests.server.api.serving import launch, metric
 
 GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}

@@ -17,9 +17,6 @@ def dir_source(tmp_path: Path) -> DirSource:
     return DirSource(tmp_path / "source")
 
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 def add_peft_adapter(model, name: str, out_dir: Path, seed: int, b_std: float = 0.02, **lora_kwargs):
     """Add a LoRA named `name` to `model` (a transformers model, or a PeftModel from an earlier call), give it
     random B matrices so that it changes the output, and save it under out_dir/name. Returns the PeftModel."""

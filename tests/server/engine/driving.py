@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from loramux.adapters.source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
+from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.server.engine.llm_engine import LLMEngine
 from loramux.server.engine.request import EngineOutput, SamplingParams
 

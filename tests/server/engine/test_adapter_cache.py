@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loramux.adapters.source import AdapterRef
+from loramux.core.adapter_source import AdapterRef
+from loramux.core.model_config import ModelConfig
 from loramux.server.engine.adapter_cache import AdapterCache
 from loramux.server.engine.adapter_reader import ReadSpec
 from loramux.server.engine.host_arena import HostArena
-from loramux.server.models.config import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2)  # fmt: skip

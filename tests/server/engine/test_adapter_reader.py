@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.weights import AdapterMismatchError, load_lora
+from loramux.core.adapter_config import AdapterConfigError
+from loramux.core.model_config import ModelConfig
 from loramux.server.engine.adapter_reader import AdapterReaderError, ReaderPool, ReadSpec
 from loramux.server.engine.host_arena import HostArena
-from loramux.server.models.config import ModelConfig
+from loramux.server.models.lora_weights import AdapterMismatchError, load_lora
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2)  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from loramux.adapters.source import AdapterNotFoundError
+from loramux.core.adapter_source import AdapterNotFoundError
 from loramux.server.engine.client import EngineClient
 from loramux.server.engine.core import CoreSpec, EngineProcess, EngineStartError
 from loramux.server.engine.errors import EngineStoppedError, QueueFullError
@@ -27,7 +27,7 @@ GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, peft_helpers):
     """(tiny checkpoint, a DirSource factory with adapter t/a private to tenant acme)."""
-    from tests.conftest import make_tiny_checkpoint
+    from loadtests.tiny_model import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("core")
     path = make_tiny_checkpoint(root / "tiny")

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from loadtests.bench_engine import LocalSource, write_adapter
-from loramux.adapters.source import AdapterRef
-from loramux.adapters.weights import load_lora
+from loramux.core.adapter_source import AdapterRef
 from loramux.server.engine.batch import Chunk
 from loramux.server.engine.decode_graphs import GRAPH_BATCH_SIZES
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models.loader import load_base
+from loramux.server.models.lora_weights import load_lora
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from loramux.adapters.source import AdapterRef
+from loramux.core.adapter_source import AdapterRef
 from loramux.server.engine.errors import (
     AdapterLoadError,
     ContextLengthError,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from loadtests.bench_engine import write_adapter
-from loramux.adapters.weights import load_lora
 from loramux.server.engine.batch import Chunk
 from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import load_base
+from loramux.server.models.lora_weights import load_lora
 
 
 def test_a_step_of_many_chunks_gives_each_sequence_what_it_gets_alone(tiny_checkpoint, tmp_path):

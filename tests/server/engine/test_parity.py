@@ -14,17 +14,18 @@ import pytest
 import torch
 import transformers
 
-from loramux.adapters.source import AdapterNotFoundError
-from loramux.adapters.weights import AdapterMismatchError
+from loramux.core.adapter_source import AdapterNotFoundError
+from loramux.core.model_config import LINEAR_MODULES
 from loramux.server.engine.errors import AdapterTooLargeError, ContextLengthError
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.layers.nf4_linear import NF4Linear
+from loramux.server.models.lora_weights import AdapterMismatchError
 from tests.server.engine.driving import Driver
 
 pytestmark = pytest.mark.slow
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = list(LINEAR_MODULES)
 
 # the four kinds the parity family must cover, then more adapters for the slot-rotation test
 SPECS = {

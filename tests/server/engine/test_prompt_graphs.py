@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from loadtests.bench_engine import write_adapter
-from loramux.adapters.weights import load_lora
 from loramux.server.engine.batch import Chunk
 from loramux.server.engine.model_runner import ModelRunner
 from loramux.server.engine.prompt_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
 from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import load_base
+from loramux.server.models.lora_weights import load_lora
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BLOCK = 4

@@ -3,12 +3,12 @@ it), sampling parameters and logprobs arrive as they left."""
 
 from __future__ import annotations
 
-from loramux.adapters.source import AdapterNotFoundError
-from loramux.adapters.weights import AdapterMismatchError
+from loramux.core.adapter_source import AdapterNotFoundError
 from loramux.registry.store import StorageUnavailableError
 from loramux.server.engine import protocol
 from loramux.server.engine.errors import ContextLengthError, QueueFullError
 from loramux.server.engine.request import SamplingParams, TokenLogprobs
+from loramux.server.models.lora_weights import AdapterMismatchError
 
 
 def through_the_wire(obj):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loramux.adapters.source import AdapterRef
+from loramux.core.adapter_source import AdapterRef
 from loramux.server.engine.adapter_slots import AdapterSlots
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.request import Request, SamplingParams

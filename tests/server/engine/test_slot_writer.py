@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.adapters.config import AdapterConfig
-from loramux.adapters.weights import LoraModule, LoraWeights
+from loramux.core.adapter_config import AdapterConfig
 from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.loader import load_base
+from loramux.server.models.lora_weights import LoraModule, LoraWeights
 
 
 def random_adapter(names: list[str], shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> LoraWeights:

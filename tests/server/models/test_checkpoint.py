@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from loramux.core.model_config import UnsupportedModelError
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models import checkpoint
 from loramux.server.models.checkpoint import BaseModelError, load_state_dict, resolve_base
-from loramux.server.models.config import UnsupportedModelError
 from loramux.server.models.llama import MissingWeightError
 from loramux.server.models.loader import load_base
 

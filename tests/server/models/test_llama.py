@@ -80,7 +80,7 @@ def test_unquantized_logits_match_transformers(tiny_checkpoint, arch):
 def test_unquantized_layers_serve_an_adapter_like_peft(tiny_checkpoint, tmp_path):
     import peft
 
-    from loramux.adapters.weights import load_lora
+    from loramux.server.models.lora_weights import load_lora
     from tests.conftest import build_adapter
 
     path = tiny_checkpoint()

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from loramux.adapters.config import (
+from loramux.core.adapter_config import (
     CONFIG_FILE,
-    LINEAR_MODULES,
     MAX_RANK,
     WEIGHTS_FILE,
     AdapterConfig,
     AdapterConfigError,
     module_name_of,
 )
+from loramux.core.model_config import LINEAR_MODULES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # dtype -> bytes per element; LoRA weights are floating point.

@@ -11,16 +11,15 @@ from typing import BinaryIO
 
 import torch
 
-from loramux.adapters.config import (
+from loramux.core.adapter_config import (
     CONFIG_FILE,
-    LINEAR_MODULES,
     WEIGHTS_FILE,
     AdapterConfig,
     AdapterConfigError,
     module_name_of,
 )
-from loramux.adapters.validate import TensorInfo, read_safetensors_header
-from loramux.server.models.config import ModelConfig
+from loramux.core.model_config import LINEAR_MODULES, ModelConfig
+from loramux.core.validate import TensorInfo, read_safetensors_header
 
 _TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from loramux.adapters.config import AdapterConfigError
-from loramux.adapters.validate import (
+from loramux.core.adapter_config import AdapterConfigError
+from loramux.core.validate import (
     AdapterValidationError,
     Limits,
     read_safetensors_header,

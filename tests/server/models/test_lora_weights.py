@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loramux.adapters.config import AdapterConfig, AdapterConfigError
-from loramux.adapters.weights import LoraModule, LoraWeights, load_lora
+from loramux.core.adapter_config import AdapterConfig, AdapterConfigError
+from loramux.server.models.lora_weights import LoraModule, LoraWeights, load_lora
 
 
 def test_packed_converts_every_matrix_into_one_buffer_and_keeps_the_values():

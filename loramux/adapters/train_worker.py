@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--lease-seconds must be at least 1")
     if args.checkpoint_every < 0:
         raise ValueError("--checkpoint-every must not be negative")
-    from loramux import paths
+    from loramux.core import paths
     from loramux.registry.jobs import FineTuning
 
     data_dir = Path(args.data_dir) if args.data_dir is not None else paths.data_dir()
@@ -116,7 +116,7 @@ class TrainWorker:
 
     def _run(self, job, lost: threading.Event) -> str:
         from loramux.adapters.train import TrainingStopped, train
-        from loramux.adapters.train_spec import TrainingSpec
+        from loramux.core.train_spec import TrainingSpec
         from loramux.registry.jobs import FileNotFound
 
         work = self.work_root / job.id

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from loramux.adapters.config import LINEAR_MODULES, MAX_RANK
+from loramux.core.adapter_config import MAX_RANK
+from loramux.core.model_config import LINEAR_MODULES
 
 SCHEDULES = ("cosine", "linear", "constant")
 AUTO = "auto"

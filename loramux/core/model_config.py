@@ -14,6 +14,11 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+# The decoder's linear layers, by the last part of their module name: the layers a LoRA may target.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not a Llama-family decoder this runtime implements."""

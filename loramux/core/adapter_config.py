@@ -13,9 +13,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_RANK = 256
 
-# Decoder linear layers a LoRA may target, by the last part of their module name.
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class AdapterConfigError(ValueError):
     """The adapter's configuration is malformed or asks for something loramux does not support."""
