@@ -1,0 +1,197 @@
+"""`loramux cluster serve`: N replicas of `loramux serve` (one GPU each) behind Ray Serve's HTTP proxy, routed by
+adapter; `loramux cluster config`: the same deployment as a Ray Serve config file, for `serve deploy` on a running
+Ray cluster. Ray is an extra: `pip install 'loramux[ray]'`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+
+from loramux.cluster.spec import ClusterSpec
+from loramux.registry.cli.common import blob_url, database_url, open_registry
+from loramux.registry.cli.hub import is_loopback
+from loramux.server.serve_cli import add_server_arguments, check_arguments
+
+NEEDS_RAY = "the cluster commands need Ray Serve: pip install 'loramux[ray]'"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    serve = actions.add_parser(
+        "serve",
+        help="serve N replicas behind Ray Serve's HTTP proxy, routed by adapter",
+        description="Serve N replicas of `loramux serve` (an engine process and the OpenAI-compatible API each, one "
+        "GPU each) behind Ray Serve's HTTP proxy on --host:--port; requests for an adapter go to a replica that "
+        "holds it while that replica has room. Every replica shares one registry.",
+    )
+    config = actions.add_parser(
+        "config",
+        help="print a Ray Serve config file (YAML) of this deployment, for `serve deploy`",
+        description="Print the Ray Serve config file of the deployment these options describe (`serve deploy FILE` "
+        "on a running Ray cluster). Variables (LORAMUX_*, AWS_*) are read on each node, not written into the file.",
+    )
+    for command in (serve, config):
+        add_server_arguments(command)
+        _add_cluster_arguments(command)
+    serve.add_argument(
+        "--address",
+        default=None,
+        help="the Ray cluster to run on: auto (the one `ray start` runs on this machine), HOST:6379, or "
+        "ray://HOST:10001 (default: start Ray on this machine for this command, and stop it after)",
+    )
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replicas", type=int, default=1, help="engine replicas, one GPU each (default 1)")
+    parser.add_argument(
+        "--adapters-per-replica",
+        type=int,
+        default=None,
+        help="adapters a replica counts as held for routing, the least recently used forgotten first (default: its "
+        "engine's slots)",
+    )
+    parser.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=None,
+        help="requests a replica takes at once; past it, requests for its adapters go to other replicas and the "
+        "rest wait, up to --max-queue (default: --max-num-seqs, a full batch)",
+    )
+    parser.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves for each replica (default 1)"
+    )
+    parser.add_argument(
+        "--ingress-replicas", type=int, default=1, help="processes that forward requests to replicas (default 1)"
+    )
+
+
+def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
+    check_arguments(args)
+    data_dir = str(args.data_dir.resolve()) if args.data_dir is not None else None
+    return ClusterSpec(
+        replicas=args.replicas,
+        base=args.base,
+        quantize=args.quantize,
+        device=args.device,
+        cpus_per_replica=args.cpus_per_replica,
+        data_dir=data_dir,
+        database_url=database_url(args),
+        blob_url=blob_url(args),
+        hub=args.hub,
+        slots=args.slots,
+        max_lora_rank=args.max_lora_rank,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queue=args.max_queue,
+        adapter_cache_mb=args.adapter_cache_mb,
+        adapter_readers=args.adapter_readers,
+        overlap_outputs=args.overlap_outputs,
+        max_model_len=args.max_model_len,
+        default_max_tokens=args.default_max_tokens,
+        shutdown_grace=args.shutdown_grace,
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        adapters_per_replica=args.adapters_per_replica,
+        max_ongoing_requests=args.max_ongoing_requests,
+        ingress_replicas=args.ingress_replicas,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    if args.action == "config":
+        print(config_file(spec, args.host, args.port), end="")
+        return 0
+    return serve(spec, args)
+
+
+def config_file(spec: ClusterSpec, host: str, port: int) -> str:
+    """The Ray Serve config file (YAML) that deploys `spec` with the proxy on host:port."""
+    import yaml
+
+    from loramux.cluster.app import APP_NAME
+
+    application = {"name": APP_NAME, "route_prefix": "/", "import_path": "loramux.cluster.app:build",
+                   "args": spec.to_dict()}  # fmt: skip
+    return yaml.safe_dump({"http_options": {"host": host, "port": port}, "applications": [application]},
+                          sort_keys=False)  # fmt: skip
+
+
+def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    """Deploy on Ray (started here, or the cluster at --address), wait for SIGTERM or SIGINT, then take the
+    application down (replicas drain their requests first) and, if this command started Ray, stop it."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+    except ImportError:
+        raise ValueError(NEEDS_RAY) from None
+    from loramux.cluster.app import APP_NAME, build
+
+    _check_storage(spec, args)
+    if args.hub_token:
+        if args.address:
+            raise ValueError("--hub-token reaches no replica of a running Ray cluster: set LORAMUX_TOKEN on its nodes")
+        os.environ["LORAMUX_TOKEN"] = args.hub_token  # the replicas of a Ray started here inherit this environment
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every replica's log lines, not one of each kind
+    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        if len([node for node in ray.nodes() if node["Alive"]]) > 1 and spec.database_url is None:
+            raise ValueError(
+                "this Ray cluster has several nodes: its replicas need one registry that every node reaches "
+                "(--database-url and --blob-url, or LORAMUX_DATABASE_URL and LORAMUX_BLOB_URL)"
+            )
+        if not args.address:
+            _check_resources(spec, ray.cluster_resources())
+        ray_serve.start(http_options={"host": args.host, "port": args.port})
+        print(f"loramux cluster: deploying {spec.replicas} replica(s) on Ray...", flush=True)
+        try:
+            ray_serve.run(build(spec.to_dict()), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # a replica could not start: Ray Serve says why
+            raise ValueError(f"the deployment failed: {exc}") from None
+        print(f"loramux cluster on http://{args.host}:{args.port}: {spec.replicas} replica(s) ready", flush=True)
+        stopping: list[int] = []  # (a signal handler must not take locks: Event.set here could deadlock the wait)
+        previous = {sig: signal.signal(sig, lambda signum, _: stopping.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
+        try:
+            while not stopping:
+                time.sleep(0.2)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        print("loramux cluster: stopping (requests in flight finish first)", flush=True)
+        ray_serve.delete(APP_NAME)
+    finally:
+        if not args.address:
+            ray_serve.shutdown()
+        ray.shutdown()
+    print("loramux cluster: stopped", flush=True)
+    return 0
+
+
+def _check_resources(spec: ClusterSpec, resources: dict) -> None:
+    """Stop with one line where the Ray started here cannot place every replica (it would wait for them forever)."""
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    if spec.device == "cuda" and spec.replicas > gpus:
+        raise ValueError(f"{spec.replicas} replicas need a GPU each; this machine has {gpus:.0f}")
+    if spec.replicas * spec.cpus_per_replica > cpus:
+        raise ValueError(
+            f"{spec.replicas} replicas of {spec.cpus_per_replica:g} CPUs need {spec.replicas * spec.cpus_per_replica:g}"
+            f"; this machine has {cpus:.0f} (--cpus-per-replica)"
+        )
+
+
+def _check_storage(spec: ClusterSpec, args: argparse.Namespace) -> None:
+    """Stop with one line, before Ray starts, where the registry cannot be reached or the address needs API keys."""
+    registry = open_registry(args)
+    try:
+        keys = registry.store.has_keys()
+    finally:
+        registry.close()
+    if not keys and not is_loopback(args.host) and not args.allow_insecure_no_auth:
+        raise ValueError(
+            f"refusing to listen on {args.host} with no API keys (single-user mode lets anyone use the server); "
+            "create one with `loramux tenants create NAME` and `loramux keys create NAME`, "
+            "or pass --allow-insecure-no-auth"
+        )
