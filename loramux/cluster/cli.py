@@ -100,11 +100,23 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_ray()
     spec = spec_from_args(args)
     if args.action == "config":
         print(config_file(spec, args.host, args.port), end="")
         return 0
     return serve(spec, args)
+
+
+def require_ray() -> None:
+    """Stop with one line, naming the extra to install, where Ray Serve cannot be imported."""
+    # Every replica's log lines, not one of each kind (Ray reads it when it is imported).
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise ValueError(NEEDS_RAY) from None
 
 
 def config_file(spec: ClusterSpec, host: str, port: int) -> str:
@@ -122,11 +134,9 @@ def config_file(spec: ClusterSpec, host: str, port: int) -> str:
 def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
     """Deploy on Ray (started here, or the cluster at --address), wait for SIGTERM or SIGINT, then take the
     application down (replicas drain their requests first) and, if this command started Ray, stop it."""
-    try:
-        import ray
-        from ray import serve as ray_serve
-    except ImportError:
-        raise ValueError(NEEDS_RAY) from None
+    import ray
+    from ray import serve as ray_serve
+
     from loramux.cluster.app import APP_NAME, build
 
     _check_storage(spec, args)
@@ -134,7 +144,6 @@ def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
         if args.address:
             raise ValueError("--hub-token reaches no replica of a running Ray cluster: set LORAMUX_TOKEN on its nodes")
         os.environ["LORAMUX_TOKEN"] = args.hub_token  # the replicas of a Ray started here inherit this environment
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every replica's log lines, not one of each kind
     ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     try:
         if len([node for node in ray.nodes() if node["Alive"]]) > 1 and spec.database_url is None:

@@ -1,0 +1,67 @@
+"""`loramux cluster` as a user runs it: one line and a non-zero exit on bad input or without Ray, and the Ray Serve
+config file that `loramux cluster config` prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loramux.cluster.cli import NEEDS_RAY
+
+# `loramux` with Ray hidden from imports, as where the ray extra is not installed.
+WITHOUT_RAY = "import sys; sys.modules['ray'] = None; from loramux.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_cli(*args: str, without_ray: bool = False) -> subprocess.CompletedProcess:
+    command = ["-c", WITHOUT_RAY] if without_ray else ["-m", "loramux.cli"]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("action", ["serve", "config"])
+def test_without_ray_it_names_the_extra_in_one_line(action, tmp_path):
+    result = run_cli("cluster", action, "--data-dir", str(tmp_path / "data"), without_ray=True)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == f"loramux cluster: error: {NEEDS_RAY}\n"
+    assert run_cli("--help", without_ray=True).returncode == 0  # the other commands do not need it
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicas", "0"], "replicas must be a whole number of at least 1, got 0"),
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+        (["--cpus-per-replica", "-1"], "cpus_per_replica must be a number, not negative, got -1.0"),
+        (["--device", "tpu"], "device must be cpu or cuda (each replica gets one GPU of its own), got 'tpu'"),
+    ],
+)
+def test_bad_options_get_one_line_and_a_non_zero_exit(args, message, tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[dev]' (the ray extra)")
+    from loramux.cli import main
+
+    for action in ("config", "serve"):  # refused before Ray starts
+        assert main(["cluster", action, "--data-dir", str(tmp_path / "data"), *args]) == 1
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", f"loramux cluster: error: {message}\n")
+
+
+def test_config_prints_a_ray_serve_config_file_of_the_options(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[dev]' (the ray extra)")
+    import yaml
+
+    from loramux.cluster.spec import ClusterSpec
+
+    data = tmp_path / "data"
+    result = run_cli("cluster", "config", "--replicas", "3", "--base", "/models/base", "--data-dir", str(data),
+                     "--host", "0.0.0.0", "--port", "8100", "--slots", "6", "--adapters-per-replica", "12")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8100}
+    [application] = config["applications"]
+    assert application["import_path"] == "loramux.cluster.app:build" and application["route_prefix"] == "/"
+    assert application["args"] == {"replicas": 3, "base": "/models/base", "data_dir": str(data.resolve()), "slots": 6,
+                                   "adapters_per_replica": 12}  # fmt: skip
+    assert ClusterSpec.from_dict(application["args"]).replicas == 3  # what `build` will read back
