@@ -17,6 +17,7 @@ from loramux.cluster.spec import ClusterSpec
 
 APP_NAME = "loramux"
 HEALTH_CHECK_SECONDS = 5.0
+ONGOING_BATCHES = 2  # the default max_ongoing_requests of a replica, in batches (max_num_seqs)
 
 
 def build(args: dict | None = None):
@@ -32,9 +33,10 @@ def build(args: dict | None = None):
     board = MetricsBoard.bind()
     replicas = Replica.options(
         num_replicas=spec.replicas,
-        # A replica takes a full batch before requests for its adapters go to other replicas; beyond what every
-        # replica takes, up to max_queue requests wait at the ingress, and later ones get a 429.
-        max_ongoing_requests=spec.max_ongoing_requests or spec.batch_size(gpu),
+        # A replica takes a full batch and a second one waiting before requests for its adapters go to other replicas
+        # (which then load them); beyond what every replica takes, up to max_queue requests wait at the ingress, and
+        # later ones get a 429.
+        max_ongoing_requests=spec.max_ongoing_requests or ONGOING_BATCHES * spec.batch_size(gpu),
         max_queued_requests=spec.max_queue,
         ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": 1 if gpu else 0},
         graceful_shutdown_timeout_s=spec.shutdown_grace,

@@ -58,7 +58,7 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="requests a replica takes at once; past it, requests for its adapters go to other replicas and the "
-        "rest wait, up to --max-queue (default: --max-num-seqs, a full batch)",
+        "rest wait, up to --max-queue (default: twice --max-num-seqs, a full batch and a second one waiting)",
     )
     parser.add_argument(
         "--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves for each replica (default 1)"

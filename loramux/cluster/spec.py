@@ -43,8 +43,8 @@ class ClusterSpec:
     shutdown_grace: float = 30.0
     log_level: str = "WARNING"
     # Routing: the adapters a replica counts as held (Ray Serve's max_num_models_per_replica; None: its engine's
-    # slots) and the requests it takes at once before requests for its adapters spill to other replicas (None: a
-    # full batch, max_num_seqs).
+    # slots) and the requests it takes at once before requests for its adapters spill to other replicas (None: two
+    # batches, twice max_num_seqs).
     adapters_per_replica: int | None = None
     max_ongoing_requests: int | None = None
     ingress_replicas: int = 1
