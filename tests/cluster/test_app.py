@@ -237,9 +237,24 @@ def test_streams_are_the_same_events_as_one_servers(env):
             assert answer.headers["content-type"].startswith("text/event-stream") and answer.done
             for event in answer.events:
                 event.pop("id"), event.pop("created")
-        # the same text, opened and closed by the same events (how tokens group into events may differ with timing)
+        # the same text in events of the same kinds, in the same order (how tokens group into events varies)
         assert many.text == one.text and len(one.text) > 0
-        assert (many.events[0], many.events[-1]) == (one.events[0], one.events[-1])
+        assert kinds(many.events) == kinds(one.events) and len(kinds(one.events)) >= 2
+
+
+def kinds(events: list[dict]) -> list[str]:
+    """A stream's events without their text, repeats of one kind in a row counted once."""
+    shapes = []
+    for event in events:
+        event = json.loads(json.dumps(event))
+        for choice in event.get("choices", []):
+            choice.pop("text", None)
+            if choice.get("delta", {}).get("content"):
+                choice["delta"]["content"] = "..."
+        shape = json.dumps(event, sort_keys=True)
+        if not shapes or shapes[-1] != shape:
+            shapes.append(shape)
+    return shapes
 
 
 def burst(env, request: Ask, size: int = 12) -> list[Answer]:
