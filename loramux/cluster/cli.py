@@ -146,11 +146,7 @@ def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
         os.environ["LORAMUX_TOKEN"] = args.hub_token  # the replicas of a Ray started here inherit this environment
     ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        if len([node for node in ray.nodes() if node["Alive"]]) > 1 and spec.database_url is None:
-            raise ValueError(
-                "this Ray cluster has several nodes: its replicas need one registry that every node reaches "
-                "(--database-url and --blob-url, or LORAMUX_DATABASE_URL and LORAMUX_BLOB_URL)"
-            )
+        _check_one_registry(spec, len([node for node in ray.nodes() if node["Alive"]]))
         if not args.address:
             _check_resources(spec, ray.cluster_resources())
         ray_serve.start(http_options={"host": args.host, "port": args.port})
@@ -177,6 +173,15 @@ def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
         ray.shutdown()
     print("loramux cluster: stopped", flush=True)
     return 0
+
+
+def _check_one_registry(spec: ClusterSpec, nodes: int) -> None:
+    """Stop with one line where the replicas of several machines would each open a registry of their own."""
+    if nodes > 1 and (spec.database_url is None or spec.blob_url is None):
+        raise ValueError(
+            f"this Ray cluster has {nodes} nodes: its replicas need one registry that every node reaches "
+            "(--database-url and --blob-url, or LORAMUX_DATABASE_URL and LORAMUX_BLOB_URL)"
+        )
 
 
 def _check_resources(spec: ClusterSpec, resources: dict) -> None:

@@ -65,3 +65,19 @@ def test_config_prints_a_ray_serve_config_file_of_the_options(tmp_path):
     assert application["args"] == {"replicas": 3, "base": "/models/base", "data_dir": str(data.resolve()), "slots": 6,
                                    "adapters_per_replica": 12}  # fmt: skip
     assert ClusterSpec.from_dict(application["args"]).replicas == 3  # what `build` will read back
+
+
+def test_replicas_of_several_machines_need_a_registry_that_every_machine_reaches():
+    from loramux.cluster.cli import _check_one_registry, _check_resources
+    from loramux.cluster.spec import ClusterSpec
+
+    _check_one_registry(ClusterSpec(data_dir="/srv/data"), nodes=1)  # one machine: its SQLite and blob folder do
+    _check_one_registry(ClusterSpec(database_url="postgresql://db/r", blob_url="s3://bucket/r"), nodes=3)
+    for spec in (ClusterSpec(data_dir="/srv/data"), ClusterSpec(database_url="postgresql://db/r")):
+        with pytest.raises(ValueError, match="^this Ray cluster has 3 nodes: its replicas need one registry"):
+            _check_one_registry(spec, nodes=3)
+    _check_resources(ClusterSpec(replicas=2, device="cuda"), {"GPU": 2.0, "CPU": 8.0})
+    with pytest.raises(ValueError, match="^3 replicas need a GPU each; this machine has 2$"):
+        _check_resources(ClusterSpec(replicas=3, device="cuda"), {"GPU": 2.0, "CPU": 8.0})
+    with pytest.raises(ValueError, match=r"^2 replicas of 1.5 CPUs need 3; this machine has 2 \(--cpus-per-replica\)"):
+        _check_resources(ClusterSpec(replicas=2, cpus_per_replica=1.5), {"CPU": 2.0})
