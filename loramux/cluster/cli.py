@@ -10,6 +10,7 @@ import os
 import signal
 import time
 
+from loramux.cluster.protocol import REPLICA_FAILED
 from loramux.cluster.spec import ClusterSpec
 from loramux.registry.cli.common import blob_url, database_url, open_registry
 from loramux.registry.cli.hub import is_loopback
@@ -153,8 +154,8 @@ def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
         print(f"loramux cluster: deploying {spec.replicas} replica(s) on Ray...", flush=True)
         try:
             ray_serve.run(build(spec.to_dict()), name=APP_NAME, route_prefix="/")
-        except RuntimeError as exc:  # a replica could not start: Ray Serve says why
-            raise ValueError(f"the deployment failed: {exc}") from None
+        except RuntimeError as exc:  # a replica could not start: Ray Serve's status says why
+            raise ValueError(f"the deployment failed: {_deployment_failure(exc)}") from None
         print(f"loramux cluster on http://{args.host}:{args.port}: {spec.replicas} replica(s) ready", flush=True)
         stopping: list[int] = []  # (a signal handler must not take locks: Event.set here could deadlock the wait)
         previous = {sig: signal.signal(sig, lambda signum, _: stopping.append(signum))
@@ -173,6 +174,25 @@ def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
         ray.shutdown()
     print("loramux cluster: stopped", flush=True)
     return 0
+
+
+def _deployment_failure(exc: RuntimeError) -> str:
+    """One line on why the deployment failed: a replica's own error where Ray Serve's status holds it (the tail of
+    a traceback), else the first line of Ray Serve's."""
+    from ray import serve as ray_serve
+
+    from loramux.cluster.app import APP_NAME
+
+    try:
+        application = ray_serve.status().applications.get(APP_NAME)
+        messages = [application.message, *(d.message for d in application.deployments.values())] if application else []
+    except Exception:  # the status is out of reach as well: what Ray Serve raised is all there is
+        messages = []
+    for message in messages:
+        for line in reversed((message or "").splitlines()):
+            if REPLICA_FAILED in line:
+                return line[line.index(REPLICA_FAILED) :].strip()
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _check_one_registry(spec: ClusterSpec, nodes: int) -> None:

@@ -15,6 +15,9 @@ ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 REPLICA_HEADER = b"x-loramux-replica"
 RESIDENT_HEADER = b"x-loramux-adapter-resident"
 
+# How the error of a replica that could not start begins (`loramux cluster serve` finds it in Ray Serve's status).
+REPLICA_FAILED = "a replica could not start: "
+
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path", "query_string",
                "client", "server")  # fmt: skip
 

@@ -18,7 +18,7 @@ from prometheus_client import Counter
 from ray import serve
 
 from loramux.cluster.metrics import REPLICA, report
-from loramux.cluster.protocol import REPLICA_HEADER, RESIDENT_HEADER, ReplicaStopped
+from loramux.cluster.protocol import REPLICA_FAILED, REPLICA_HEADER, RESIDENT_HEADER, ReplicaStopped
 from loramux.cluster.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Replica:
         await self.state.load()  # the engine process, then the tokenizer side
         if self.state.load_error is not None:
             await asyncio.to_thread(self.state.close)
-            raise RuntimeError(f"replica {self.name} could not load the base model: {self.state.load_error}")
+            raise RuntimeError(f"{REPLICA_FAILED}could not load the base model: {self.state.load_error}")
         self.app = create_app(self.state)  # its lifespan is not run: the engine is loaded already
         self.held: dict[str, _Held] = {}
         capacity = spec.adapters_per_replica or self.state.info.num_slots or 1
@@ -97,7 +97,10 @@ class Replica:
             raise RuntimeError(f"the engine process of replica {self.name} is gone: {failure}")
 
     async def __del__(self) -> None:
-        """Ray Serve's shutdown, once the requests in flight drained (`graceful_shutdown_timeout_s`)."""
+        """Ray Serve's shutdown, once the requests in flight drained (`graceful_shutdown_timeout_s`); also after an
+        `__init__` that failed part of the way (the engine is closed there already)."""
+        if not hasattr(self, "reporter"):
+            return
         self.reporter.cancel()
         self.collector.set()
         await self.state.drain()

@@ -81,3 +81,28 @@ def test_replicas_of_several_machines_need_a_registry_that_every_machine_reaches
         _check_resources(ClusterSpec(replicas=3, device="cuda"), {"GPU": 2.0, "CPU": 8.0})
     with pytest.raises(ValueError, match=r"^2 replicas of 1.5 CPUs need 3; this machine has 2 \(--cpus-per-replica\)"):
         _check_resources(ClusterSpec(replicas=2, cpus_per_replica=1.5), {"CPU": 2.0})
+
+
+def test_a_deployment_that_failed_says_why_in_one_line(monkeypatch):
+    """Ray Serve raises 'Failed to update the deployments'; the replica's own error is the tail of a traceback in
+    its status, and that is the line the command prints."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[dev]' (the ray extra)")
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from loramux.cluster.cli import _deployment_failure
+
+    traceback = (
+        "The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File ...\n"
+        "RuntimeError: a replica could not start: could not load the base model: base model 'x' not found"
+    )
+    replica = SimpleNamespace(message=traceback)
+    status = SimpleNamespace(applications={"loramux": SimpleNamespace(message="", deployments={"Replica": replica})})
+    monkeypatch.setattr(serve, "status", lambda: status)
+    failure = RuntimeError("Deploying application loramux failed: Failed to update the deployments ['Replica'].")
+    assert _deployment_failure(failure) == (
+        "a replica could not start: could not load the base model: base model 'x' not found"
+    )
+    replica.message = "the replica's health check failed\nsee the log"
+    assert _deployment_failure(failure) == failure.args[0]  # nothing of ours: Ray Serve's own line
