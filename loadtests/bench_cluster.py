@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "loadtests/bench_cluster.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(), "device": args.device,
         "python": platform.python_version(), "cpus": os.cpu_count(), "plan": plan, "runs": {}, "failures": {},
+        "load_average_at_start": os.getloadavg(),  # other work on the machine shares its cores
     }  # fmt: skip
     try:
         if args.workdir:
