@@ -30,7 +30,7 @@ pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[dev]'
 ADAPTERS = [f"acme/a{i}" for i in range(4)]
 MODELS = ["tiny", *ADAPTERS]
 PROMPTS = ["Hello there", "Tell me a story", "Why is the sky blue?", "List three colours", "What is two and two?"]
-ENGINE = ("--slots", "2", "--max-lora-rank", "8", "--max-num-seqs", "4", "--max-model-len", "128")
+ENGINE = ("--slots", "2", "--max-lora-rank", "8", "--max-num-seqs", "4", "--max-model-len", "1024")
 WARM = 40  # requests sent before affinity is counted: each replica loads its adapters first
 
 
@@ -101,7 +101,7 @@ def env(tmp_path_factory):
     import huggingface_hub.constants as hf_constants
 
     root = tmp_path_factory.mktemp("cluster")
-    base = make_tiny_checkpoint(root / "tiny", max_position_embeddings=256)
+    base = make_tiny_checkpoint(root / "tiny", max_position_embeddings=1024)
     adapters = [write_adapter(root / f"adapter{i}", seed=i, r=4 + 4 * (i % 2)) for i in range(6)]
     registry = Registry.open(root / "data")
     for tenant in ("acme", "globex"):
@@ -205,7 +205,7 @@ def test_the_api_answers_as_one_server_does(env):
         ("POST", "/v1/chat/completions", acme, {"json": {**chat, "model": "acme/nothing"}}),
         ("POST", "/v1/chat/completions", acme, {"json": {**chat, "model": "no such model"}}),
         ("POST", "/v1/completions", acme, {"content": b"{not json", "headers": {"content-type": "application/json"}}),
-        ("POST", "/v1/completions", acme, {"json": {"model": "tiny", "prompt": "x" * 400, "max_tokens": 4}}),
+        ("POST", "/v1/completions", acme, {"json": {"model": "tiny", "prompt": "x" * 1200, "max_tokens": 4}}),
         ("POST", "/v1/completions", acme, {"json": {"model": "acme/a2", "prompt": "Hi", "max_tokens": -1}}),
         ("POST", "/v1/completions", acme, {"json": {"model": "tiny", "prompt": "Hi", "n": 2, "temperature": 0}}),
         ("POST", "/v1/completions", acme, {"content": b"x" * (9 << 20)}),  # 413, before it is parsed
@@ -255,6 +255,32 @@ def kinds(events: list[dict]) -> list[str]:
         if not shapes or shapes[-1] != shape:
             shapes.append(shape)
     return shapes
+
+
+def test_a_client_gone_mid_stream_aborts_its_generation_on_the_replica(env):
+    url = env.cluster.url
+
+    def counts() -> tuple[float, float]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return (metric(text, "loramux_requests_aborted_total", reason="disconnect"),
+                metric(text, "loramux_generation_tokens_total", tenant="acme", adapter="acme/a2"))  # fmt: skip
+
+    aborted, generated = counts()
+    body = {"model": "acme/a2", "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    headers = {"authorization": f"Bearer {env.keys['acme']}"}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=60) as stream:
+        events = 0
+        for line in stream.iter_lines():
+            events += line.startswith("data:")
+            if events == 3:
+                break  # leave with ~900 tokens still to generate
+    deadline = time.monotonic() + 60
+    now = counts()
+    while now[0] == aborted and time.monotonic() < deadline:  # the replica hears of it and aborts the generation
+        time.sleep(0.2)
+        now = counts()
+    assert now[0] == aborted + 1
+    assert 0 < now[1] - generated < 900  # it did not run to the end behind the client's back
 
 
 def burst(env, request: Ask, size: int = 12) -> list[Answer]:
