@@ -2,7 +2,7 @@
 VENV ?= .venv
 export LORAMUX_VENV := $(VENV)
 
-.PHONY: serve test gpu-test lint install
+.PHONY: serve test gpu-test acceptance lint install
 
 # With the clients the README's examples use (openai; matplotlib for the load generator's plot).
 install:
@@ -22,6 +22,12 @@ test:
 gpu-test:
 	@scripts/setup.sh dev
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -rs -m gpu --require-gpu $(PYTEST_ARGS)
+
+# A new user's whole first hour on the real default model (train with the defaults, serve, merge, serve the merge):
+# about 10 to 20 minutes of CPU training, so not part of `make test`; run it after changes to training or merging.
+acceptance:
+	@scripts/setup.sh dev
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -rs -m acceptance --acceptance $(PYTEST_ARGS)
 
 lint:
 	@scripts/setup.sh dev

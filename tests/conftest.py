@@ -26,10 +26,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="stop with an error, instead of skipping the gpu tests, where there is no CUDA device or no Triton",
     )
+    parser.addoption(
+        "--acceptance",
+        action="store_true",
+        help="run the acceptance tests too: a user's whole journey on the real model (`make acceptance`)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
+
+    if not config.getoption("--acceptance"):
+        journey = pytest.mark.skip(reason="an acceptance test (minutes of training on the CPU): make acceptance")
+        for item in items:
+            if "acceptance" in item.keywords:
+                item.add_marker(journey)
 
     if config.getoption("--require-gpu"):
         from importlib.util import find_spec
