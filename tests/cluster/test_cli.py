@@ -65,6 +65,10 @@ def test_config_prints_a_ray_serve_config_file_of_the_options(tmp_path):
     assert application["args"] == {"replicas": 3, "base": "/models/base", "data_dir": str(data.resolve()), "slots": 6,
                                    "adapters_per_replica": 12}  # fmt: skip
     assert ClusterSpec.from_dict(application["args"]).replicas == 3  # what `build` will read back
+    from ray.serve.schema import ServeDeploySchema
+
+    deploy = ServeDeploySchema.model_validate(config)  # what `serve deploy FILE` checks the file against
+    assert deploy.http_options.port == 8100 and deploy.applications[0].import_path == "loramux.cluster.app:build"
 
 
 def test_replicas_of_several_machines_need_a_registry_that_every_machine_reaches():
