@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--address",
         default=None,
         help="the Ray cluster to run on: auto (the one `ray start` runs on this machine), HOST:6379, or "
-        "ray://HOST:10001 (default: start Ray on this machine for this command, and stop it after)",
+        "ray://HOST:10001 (default: start Ray on this machine for this command, and stop it after); where Ray Serve "
+        "runs there already, its proxy keeps the host and port it started with",
     )
 
 
