@@ -5,7 +5,8 @@ The packages are layers, each importing only from the layers below it (tests/tes
 1. `loramux.core`: files and paths, model and adapter configs, adapter validation, training data and spec; no torch.
 2. `loramux.registry`: tenants, keys, repos, blobs, the hub routes, fine-tuning jobs; no torch.
 3. `loramux.server`: the model, layers and kernels, adapter weights, the engine and the OpenAI API.
-4. `loramux.adapters`: the tools built on them (merge, training, the training worker); `loramux.cli`, the commands.
+4. `loramux.adapters`: the tools built on them (merge, training, the training worker); `loramux.cluster`, replicas
+   on Ray Serve; `loramux.cli`, the commands.
 
 This module itself (the version, logging) sits below them all.
 """

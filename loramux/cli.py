@@ -16,6 +16,7 @@ Commands = dict[str, tuple[str, str]]
 COMMANDS: Commands = {
     "generate": ("loramux.server.generate_cli", "load a base model (and an adapter) and answer one prompt"),
     "serve": ("loramux.server.serve_cli", "serve the OpenAI-compatible API, the adapter hub and /metrics"),
+    "cluster": ("loramux.cluster.cli", "serve replicas on Ray Serve, routed by adapter (the ray extra)"),
     "hub": ("loramux.registry.cli.hub", "serve the adapter hub (Hugging Face Hub API) alone, without torch"),
     "tenants": ("loramux.registry.cli.tenants", "create and list tenants and their namespaces"),
     "keys": ("loramux.registry.cli.keys", "create, list and revoke API keys"),

@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("loramux", "loramux.core"),
     ("loramux.registry",),
     ("loramux.server",),
-    ("loramux.adapters", "loramux.cli"),
+    ("loramux.adapters", "loramux.cluster", "loramux.cli"),
 )
 CORE = "loramux.core"
 TESTS = "tests"

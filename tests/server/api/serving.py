@@ -36,12 +36,19 @@ class Server:
         return self.process.returncode
 
 
-def serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "loramux.cli", "serve", *args]
+def serve_command(*args: str, command: tuple[str, ...] = ("serve",)) -> list[str]:
+    return [sys.executable, "-m", "loramux.cli", *command, *args]
 
 
-def launch(home: Path, *args: str, ready_timeout: float = 180, env: dict[str, str] | None = None) -> Server:
-    """Start `loramux serve ARGS` with LORAMUX_HOME=home and wait until /ready answers 200 (`env` overrides)."""
+def launch(
+    home: Path,
+    *args: str,
+    ready_timeout: float = 180,
+    env: dict[str, str] | None = None,
+    command: tuple[str, ...] = ("serve",),
+) -> Server:
+    """Start `loramux serve ARGS` (or another `command` that serves, such as `cluster serve`) with LORAMUX_HOME=home
+    and wait until /ready answers 200 (`env` overrides)."""
     port = free_port()
     # One compute thread: on a CPU shared with other test processes, torch's spinning thread pool is much slower.
     inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}  # as users run it
@@ -50,13 +57,17 @@ def launch(home: Path, *args: str, ready_timeout: float = 180, env: dict[str, st
     home.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            serve_command("--port", str(port), *args), cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT
+            serve_command("--port", str(port), *args, command=command),
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"loramux serve exited with {process.returncode}:\n{server.output()}")
+            raise RuntimeError(f"loramux {' '.join(command)} exited with {process.returncode}:\n{server.output()}")
         try:
             if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
                 return server
@@ -64,7 +75,7 @@ def launch(home: Path, *args: str, ready_timeout: float = 180, env: dict[str, st
             pass
         time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"loramux serve was not ready within {ready_timeout}s:\n{server.output()}")
+    raise RuntimeError(f"loramux {' '.join(command)} was not ready within {ready_timeout}s:\n{server.output()}")
 
 
 def metric(text: str, name: str, **labels: str) -> float:
