@@ -19,5 +19,9 @@ __version__ = "0.1.0"
 # from the Hugging Face Hub (through the `kernels` package). loramux downloads nothing at run time and its CPU path
 # multiplies with the dequantized weight, not that kernel: the warning would only be noise in every process that
 # loads torch, including the ones loramux starts itself. `--log-level DEBUG` shows it again.
+# The `kernels` package, which bitsandbytes asks for that kernel, warns in turn that it skips its publisher check when
+# it cannot reach the Hub: the same noise, one level down.
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
-logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.ERROR)
+KERNELS_LOGGER = "kernels"
+for _noisy in (BNB_CPU_LOGGER, KERNELS_LOGGER):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)

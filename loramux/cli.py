@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-from loramux import BNB_CPU_LOGGER
+from loramux import BNB_CPU_LOGGER, KERNELS_LOGGER
 
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 Commands = dict[str, tuple[str, str]]
@@ -47,7 +47,8 @@ def run_commands(
     args = build_parser(prog, description, commands).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
-        logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.NOTSET)  # quieted in loramux/__init__.py, shown here
+        for quieted in (BNB_CPU_LOGGER, KERNELS_LOGGER):  # quieted in loramux/__init__.py, shown here
+            logging.getLogger(quieted).setLevel(logging.NOTSET)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
