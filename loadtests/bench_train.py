@@ -312,6 +312,11 @@ def run_loramux(base: Path, data: Path, workdir: Path, args: argparse.Namespace,
         gradient_checkpointing=True,
         seed=SEED,
         device=str(device),
+        # The baseline's loop has none of the trainer's own helps: every row trained on, in the same order, no rows
+        # of the base's answers added, every step run.
+        validation_fraction=0.0,
+        replay=False,
+        early_stopping=False,
     )
     clock = StepClock(device, args.warmup)
     peak_load: list[float | None] = []
