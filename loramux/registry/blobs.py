@@ -12,7 +12,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -93,21 +94,11 @@ class LocalBlobStore:
     def put(
         self, stream: BinaryIO, expected_sha256: str | None = None, max_bytes: int | None = None
     ) -> tuple[str, int]:
-        digest, size = hashlib.sha256(), 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise ValueError(f"upload is larger than the limit of {max_bytes} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            sha = digest.hexdigest()
-            if expected_sha256 is not None and sha != expected_sha256:
-                raise ValueError(f"upload's sha256 is {sha}, expected {expected_sha256}: the data changed in transit")
+        with spooled_upload(stream, self.root / "tmp", expected_sha256, max_bytes, durable=True) as (
+            tmp_name,
+            sha,
+            size,
+        ):
             final = self._path(sha)
             final.parent.mkdir(exist_ok=True)
             os.replace(tmp_name, final)  # atomic: the blob appears whole or not at all
@@ -116,9 +107,6 @@ class LocalBlobStore:
             with self._lock:
                 self._verified[sha] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             return sha, size
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()
@@ -157,6 +145,35 @@ class LocalBlobStore:
                 sha = folder.name + file.name
                 if SHA256.fullmatch(sha):
                     yield sha, file.stat().st_mtime
+
+
+@contextmanager
+def spooled_upload(
+    stream: BinaryIO, directory: Path, expected_sha256: str | None, max_bytes: int | None, durable: bool
+) -> Iterator[tuple[str, str, int]]:
+    """Read `stream` into a new file in `directory`, hashing it on the way (synced to disk if `durable`), and yield
+    (its path, its sha256, its size) once it is whole and matches `expected_sha256`; the file is removed after, unless
+    the caller moved it. ValueError past `max_bytes` or on another digest."""
+    digest, size = hashlib.sha256(), 0
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix="upload-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise ValueError(f"upload is larger than the limit of {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        sha = digest.hexdigest()
+        if expected_sha256 is not None and sha != expected_sha256:
+            raise ValueError(f"upload's sha256 is {sha}, expected {expected_sha256}: the data changed in transit")
+        yield tmp_name, sha, size
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
 
 
 def hash_file(path: Path) -> str:

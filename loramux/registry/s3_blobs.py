@@ -36,6 +36,7 @@ from loramux.registry.blobs import (
     CorruptBlobError,
     hash_file,
     remove_stale_files,
+    spooled_upload,
 )
 from loramux.registry.names import SHA256
 from loramux.registry.store import StorageUnavailableError
@@ -80,27 +81,17 @@ class S3BlobStore:
     def put(
         self, stream: BinaryIO, expected_sha256: str | None = None, max_bytes: int | None = None
     ) -> tuple[str, int]:
-        digest, size = hashlib.sha256(), 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.cache / "tmp", prefix="upload-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise ValueError(f"upload is larger than the limit of {max_bytes} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
-            sha = digest.hexdigest()
-            if expected_sha256 is not None and sha != expected_sha256:
-                raise ValueError(f"upload's sha256 is {sha}, expected {expected_sha256}: the data changed in transit")
+        # The bucket keeps the object, so the local copy (the cache's) need not be synced first.
+        with spooled_upload(stream, self.cache / "tmp", expected_sha256, max_bytes, durable=False) as (
+            tmp_name,
+            sha,
+            size,
+        ):
             # A single PUT, or a multipart upload that S3 assembles only when it completes: never half an object.
             with _unavailable(f"the bucket {self.bucket}"):
                 self.client.upload_file(tmp_name, self.bucket, self._key(sha))
             self._keep(tmp_name, sha)
             return sha, size
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
 
     def exists(self, sha256: str) -> bool:
         key = self._key(sha256)
