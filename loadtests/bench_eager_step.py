@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from loadtests.bench_engine import LLAMA3_8B, TINY, build_base, write_adapter
+from loadtests.bench_engine import TINY, build_base, write_adapter
 from loadtests.profiling import top_functions
+from loadtests.shapes import LLAMA3_8B
 from loramux.server.engine.batch import Chunk
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.model_runner import ModelRunner

@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.record import dated_json_path
+from loadtests.shapes import LLAMA3_8B
 from loadtests.workload import SAMPLING
 from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES, ModelConfig
@@ -59,16 +60,6 @@ from loramux.server.models.loader import BaseModel, compute_dtype_for, load_base
 from loramux.server.models.lora_weights import base_shapes, load_lora
 
 PARTS = ("w1", "peft", "hf", "stream", "w2", "load")
-LLAMA3_8B = {
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "rope_theta": 500000.0,
-    "max_position_embeddings": 8192,
-}
 TINY = {
     "vocab_size": 512,
     "hidden_size": 64,

@@ -34,7 +34,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from loadtests.bench_engine import LLAMA3_8B, TINY, write_adapter
+from loadtests.bench_engine import TINY, write_adapter
+from loadtests.shapes import LLAMA3_8B
 from loramux.core.model_config import ModelConfig
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU
 from loramux.server.engine.host_arena import HostArena

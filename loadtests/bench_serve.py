@@ -45,19 +45,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.record import REPO, commit, dated_json_path
+from loadtests.shapes import LLAMA3_8B
 from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES
 
 SHAPES = {
-    "llama3-8b": {
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 8192,
-    },
+    "llama3-8b": LLAMA3_8B,
     "tiny": {
         "vocab_size": 49152,  # the tokenizer's own
         "hidden_size": 64,
