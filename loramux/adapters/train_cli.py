@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 from loramux.core.model_config import LINEAR_MODULES
@@ -138,9 +139,16 @@ def _auto(kind: type):
     return parse
 
 
+# PEFT asks transformers a question that transformers has renamed: a warning for their authors, not for this command's
+# user (code that calls `train` itself still sees it).
+LIBRARY_NOISE = "`is_gradient_checkpointing` is deprecated"
+
+
 def run(args: argparse.Namespace) -> int:
     from loramux.registry.client import hub_api, hub_token, hub_url, push
     from loramux.registry.names import check_repo_id
+
+    warnings.filterwarnings("ignore", message=LIBRARY_NOISE, category=FutureWarning)
 
     if not args.no_push:
         if not args.name:

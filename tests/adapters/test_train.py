@@ -4,6 +4,7 @@ SmolLM2, a LoRA that learns an invented fact the base does not know."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from loramux.adapters.train import TrainingEvent, TrainingStopped, train
+from loramux.adapters.train_cli import LIBRARY_NOISE
 from loramux.core.chat_data import DataError
 from loramux.core.train_spec import TrainingSpec, TrainingSpecError
 from loramux.server.models.checkpoint import load_config
@@ -354,10 +356,13 @@ def test_adapters_train_pushes_the_trained_adapter_to_the_hub(tmp_path: Path, ti
         "1",
         "--no-replay",
     ]
-    assert main([*argv, "--rank", "4", "--lr", "1e-3", "--max-seq-len", "64"]) == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main([*argv, "--rank", "4", "--lr", "1e-3", "--max-seq-len", "64"]) == 0
     captured = capsys.readouterr()
     assert f"to {hub.url}" in captured.out and "pushed me/trained@" in captured.out
     assert "training" in captured.err  # the progress bar
+    assert not [w for w in seen if LIBRARY_NOISE in str(w.message)]  # the libraries' deprecation notes stay quiet
 
     info = HfApi(endpoint=hub.url, token=False).model_info("me/trained")
     assert captured.out.split("@")[1].split()[0] == info.sha
