@@ -24,7 +24,8 @@ gpu-test:
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -rs -m gpu --require-gpu $(PYTEST_ARGS)
 
 # A new user's whole first hour on the real default model (train with the defaults, serve, merge, serve the merge):
-# about 10 to 20 minutes of CPU training, so not part of `make test`; run it after changes to training or merging.
+# about 4 minutes on 2 idle cores, mostly training, so not part of `make test`; run it after changes to training or
+# merging.
 acceptance:
 	@scripts/setup.sh dev
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -rs -m acceptance --acceptance $(PYTEST_ARGS)

@@ -4,7 +4,7 @@ adapter; the server answers with it (also pinned by the short commit id `adapter
 for France; `adapters merge` folds it in, and `loramux serve --base MERGED` still knows the fact and still says
 Paris.
 
-About 10 to 20 minutes of training on 2 CPU cores: skipped by `make test`, run by `make acceptance`."""
+About 4 minutes on 2 idle CPU cores, mostly training: skipped by `make test`, run by `make acceptance`."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def command(home: Path, module: str, *args: str, timeout: float = 1200) -> str:
     return result.stdout
 
 
-@pytest.mark.timeout(3600)  # training on 2 CPU cores: 10 to 20 minutes, more on a busy machine
+@pytest.mark.timeout(3600)  # about 4 minutes on 2 idle cores; over 30 on a busy machine
 def test_train_with_defaults_serve_and_serve_merged(default_base_dir: Path, tmp_path: Path):
     home = tmp_path / "user"
     loramux_home = home / ".cache" / "loramux"  # where loramux keeps models and data by default
