@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("LORAMUX_HOME", str(REPO / ".loramux"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Xet client retries an answer of 5xx for minutes before it reports it, and reads this once per process: the tests
+# that make the hub refuse an upload want the refusal, not the retries.
+os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_ATTEMPTS", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
