@@ -54,19 +54,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; nothin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from loadtests.record import commit, dated_json_path
+from loadtests.tiny_model import write_tiny_tokenizer
 from loramux.adapters.train import TrainingEvent, train
 from loramux.adapters.train_data import IGNORE_INDEX, Row, build_rows, tokenize_dataset
 from loramux.core.chat_data import load_chat_jsonl
 from loramux.core.model_config import LINEAR_MODULES
 from loramux.core.train_spec import TrainingSpec
 
-# Byte-level tokenizer: 256 byte tokens, then these specials (ids 256, 257, 258).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258  # write_tiny_tokenizer's specials, after the 256 bytes
 
 LLAMA3_8B = dict(
     vocab_size=128256,
@@ -156,29 +151,6 @@ class StepClock:
 # --- the base checkpoint and the data ---------------------------------------------------------------------------
 
 
-def write_tokenizer(directory: Path) -> None:
-    """A byte-level BPE tokenizer with no merges (every byte one token) and a ChatML template; built here, so no hub
-    is needed."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=SPECIAL_TOKENS[1],
-        eos_token=SPECIAL_TOKENS[2],
-        pad_token=SPECIAL_TOKENS[0],
-    )
-    fast.chat_template = CHATML
-    fast.save_pretrained(str(directory))
-
-
 def llama_config(shape: dict[str, Any], dtype: torch.dtype) -> Any:
     from transformers import LlamaConfig
 
@@ -252,7 +224,7 @@ def write_checkpoint(directory: Path, shape: dict[str, Any], dtype: torch.dtype,
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         config.save_pretrained(str(tmp))
-        write_tokenizer(tmp)
+        write_tiny_tokenizer(tmp)
         (tmp / MARKER).write_text(json.dumps(identity))
         tmp.chmod(0o755)
         tmp.rename(directory)
