@@ -3,11 +3,13 @@ that an inference request's body names (`model`) as its Ray Serve model id, and 
 (`Replica.forward`) through Ray Serve's router, which prefers a replica that holds the adapter; the replica's response
 streams back as it comes.
 
-A replica that dies before the response has started (nothing sent to the client yet) costs the request nothing: the
-ingress sends it to another replica. Once the response has started, a stream ends with an error event in OpenAI's
-streaming shape. Answers of the ingress's own (replicas all busy and the queue full: 429; no replica: 503; a body
-over the limit: 413) are OpenAI-shaped with `Retry-After` where waiting helps, and counted in the metrics as a server
-counts its own. `/metrics` adds up every replica's series (`metrics.py`)."""
+A replica that dies before the response has started costs the request nothing: the ingress sends it to another
+replica. A stream starts for the client with its first token: the headers and the chat's role chunks, which a replica
+sends at once, wait for it, so that a replica that dies during the prefill leaves nothing half-sent. Once the response
+has started, a stream ends with an error event in OpenAI's streaming shape. Answers of the ingress's own (replicas
+all busy and the queue full: 429; no replica: 503; a body over the limit: 413) are OpenAI-shaped with `Retry-After`
+where waiting helps, and counted in the metrics as a server counts its own. `/metrics` adds up every replica's series
+(`metrics.py`)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from loramux.core.adapter_source import AdapterRef
 from loramux.server.api.errors import APIError, overloaded
 from loramux.server.api.limits import BodyLimit
 from loramux.server.api.metrics import Metrics
+from loramux.server.api.openai import ROLE_DELTA
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ PROBE_PATHS = {"/health": 10.0, "/ready": 10.0}  # seconds these wait for a repl
 # The ingress holds every request in flight while replicas compute: its limit is far above what they take at once.
 INGRESS_MAX_ONGOING = 100_000
 GONE = (RayActorError, ReplicaUnavailableError, ReplicaStopped)  # a replica that will not answer this request
+ROLE_CHUNK = b'"delta":' + json.dumps(ROLE_DELTA, separators=(",", ":")).encode()  # in a chat stream's first events
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
@@ -142,7 +146,7 @@ class _Response:
 
     def __init__(self, send) -> None:
         self.send = send
-        self.started = False  # the status and headers went to the client: no other replica can answer now
+        self.started = False
         self.event_stream = False
         self.complete = False
 
@@ -159,6 +163,7 @@ class _Response:
         except BaseException:
             stream.cancel()
             raise
+        held: list[dict] = []  # an event stream's start and role chunks: sent with its first token
         async for batch in _chain(batches, iterator):
             for message in batch:
                 if message["type"] == "http.response.start":
@@ -166,10 +171,24 @@ class _Response:
                     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                     message = {**message, "headers": headers}
                     self.event_stream = (header(message, b"content-type") or b"").startswith(b"text/event-stream")
-                    self.started = True
-                elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                    self.complete = True
-                await self.send(message)
+                    if self.event_stream:
+                        held.append(message)
+                        continue
+                elif message["type"] == "http.response.body":
+                    more = message.get("more_body", False)
+                    if held and more and ROLE_CHUNK in message.get("body", b""):
+                        held.append(message)
+                        continue
+                    self.complete = not more
+                await self._send([*held, message])
+                held.clear()
+        if held:
+            await self._send(held)
+
+    async def _send(self, messages: list[dict]) -> None:
+        self.started = True  # the status and headers go to the client: no other replica can answer now
+        for message in messages:
+            await self.send(message)
 
     async def end_broken(self, reason: str) -> None:
         """End a response that a replica left half-sent: a stream with an error event (as a server whose engine

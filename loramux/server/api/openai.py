@@ -30,6 +30,9 @@ from loramux.server.engine.request import RequestOutput, SamplingParams
 Who = Annotated[Caller, Depends(caller_of)]
 DISCONNECT_POLL_SECONDS = 0.25
 
+# The delta of a chat stream's first chunk per choice, sent before any token (as OpenAI sends it).
+ROLE_DELTA = {"role": "assistant", "content": ""}
+
 
 def openai_router() -> APIRouter:
     router = APIRouter(prefix="/v1")
@@ -286,7 +289,7 @@ class _Shape:
         self, index: int, text: str | None, finish: str | None, first: bool = False, logprobs: dict | None = None
     ) -> dict:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            delta = dict(ROLE_DELTA) if first else ({} if text is None else {"content": text})
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
