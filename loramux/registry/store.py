@@ -1,6 +1,6 @@
-"""The metadata store seam: tenants and keys, repos, revisions and their files. SQLite by default
-(`sqlite_store.py`, one machine); PostgreSQL (`postgres_store.py`) when several processes on several machines share
-one registry.
+"""The metadata store seam: tenants and keys, repos, revisions and their files. Its statements are written once
+(`sql_store.py`) for two databases: SQLite by default (`sqlite_store.py`, one machine); PostgreSQL
+(`postgres_store.py`) when several processes on several machines share one registry.
 
 Uploaded training files, fine-tuning jobs and their events have their own method group (`jobs.py` is their facade).
 """
