@@ -53,7 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; nothing may be downloaded
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from loadtests import shapes
 from loadtests.record import commit, dated_json_path
+from loadtests.shapes import with_rope_parameters
 from loadtests.tiny_model import write_tiny_tokenizer
 from loramux.adapters.train import TrainingEvent, train
 from loramux.adapters.train_data import IGNORE_INDEX, Row, build_rows, tokenize_dataset
@@ -63,16 +65,7 @@ from loramux.core.train_spec import TrainingSpec
 
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258  # write_tiny_tokenizer's specials, after the 256 bytes
 
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-)
+LLAMA3_8B = with_rope_parameters(shapes.LLAMA3_8B)
 TINY = dict(
     vocab_size=320,
     hidden_size=64,

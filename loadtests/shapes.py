@@ -10,3 +10,9 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
     "max_position_embeddings": 8192,
 }
+
+
+def with_rope_parameters(shape: dict) -> dict:
+    """`shape` with its `rope_theta` in the `rope_parameters` form that transformers' configs take now."""
+    fields = {k: v for k, v in shape.items() if k != "rope_theta"}
+    return {**fields, "rope_parameters": {"rope_type": "default", "rope_theta": shape["rope_theta"]}}
