@@ -25,7 +25,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +41,7 @@ from loadtests.bench_serve import (
     write_adapter,
     write_checkpoint,
 )
-from loadtests.record import REPO, commit, dated_json_path
+from loadtests.record import REPO, commit, dated_json_path, workdir
 
 PLANS = {
     "gpu": {"shape": "llama3-8b", "adapters": 1000, "ranks": (8, 16, 32, 64), "requests": 1024, "rate": 200.0,
@@ -226,12 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": os.getloadavg(),  # other work on the machine shares its cores
     }  # fmt: skip
     try:
-        if args.workdir:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            run(args, args.workdir, results)
-        else:
-            with tempfile.TemporaryDirectory(prefix="loramux-bench-cluster-") as tmp:
-                run(args, Path(tmp), results)
+        with workdir(args.workdir, "loramux-bench-cluster-") as root:
+            run(args, root, results)
     finally:  # what was measured is kept even when a later part failed
         save(args, results)
         print(table(results))

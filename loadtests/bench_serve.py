@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -44,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from loadtests.record import REPO, commit, dated_json_path
+from loadtests.record import REPO, commit, dated_json_path, workdir
 from loadtests.shapes import LLAMA3_8B
 from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES
 
@@ -552,12 +551,8 @@ def main(argv: list[str] | None = None) -> int:
 
         results["gpu"] = torch.cuda.get_device_name()
     try:
-        if args.workdir:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            run(args, args.workdir, results)
-        else:
-            with tempfile.TemporaryDirectory(prefix="loramux-bench-serve-") as tmp:
-                run(args, Path(tmp), results)
+        with workdir(args.workdir, "loramux-bench-serve-") as root:
+            run(args, root, results)
     finally:  # what was measured is kept even when a later part failed
         results["ratios"] = ratios(results, args.tiny)
         print(table(results))

@@ -8,7 +8,10 @@ figures `BENCHMARKS.md` quotes.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -43,3 +46,14 @@ def dated_json_path(bench: str, directory: Path = RESULTS, repo: Path = REPO, da
     while path.exists():
         path, n = directory / f"{stem}-{n}.json", n + 1
     return path
+
+
+@contextlib.contextmanager
+def workdir(kept: Path | None, prefix: str) -> Iterator[Path]:
+    """`kept` (made if missing, left in place for the next run), or a temporary directory removed afterwards."""
+    if kept is not None:
+        kept.mkdir(parents=True, exist_ok=True)
+        yield kept
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

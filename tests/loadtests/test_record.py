@@ -1,4 +1,5 @@
-"""A benchmark's default JSON path: dated, named for the bench and the commit, never one an earlier run took."""
+"""A benchmark's default JSON path: dated, named for the bench and the commit, never one an earlier run took; its
+working directory: the one asked for, kept, or a temporary one, removed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 from datetime import date
 from pathlib import Path
 
-from loadtests.record import REPO, RESULTS, commit, dated_json_path
+from loadtests.record import REPO, RESULTS, commit, dated_json_path, workdir
 
 
 def git(repo: Path, *args: str) -> str:
@@ -64,3 +65,13 @@ def test_by_default_files_go_under_loadtests_results_of_this_checkout():
         assert re.fullmatch(rf"{head.stdout.strip()}(-dirty)?", commit() or "")
     else:  # a copy of the tree without its git history
         assert commit() is None
+
+
+def test_a_workdir_asked_for_is_made_and_kept_a_temporary_one_removed(tmp_path):
+    with workdir(tmp_path / "runs" / "a", "bench-") as root:
+        (root / "checkpoint").write_text("x")
+    assert (tmp_path / "runs" / "a" / "checkpoint").read_text() == "x"
+    with workdir(None, "bench-") as root:
+        (root / "checkpoint").write_text("x")
+        assert root.name.startswith("bench-")
+    assert not root.exists()
