@@ -22,9 +22,13 @@ def test_tiny_end_to_end_benchmark_measures_every_workload(tmp_path: Path, capsy
         figure = results["http"][key]
         assert figure["tokens_per_s"] > 0 and figure["requests_failed"] == 0, key
         assert figure["output_tokens"] == (64 if key.startswith("stream") else 8 * 64), key  # EOS ignored: all of them
+    for key in ("w1_adapters", "w1_base"):  # the fresh server's first full batches, kept apart
+        figure = results["cold"][key]
+        assert figure["requests_completed"] == 8 and figure["output_tokens"] == 8 * 4, key
     for key in ("w1_lora_greedy", "w1_base_greedy", "w1_base_default", "stream_greedy"):
         assert results["engine"][key]["tokens_per_s"] > 0, key
     ratios = results["ratios"]
     assert ratios["w1_base_http_greedy_over_engine"] > 0 and ratios["engine_sampling_over_greedy"] > 0
     assert results["server"]["exit_status"] == 0  # SIGTERM: a clean stop
-    assert "W1, no adapters, greedy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "W1, no adapters, greedy" in printed and "fresh server: W1 no adapters" in printed
