@@ -17,6 +17,12 @@ from loramux.registry.cli.hub import is_loopback
 from loramux.server.serve_cli import add_server_arguments, check_arguments
 
 NEEDS_RAY = "the cluster commands need Ray Serve: pip install 'loramux[ray]'"
+# Ray Serve replaces an HTTP proxy that misses 3 health checks in a row, each of 10 s by default: on a machine busy
+# loading models that can be a healthy proxy still starting. A Ray started here gives each check 30 s.
+PATIENT_PROXY = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+SERVE_START_ATTEMPTS = 3
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,12 +152,15 @@ def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
         if args.address:
             raise ValueError("--hub-token reaches no replica of a running Ray cluster: set LORAMUX_TOKEN on its nodes")
         os.environ["LORAMUX_TOKEN"] = args.hub_token  # the replicas of a Ray started here inherit this environment
+    if not args.address:  # the Ray started here, and its processes, take these from this environment
+        for name, value in PATIENT_PROXY.items():
+            os.environ.setdefault(name, value)
     ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     try:
         _check_one_registry(spec, len([node for node in ray.nodes() if node["Alive"]]))
         if not args.address:
             _check_resources(spec, ray.cluster_resources())
-        ray_serve.start(http_options={"host": args.host, "port": args.port})
+        _start_serve(args.host, args.port)
         print(f"loramux cluster: deploying {spec.replicas} replica(s) on Ray...", flush=True)
         try:
             ray_serve.run(build(spec.to_dict()), name=APP_NAME, route_prefix="/")
@@ -177,6 +186,30 @@ def serve(spec: ClusterSpec, args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_serve(host: str, port: int) -> None:
+    """Ray Serve's controller and HTTP proxy. A proxy that does not answer its health checks while the machine is
+    busy starting is replaced by the controller, and `serve.start`, waiting for the one it replaced, raises: the
+    start is asked again (it joins the controller, which brings the new proxy up) up to `SERVE_START_ATTEMPTS` times.
+    """
+    from ray import serve as ray_serve
+    from ray.exceptions import RayActorError, RayError
+
+    for attempt in range(1, SERVE_START_ATTEMPTS + 1):
+        try:
+            ray_serve.start(http_options={"host": host, "port": port})
+            return
+        except RayActorError as exc:
+            if attempt == SERVE_START_ATTEMPTS:
+                raise ValueError(f"Ray Serve could not start its HTTP proxy: {_first_line(exc)}") from None
+            log.warning("Ray Serve's HTTP proxy was replaced while starting (%s); waiting for the new one", exc)
+        except (RayError, TimeoutError) as exc:
+            raise ValueError(f"Ray Serve could not start: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _deployment_failure(exc: RuntimeError) -> str:
     """One line on why the deployment failed: a replica's own error where Ray Serve's status holds it (the tail of
     a traceback), else the first line of Ray Serve's."""
@@ -193,7 +226,7 @@ def _deployment_failure(exc: RuntimeError) -> str:
         for line in reversed((message or "").splitlines()):
             if REPLICA_FAILED in line:
                 return line[line.index(REPLICA_FAILED) :].strip()
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _first_line(exc)
 
 
 def _check_one_registry(spec: ClusterSpec, nodes: int) -> None:

@@ -110,3 +110,34 @@ def test_a_deployment_that_failed_says_why_in_one_line(monkeypatch):
     )
     replica.message = "the replica's health check failed\nsee the log"
     assert _deployment_failure(failure) == failure.args[0]  # nothing of ours: Ray Serve's own line
+
+
+def test_a_proxy_replaced_while_ray_serve_starts_is_waited_for_and_a_start_that_fails_is_one_line(monkeypatch):
+    """On a busy machine Ray Serve may replace its HTTP proxy while `serve.start` waits for it (ActorDiedError):
+    the start is asked again; a start that keeps failing, or any other Ray error, ends in one line."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[dev]' (the ray extra)")
+    from ray import serve
+    from ray.exceptions import ActorDiedError, GetTimeoutError
+
+    from loramux.cluster import cli
+
+    calls = []
+
+    def start(errors):
+        def fake(**kwargs):
+            calls.append(kwargs)
+            if errors:
+                raise errors.pop(0)
+
+        return fake
+
+    monkeypatch.setattr(serve, "start", start([ActorDiedError()]))
+    cli._start_serve("127.0.0.1", 8000)
+    assert calls == [{"http_options": {"host": "127.0.0.1", "port": 8000}}] * 2
+
+    monkeypatch.setattr(serve, "start", start([ActorDiedError()] * cli.SERVE_START_ATTEMPTS))
+    with pytest.raises(ValueError, match=r"^Ray Serve could not start its HTTP proxy: The actor died unexpectedly"):
+        cli._start_serve("127.0.0.1", 8000)
+    monkeypatch.setattr(serve, "start", start([GetTimeoutError("Get timed out: some object(s) not ready.\nmore")]))
+    with pytest.raises(ValueError, match=r"^Ray Serve could not start: Get timed out: some object\(s\) not ready\.$"):
+        cli._start_serve("127.0.0.1", 8000)
