@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from loramux.server.transfer import to_device
 
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 # The SDPA backends the batched causal attention of prompts' first chunks may take (torch picks among them). cuDNN's
 # is left out: on an H200 (torch 2.11) it spent 42-100 ms of host time building a plan the first time it met each
 # (prompts, length) shape, which most steps under changing load do, against 0-2.4 ms for flash attention on the same
-# machine. (Chunks that continue a prompt, attended one by one with a mask, keep torch's choice.)
+# machine. A chunk that continues a prompt has a causal mask aligned to its context's end (`causal_lower_right`),
+# which flash attention takes as it is; given as a boolean mask instead, torch chose cuDNN there and built a plan for
+# every new (chunk, context) shape in every layer: 1-2 s of host time in a step, paid by every request's first token
+# in a burst of prompts (H200, the 8B shape).
 _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -116,11 +120,10 @@ def paged_attention(
         qs = q[start:end].transpose(0, 1)[None]  # (1, H, n, hd)
         ks = k_flat[index].transpose(0, 1)[None]  # (1, KVH, ctx_len, hd)
         vs = v_flat[index].transpose(0, 1)[None]
-        mask = None
-        if n > 1:
-            # the chunk's query i sits at position ctx_len - n + i and sees keys j <= that position
-            mask = torch.ones(n, ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=ctx_len - n)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+        # the chunk's query i sits at position ctx_len - n + i and sees keys j <= that position
+        mask = causal_lower_right(n, ctx_len) if n > 1 else None
+        with sdpa_kernel(_PREFILL_BACKENDS):
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
         out[start:end] = o[0].transpose(0, 1)
     return out
 
