@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 # is left out: on an H200 (torch 2.11) it spent 42-100 ms of host time building a plan the first time it met each
 # (prompts, length) shape, which most steps under changing load do, against 0-2.4 ms for flash attention on the same
 # machine. A chunk that continues a prompt has a causal mask aligned to its context's end (`causal_lower_right`),
-# which flash attention takes as it is; given as a boolean mask instead, torch chose cuDNN there and built a plan for
-# every new (chunk, context) shape in every layer: 1-2 s of host time in a step, paid by every request's first token
-# in a burst of prompts (H200, the 8B shape).
+# which flash attention takes as it is. Given as a boolean mask and left to torch's choice, that call took 1-2 s of
+# host time in some steps (H200, the 8B shape; a cost like cuDNN's plan building above, in every layer), paid by
+# every first token of a burst of prompts.
 _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
