@@ -301,7 +301,8 @@ class LLMEngine:
     # -- introspection and the synchronous driver ----------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        """A snapshot: queue length, running requests, slot occupancy, adapter cache counters, KV blocks."""
+        """A snapshot: queue length, running requests, slot occupancy, adapter cache counters, KV blocks; on CUDA the
+        device memory torch's allocator holds for tensors (`allocated`) and has reserved from the device."""
         s = self.scheduler
         stats: dict[str, float] = {
             "requests_waiting": s.num_waiting,
@@ -317,6 +318,10 @@ class LLMEngine:
         stats.update(self.slots.stats())
         stats.update(self.adapters.stats())
         stats["adapter_load_seconds"] = stats["adapter_read_seconds"] + stats["adapter_slot_write_seconds"]
+        device = self.runner.device
+        if device.type == "cuda":
+            stats["device_memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
+            stats["device_memory_reserved_bytes"] = torch.cuda.memory_reserved(device)
         return stats
 
     def input_processor(self) -> InputProcessor:
