@@ -423,13 +423,18 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
             results["server"]["log_tail"] = log.read_text(errors="replace")[-3000:]
 
 
+def w2_adapters(root: Path, shape: dict, count: int, ranks: tuple[int, ...] = (8, 16, 32, 64)) -> list[tuple]:
+    """W2's adapters: `count` names `bench/w2-I` of ranks 8 to 64 in turn on q_proj and v_proj, sharing one weights
+    file per rank (written under `root/adapters`) -> [(directory, name)] for `push_many`."""
+    shared = {r: write_adapter(root / "adapters" / f"w2-r{r}", shape, r, ["q_proj", "v_proj"], seed=100 + r)
+              for r in ranks}  # fmt: skip
+    return [(shared[ranks[i % len(ranks)]], f"bench/w2-{i}") for i in range(count)]
+
+
 def w2_run(root: Path, shape: dict, url: str, count: int, common: dict, results: dict) -> dict:
     """W2's adapters (ranks 8 to 64 on q_proj and v_proj, four weights files shared by name) pushed, then 512
     requests over them with Zipf popularity and Poisson arrivals at 100/s."""
-    ranks = (8, 16, 32, 64)
-    shared = {r: write_adapter(root / "adapters" / f"w2-r{r}", shape, r, ["q_proj", "v_proj"], seed=100 + r)
-              for r in ranks}  # fmt: skip
-    w2 = [(shared[ranks[i % len(ranks)]], f"bench/w2-{i}") for i in range(count)]
+    w2 = w2_adapters(root, shape, count)
     started = time.perf_counter()
     push_many(w2, url)
     results["push_w2_seconds"] = time.perf_counter() - started
