@@ -1,6 +1,7 @@
-"""The soak of record: `loramux serve` held at saturation through HTTP for 15 minutes with W2's adapters and the
-requests users send, some of whose clients hang up mid-stream; no request may fail, memory must stay flat, and at
-the end every request, KV block and adapter slot must be free again.
+"""The soak of record: `loramux serve` held at saturation through HTTP for 15 minutes (on a GPU; --tiny on the CPU).
+
+W2's adapters and the requests users send, some of whose clients hang up mid-stream: no request may fail, memory must
+stay flat, and at the end every request, KV block and adapter slot must be free again.
 
     python loadtests/soak.py                 # on a GPU: the Llama-3-8B shape, 1,000 adapters, 900 s
     python loadtests/soak.py --tiny          # on the CPU: a tiny model, 12 adapters, 60 s (CI runs a short one)
