@@ -18,7 +18,8 @@ from loramux.server.models.loader import load_base
 @pytest.mark.slow  # converts the default model once for its tokenizer
 def test_tiny_soak_passes_every_check(tmp_path: Path, capsys, default_base_dir):
     out = tmp_path / "soak.json"
-    argv = ["--tiny", "--duration", "20", "--concurrency", "8", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    argv = ["--tiny", "--duration", "12", "--sample-every", "1", "--concurrency", "8",
+            "--workdir", str(tmp_path / "work"), "--json", str(out)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().out[-3000:]
     results = json.loads(out.read_text())
     assert results["passed"] and all(check["passed"] is not False for check in results["checks"].values())
