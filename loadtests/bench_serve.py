@@ -33,19 +33,17 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from loadtests.record import REPO, commit, dated_json_path, workdir
+from loadtests.record import REPO, dated_json_path, run_header, workdir
 from loadtests.shapes import LLAMA3_8B
 from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES
 
@@ -558,15 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: dict = {
-        "command": " ".join(["python", "loadtests/bench_serve.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-        "device": args.device, "python": platform.python_version(), "shape": args.shape,
-    }  # fmt: skip
-    if args.device == "cuda":
-        import torch
-
-        results["gpu"] = torch.cuda.get_device_name()
+    argv = argv if argv is not None else sys.argv[1:]
+    results = run_header("loadtests/bench_serve.py", argv, args.device, args.shape)
     try:
         with workdir(args.workdir, "loramux-bench-serve-") as root:
             run(args, root, results)

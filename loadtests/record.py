@@ -9,6 +9,7 @@ figures `BENCHMARKS.md` quotes.
 from __future__ import annotations
 
 import contextlib
+import platform
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -57,3 +58,21 @@ def workdir(kept: Path | None, prefix: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
+
+
+def run_header(script: str, argv: list[str], device: str, shape: str) -> dict:
+    """What a run's JSON begins with: the command as typed, the UTC time, the commit, the device (and on CUDA the
+    GPU's name), Python's version and the model's shape."""
+    header = {
+        "command": " ".join(["python", script, *argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "device": device,
+        "python": platform.python_version(),
+        "shape": shape,
+    }
+    if device == "cuda":
+        import torch
+
+        header["gpu"] = torch.cuda.get_device_name()
+    return header

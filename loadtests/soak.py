@@ -37,7 +37,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import platform
 import random
 import statistics
 import sys
@@ -45,7 +44,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -62,7 +60,7 @@ from loadtests.bench_serve import (
     w2_adapters,
     write_checkpoint,
 )
-from loadtests.record import commit, dated_json_path, workdir
+from loadtests.record import dated_json_path, run_header, workdir
 from loadtests.workload import SAMPLING, WORDS, zipf_weights
 
 MiB = 1 << 20
@@ -513,18 +511,11 @@ _PLANNED = ("ranks", "max_num_seqs", "prompt_words", "max_tokens", "server")  # 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: dict = {
-        "command": " ".join(["python", "loadtests/soak.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-        "device": args.device, "python": platform.python_version(), "shape": args.shape,
-        "settings": {"duration_s": args.duration, "concurrency": args.concurrency, "adapters": args.adapters,
-                     "client_processes": args.client_processes, "timeout_s": args.timeout, "seed": args.seed,
-                     "sample_every_s": args.sample_every, **{k: v for k, v in args.plan.items() if k in _PLANNED}},
-    }  # fmt: skip
-    if args.device == "cuda":
-        import torch
-
-        results["gpu"] = torch.cuda.get_device_name()
+    results = run_header("loadtests/soak.py", argv if argv is not None else sys.argv[1:], args.device, args.shape)
+    results["settings"] = {"duration_s": args.duration, "concurrency": args.concurrency, "adapters": args.adapters,
+                           "client_processes": args.client_processes, "timeout_s": args.timeout, "seed": args.seed,
+                           "sample_every_s": args.sample_every,
+                           **{k: v for k, v in args.plan.items() if k in _PLANNED}}  # fmt: skip
     try:
         with workdir(args.workdir, "loramux-soak-") as root:
             run(args, root, results)

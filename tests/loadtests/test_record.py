@@ -8,7 +8,7 @@ import subprocess
 from datetime import date
 from pathlib import Path
 
-from loadtests.record import REPO, RESULTS, commit, dated_json_path, workdir
+from loadtests.record import REPO, RESULTS, commit, dated_json_path, run_header, workdir
 
 
 def git(repo: Path, *args: str) -> str:
@@ -75,3 +75,11 @@ def test_a_workdir_asked_for_is_made_and_kept_a_temporary_one_removed(tmp_path):
         (root / "checkpoint").write_text("x")
         assert root.name.startswith("bench-")
     assert not root.exists()
+
+
+def test_a_runs_header_names_the_command_commit_device_and_shape():
+    header = run_header("loadtests/soak.py", ["--tiny", "--duration", "5"], "cpu", "tiny")
+    assert header["command"] == "python loadtests/soak.py --tiny --duration 5"
+    assert header["commit"] == commit() and header["device"] == "cpu" and header["shape"] == "tiny"
+    assert header["date"].endswith("+00:00") and header["python"].count(".") == 2
+    assert "gpu" not in header  # named only on CUDA
