@@ -10,7 +10,8 @@ through one of two paths:
   few tokens share a slot.
 - segment (prefill): tokens grouped by slot (`plan_segments`, once per batch) and cut into blocks of up to BLOCK_M
   tokens of one slot, each block going through the tensor cores, so a slot's A and B are read once per block of
-  tokens. A shrink program takes one block; an expand program every P-th block (`EXPAND_PROGRAMS_PER_SM`).
+  tokens. A program takes every P-th block of the plan (`SEGMENT_PROGRAMS_PER_SM`); a shrink program one chunk of 16
+  of A's rows (those below the slot's true rank) over a share of the input (the reduction split across programs).
 
 A slot's rows past its true rank are never read: every load is masked by the slot's rank, and expand's loop stops at
 the rank (compute and bytes bounded by each adapter's real rank; the rows past it may be another slot's).
@@ -96,14 +97,6 @@ def _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS: tl.constex
     return R_MAX
 
 
-@triton.jit
-def _segment_block(pid, blocks_ptr):
-    """Which slot's segment, and which rows of it, program `pid` takes (from `Segments.blocks`): (slot, first row
-    in `order`, rows left in the segment from there). slot == S: no block for this program."""
-    row = blocks_ptr + pid * 3
-    return tl.load(row), tl.load(row + 1), tl.load(row + 2)
-
-
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_gather_kernel(
     x_ptr, a_ptr, slots_ptr, ranks_ptr, h_ptr,
@@ -137,44 +130,59 @@ def _shrink_gather_kernel(
         tl.atomic_add(h_ptrs, out, mask=r_mask)
 
 
+@triton.jit
+def _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S):
+    """Which slot's segment, and which rows of it, block number `block` of the plan is (from `Segments.blocks`):
+    (slot, first row in `order`, rows left in the segment from there); slot S past the plan's blocks."""
+    row = blocks_ptr + block * 3
+    inside = block < MAX_BLOCKS
+    s = tl.load(row, mask=inside, other=S)
+    return s, tl.load(row + 1, mask=inside, other=0), tl.load(row + 2, mask=inside, other=0)
+
+
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_segment_kernel(
     x_ptr, a_ptr, order_ptr, blocks_ptr, ranks_ptr, h_ptr,
-    S, K, R_MAX, stride_xt, stride_as, stride_ag, stride_ar, stride_ht, stride_rs, stride_rg,
+    S, K, R_MAX, MAX_BLOCKS, stride_xt, stride_as, stride_ag, stride_ar, stride_ht, stride_rs, stride_rg,
     SPLIT_K, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # grid: (max blocks, SPLIT_K, groups); one program: (BLOCK_M tokens of one slot) x A[s, g]ᵀ
+    # grid: (P programs over the plan's blocks, SPLIT_K, groups x rank chunks of BLOCK_R). Program p takes blocks p,
+    # p + P, ... until the first row with no block: (BLOCK_M tokens of one slot) x A[s, g, r0:r0 + BLOCK_R]ᵀ over its
+    # share of the input, where r0 lies below the slot's rank (chunks past it have nothing to do).
     pid_k = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
-    s, row0, rows_left = _segment_block(tl.program_id(0), blocks_ptr)
-    if s >= S:
-        return
-    s = s.to(tl.int64)
-    rank = _rank_of(ranks_ptr, s, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
-    if rank <= 0:
-        return
+    chunks = tl.cdiv(R_MAX, BLOCK_R)
+    g = (tl.program_id(2) // chunks).to(tl.int64)
+    r0 = (tl.program_id(2) % chunks) * BLOCK_R
     offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < rows_left
-    tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    rows = g * R_MAX + offs_r  # columns of h
-    x_rows = x_ptr + tokens[:, None] * stride_xt  # (BLOCK_M, 1)
-    a_cols = a_ptr + s * stride_as + g * stride_ag + offs_r[None, :] * stride_ar  # (1, BLOCK_R): A read transposed
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        at = tl.load(a_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_R)
-        acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=PRECISION)
-    h_ptrs = h_ptr + tokens[:, None] * stride_ht + rows[None, :]
-    mask = m_mask[:, None] & r_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(h_ptrs, acc, mask=mask)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    step = tl.num_programs(0)
+    block = tl.program_id(0)
+    s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
+    while s < S:
+        slot = s.to(tl.int64)
+        rank = _rank_of(ranks_ptr, slot, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
+        if r0 < rank:
+            m_mask = offs_m < rows_left
+            tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
+            r_mask = offs_r < rank
+            x_rows = x_ptr + tokens[:, None] * stride_xt  # (BLOCK_M, 1)
+            a_cols = a_ptr + slot * stride_as + g * stride_ag + offs_r[None, :] * stride_ar  # (1, BLOCK_R): Aᵀ
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                at = tl.load(a_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=PRECISION)
+            h_ptrs = h_ptr + tokens[:, None] * stride_ht + g * R_MAX + offs_r[None, :]  # columns of h
+            mask = m_mask[:, None] & r_mask[None, :]
+            if SPLIT_K == 1:
+                tl.store(h_ptrs, acc, mask=mask)
+            else:
+                tl.atomic_add(h_ptrs, acc, mask=mask)
+        block += step
+        s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
 
 
 @triton.jit
@@ -235,15 +243,6 @@ def _expand_gather_kernel(
 
 
 @triton.jit
-def _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S):
-    """`_segment_block` for any block number: past the table's last row, (S, 0, 0) (no block)."""
-    row = blocks_ptr + block * 3
-    inside = block < MAX_BLOCKS
-    s = tl.load(row, mask=inside, other=S)
-    return s, tl.load(row + 1, mask=inside, other=0), tl.load(row + 2, mask=inside, other=0)
-
-
-@triton.jit
 def _expand_segment_kernel(
     h_ptr, order_ptr, blocks_ptr, ranks_ptr, scalings_ptr,
     y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2,
@@ -297,29 +296,39 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# The segment expand runs about this many programs per multiprocessor, each over every P-th block of the plan, where
+# A segment kernel runs about this many programs per multiprocessor, each over every P-th block of the plan, where
 # the plan has more rows than that (a plan is sized for the most blocks its tokens could need over every slot page:
 # 272 rows for a 256-token decode batch over 512 pages, most of them empty with ~130 adapters in the batch, and each
 # row would be a program per output tile, 61,000 programs for gate/up, most returning at once). On an H200 the cap
-# takes about 2 ms off a decode step of W2's 256 tokens over ~130 adapters.
-EXPAND_PROGRAMS_PER_SM = 64  # 0: one program per row (the grid before the cap)
+# took about 2 ms off a decode step of W2's 256 tokens over ~130 adapters (the expand's; the shrink's came later).
+SEGMENT_PROGRAMS_PER_SM = 64  # 0: one program per row (the grid before the cap)
+
+# The segment shrink takes A's rows in chunks of this many (a program per chunk below the slot's rank), and splits its
+# reduction until about this many programs per multiprocessor have work when the batch's tokens share one slot.
+SHRINK_BLOCK_R = 16
+SHRINK_PROGRAMS_PER_SM = 2
 
 
 def _block_programs(max_blocks: int, per_block: int, device: torch.device) -> int:
-    """P, the programs over a plan's `max_blocks` rows in a segment expand whose grid has `per_block` programs (output
-    tiles x groups) for each."""
-    if device.type != "cuda" or EXPAND_PROGRAMS_PER_SM <= 0:  # 0: a program per row
+    """P, the programs over a plan's `max_blocks` rows in a segment kernel whose grid has `per_block` programs (output
+    tiles or reduction splits, x groups) for each."""
+    if device.type != "cuda" or SEGMENT_PROGRAMS_PER_SM <= 0:  # 0: a program per row
         return max_blocks
     index = device.index if device.index is not None else torch.cuda.current_device()
-    wanted = EXPAND_PROGRAMS_PER_SM * _sm_count(index)
+    wanted = SEGMENT_PROGRAMS_PER_SM * _sm_count(index)
     return max(1, min(max_blocks, triton.cdiv(wanted, per_block)))
+
+
+def _sm_count_of(device: torch.device) -> int:
+    """The device's multiprocessors; 1 on the CPU (Triton's interpreter: none to fill)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _programs_wanted(device: torch.device) -> int:
     """About two programs per multiprocessor keeps every one busy while loads are in flight."""
-    if device.type != "cuda":  # Triton's interpreter on the CPU: no multiprocessors to fill
-        return 1
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * _sm_count_of(device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -414,14 +423,19 @@ def shrink(
         )  # fmt: skip
         return h
     segments = _checked_plan(segments, token_slots, num_slots)
-    block_k = 128 if block_r <= 32 else 64
+    # Rank in chunks of 16, one program each, so that the work follows each slot's true rank rather than r_max. The
+    # reduction is split so that the blocks a batch has at fewest (its tokens in one slot) fill the device: a decode
+    # batch of 256 tokens makes 16 to 48 blocks, and a program that alone walks 14,336 inputs leaves it idle.
+    block_k, chunks = 128, triton.cdiv(r_max, SHRINK_BLOCK_R)
     max_blocks = segments.blocks.shape[0]
-    split_k = _split_k(_programs_wanted(x.device), max_blocks * groups, triton.cdiv(k, block_k))
-    _shrink_segment_kernel[(max_blocks, split_k, groups)](
+    fewest_blocks = triton.cdiv(tokens, segments.block_m)
+    split_k = _split_k(SHRINK_PROGRAMS_PER_SM * _sm_count_of(x.device), fewest_blocks * groups, triton.cdiv(k, block_k))
+    programs = _block_programs(max_blocks, split_k * groups * chunks, x.device)
+    _shrink_segment_kernel[(programs, split_k, groups * chunks)](
         x, a, segments.order, segments.blocks, ranks if ranks is not None else token_slots, h,
-        num_slots, k, r_max, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), stride_rs, stride_rg,
-        split_k, HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), BLOCK_M=segments.block_m,
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+        num_slots, k, r_max, max_blocks, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0),
+        stride_rs, stride_rg, split_k, HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype),
+        BLOCK_M=segments.block_m, BLOCK_R=SHRINK_BLOCK_R, BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
     return h
 

@@ -126,7 +126,7 @@ def test_segment_expand_with_fewer_programs_than_blocks_takes_every_block_once(m
     """The segment expand's programs each take every P-th block of the plan until its rows without a block: with one
     program per multiprocessor over 16 output tiles, a few programs take the plan's 69 rows; with 64 (the default),
     one each. Slots of rank 0 (a module the adapter does not target) are skipped and their tokens left alone."""
-    monkeypatch.setattr(lk, "EXPAND_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(lk, "SEGMENT_PROGRAMS_PER_SM", per_sm)
     gen = torch.Generator().manual_seed(per_sm)
     tokens, k, n, num_slots, r_max, dtype = 300, 128, 2048, 64, 32, torch.bfloat16
     slots = random_slots(tokens, num_slots, "mixed", gen)
