@@ -7,8 +7,9 @@ stay flat, and at the end every request, KV block and adapter slot must be free 
     python loadtests/soak.py --tiny          # on the CPU: a tiny model, 12 adapters, 60 s (CI runs a short one)
 
 1. Writes a checkpoint of random weights (bench_serve.py's: the default model's tokenizer, its vocabulary grown to
-   the shape's), starts `loramux serve --base CKPT` as a process of its own and pushes W2's adapters to it (ranks 8 to
-   64 on q_proj and v_proj; on the CPU rank 8 only, through 2 slots, so that adapters rotate through slot memory).
+   the shape's; a tokenizer without a chat template is refused before anything starts, since chats are sent),
+   starts `loramux serve --base CKPT` as a process of its own and pushes W2's adapters to it (ranks 8 to 64 on
+   q_proj and v_proj; on the CPU rank 8 only, through 2 slots, so that adapters rotate through slot memory).
 2. Warms up with twice the concurrency's worth of requests, which are not counted.
 3. Loads the server for `--duration` seconds: `--concurrency` workers (1.25 x the server's max-num-seqs, so that
    requests also queue) spread over client processes, each sending one request after another: a model with Zipf
@@ -343,6 +344,13 @@ def online() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = offline
 
 
+def has_chat_template(directory: Path) -> bool:
+    """Whether the tokenizer in `directory` renders chats (as the server will load it)."""
+    from transformers import AutoTokenizer
+
+    return bool(AutoTokenizer.from_pretrained(str(directory)).chat_template)
+
+
 def prepare(args: argparse.Namespace, root: Path, results: dict) -> tuple[Path, list[tuple], dict]:
     """The checkpoint (kept in a --workdir for the next run), W2's adapters on disk, the server's environment."""
     env = {**os.environ, "LORAMUX_HOME": str(root / "home")}
@@ -351,7 +359,11 @@ def prepare(args: argparse.Namespace, root: Path, results: dict) -> tuple[Path, 
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     shape, checkpoint = SHAPES[args.shape], root / "checkpoint"
     began = time.perf_counter()
-    if not (checkpoint / "config.json").exists():
+    written = (checkpoint / "config.json").exists()
+    if not has_chat_template(checkpoint if written else args.tokenizer):  # a fifth of the requests are chats
+        raise ValueError(f"{checkpoint if written else args.tokenizer} has no chat template (chat_template.jinja or "
+                         "tokenizer_config.json's chat_template), and the soak sends chat requests")  # fmt: skip
+    if not written:
         write_checkpoint(checkpoint, shape, args.tokenizer, args.device)
     adapters = w2_adapters(root, shape, args.adapters, args.plan["ranks"])
     results["checkpoint_seconds"] = round(time.perf_counter() - began, 1)
@@ -476,7 +488,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 12 adapters of rank 8 in 2 slots")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="the checkpoint's shape")
-    p.add_argument("--tokenizer", type=Path, help="a directory with tokenizer.json (default: the default model's)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="a directory with tokenizer.json and a chat template (default: the default model's)",
+    )
     p.add_argument("--duration", type=float, help="seconds of load (default 900; --tiny 60)")
     p.add_argument("--concurrency", type=int, help="workers (default 1.25 x max-num-seqs: 320; --tiny 20)")
     p.add_argument("--client-processes", type=int, help="client processes (default: by CPUs; --tiny 1)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.soak import MiB, Request, Tally, checks, main, memory_growth, send
+from loadtests.soak import MiB, Request, Tally, checks, main, memory_growth, parse_args, prepare, send
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.models.loader import load_base
 
@@ -35,6 +35,19 @@ def test_tiny_soak_passes_every_check(tmp_path: Path, capsys, default_base_dir):
     assert results["server"]["exit_status"] == 0
     printed = capsys.readouterr().out
     assert "host_memory_flat     PASS" in printed and printed.rstrip().endswith(f"wrote {out}")
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_before_a_checkpoint_is_written(tmp_path, default_base_dir):
+    """A fifth of the soak's requests are chats: a --tokenizer directory without a chat template would make them all
+    fail after 15 minutes, so the soak stops at once and says why."""
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # chat_template.jinja left out
+        (tokenizer / name).write_bytes((default_base_dir / name).read_bytes())
+    args = parse_args(["--tiny", "--tokenizer", str(tokenizer), "--adapters", "1"])
+    with pytest.raises(ValueError, match="has no chat template"):
+        prepare(args, tmp_path / "work", {})
+    assert not (tmp_path / "work" / "checkpoint").exists()
 
 
 def test_memory_growth_passes_flat_fails_growing_and_says_when_samples_are_too_few():
