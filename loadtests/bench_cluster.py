@@ -41,7 +41,7 @@ from loadtests.bench_serve import (
     write_adapter,
     write_checkpoint,
 )
-from loadtests.record import REPO, commit, dated_json_path, workdir
+from loadtests.record import REPO, commit, dated_json_path, help_text, workdir
 
 PLANS = {
     "gpu": {"shape": "llama3-8b", "adapters": 1000, "ranks": (8, 16, 32, 64), "requests": 1024, "rate": 200.0,
@@ -193,7 +193,7 @@ def save(args: argparse.Namespace, results: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=help_text(__doc__))
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, one process per replica")
     p.add_argument("--replicas", default="1,2", help="the replica counts to measure, e.g. 1,2,4 (default 1,2)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="leave out the one `loramux serve`")

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loadtests.bench_engine import TINY, build_base, write_adapter
 from loadtests.profiling import top_functions
+from loadtests.record import help_text
 from loadtests.shapes import LLAMA3_8B
 from loramux.server.engine.batch import Chunk
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
@@ -61,7 +62,7 @@ def wall(runner: ModelRunner, batch: list[Chunk], device: torch.device, reps: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke test, any device)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/loramux-bench-eager-step"), help="where adapters go")
     args = parser.parse_args(argv)

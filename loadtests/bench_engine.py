@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from loadtests.record import dated_json_path
+from loadtests.record import dated_json_path, help_text
 from loadtests.shapes import LLAMA3_8B
 from loadtests.workload import SAMPLING
 from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
@@ -645,7 +645,7 @@ def table(results: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=help_text(__doc__))
     p.add_argument("--tiny", action="store_true", help="a tiny model and workload (smoke test, any device)")
     p.add_argument("--base", type=Path, help="a checkpoint directory instead of random weights of the 8B shape")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")

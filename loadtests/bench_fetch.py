@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.bench_engine import TINY, write_adapter
+from loadtests.record import help_text
 from loadtests.shapes import LLAMA3_8B
 from loramux.core.model_config import ModelConfig
 from loramux.server.engine.adapter_cache import FETCH_CPU_THREADS_ON_GPU
@@ -108,7 +109,7 @@ def measure(x: torch.Tensor, runs: int = 25) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--threads", type=int, default=2, help="reader threads")
     parser.add_argument("--root", type=Path, default=Path("/tmp/loramux-bench-fetch"), help="where adapters go")

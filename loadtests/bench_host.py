@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per request")
     parser.add_argument("--tokens", type=int, default=512, help="generated tokens per request")

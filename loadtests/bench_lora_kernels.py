@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from loadtests.record import commit, dated_json_path
+from loadtests.record import commit, dated_json_path, help_text
 from loramux.server.layers import lora_kernels as lk
 from loramux.server.layers.lora import _b_views, _page_views
 from loramux.server.layers.slots import SlotLayout
@@ -328,7 +328,7 @@ def bench_plan(batch: str, mix: str) -> Row:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument(
         "--json", type=Path, help="write every figure here (default: a new dated file in loadtests/results/)"
     )

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from loadtests.bench_lora_kernels import time_graph
-from loadtests.record import commit, dated_json_path
+from loadtests.record import commit, dated_json_path, help_text
 from loramux.server.layers import nf4_kernels as nk
 from loramux.server.layers.nf4_linear import NF4Linear, _nf4_dequantize_kernel
 
@@ -97,7 +97,7 @@ def fused_call(x: torch.Tensor, layer: NF4Linear, cfg: nk.Config | None) -> Call
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument(
         "--json", type=Path, help="write every figure here (default: a new dated file in loadtests/results/)"
     )

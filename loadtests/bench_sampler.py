@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from loadtests.record import help_text
 from loramux.server.engine.request import SamplingParams
 from loramux.server.layers import sampler as sampler_module
 from loramux.server.layers.sampler import Sampler
@@ -127,7 +128,7 @@ def commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument("--batches", default="1,8,32,64,128,256", help="rows per call")
     parser.add_argument("--vocabs", default="49152,128256", help="vocabulary sizes (SmolLM2's, Llama 3's)")
     parser.add_argument("--mixes", default="greedy,t1,top_p,mix", help="sampling settings of the rows")

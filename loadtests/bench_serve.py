@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from loadtests.record import REPO, dated_json_path, run_header, workdir
+from loadtests.record import REPO, dated_json_path, help_text, run_header, workdir
 from loadtests.shapes import LLAMA3_8B
 from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES
 
@@ -517,7 +517,7 @@ def default_tokenizer_dir() -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=help_text(__doc__))
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (the host's work is what is measured)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="the checkpoint's shape")
     p.add_argument("--tokenizer", type=Path, help="a directory with tokenizer.json (default: the default model's)")

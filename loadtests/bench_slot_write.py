@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loadtests.bench_engine import build_base, write_adapter
 from loadtests.profiling import top_functions
+from loadtests.record import help_text
 from loramux.server.engine.slot_writer import SlotWriter
 from loramux.server.layers.slots import SlotLayout
 from loramux.server.models.lora_weights import load_lora
@@ -33,7 +34,7 @@ RANKS = (8, 16, 32, 64)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument("--slots", type=int, default=64, help="slots written in turn (each of rank 64)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (7 LoRA modules each)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of one write into every slot")

@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from loadtests.bench_engine import TINY, build_base, prompts
 from loadtests.profiling import top_functions
+from loadtests.record import help_text
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument("--requests", type=int, default=256, help="requests decoding in every step")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens of each request")
     parser.add_argument("--vocab", type=int, default=1024, help="logits per row (the argmax runs on the CPU here)")

@@ -54,7 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; nothin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from loadtests import shapes
-from loadtests.record import commit, dated_json_path
+from loadtests.record import commit, dated_json_path, help_text
 from loadtests.shapes import with_rope_parameters
 from loadtests.tiny_model import write_tiny_tokenizer
 from loramux.adapters.train import TrainingEvent, train
@@ -433,7 +433,7 @@ def positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (fp32, torch AdamW), for CI")
     parser.add_argument("--steps", type=positive, default=10, help="measured optimizer steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")

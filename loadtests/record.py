@@ -76,3 +76,8 @@ def run_header(script: str, argv: list[str], device: str, shape: str) -> dict:
 
         header["gpu"] = torch.cuda.get_device_name()
     return header
+
+
+def help_text(doc: str | None) -> str:
+    """A script's docstring's first paragraph on one line: its --help description."""
+    return " ".join((doc or "").split("\n\n")[0].split())

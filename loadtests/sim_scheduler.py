@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from loadtests.record import help_text
 from loramux.core.adapter_source import AdapterRef
 from loramux.server.engine.adapter_slots import AdapterSlots
 from loramux.server.engine.block_manager import BlockManager
@@ -119,7 +120,7 @@ def simulate(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=help_text(__doc__))
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--requests", type=int, default=512)
     p.add_argument("--adapters", type=int, default=1000)

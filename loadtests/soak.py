@@ -61,7 +61,7 @@ from loadtests.bench_serve import (
     w2_adapters,
     write_checkpoint,
 )
-from loadtests.record import dated_json_path, run_header, workdir
+from loadtests.record import dated_json_path, help_text, run_header, workdir
 from loadtests.workload import SAMPLING, WORDS, zipf_weights
 
 MiB = 1 << 20
@@ -485,7 +485,7 @@ _BYTES = {"early_median", "late_median", "growth", "bound"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=help_text(__doc__))
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 12 adapters of rank 8 in 2 slots")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="the checkpoint's shape")
     p.add_argument(
