@@ -37,7 +37,8 @@ class RegistrySource:
             raise AdapterNotFoundError(f"{ref} is a model repo, not an adapter")
         target = self.cache_dir / repo.namespace / repo.name / revision.commit
         if not (target / COMPLETE).exists():
-            files = {e.path: (self.registry.blob_path(e), e.sha256) for e in self.registry.files(revision)}
+            # `blob_path` hands out blobs it has just checked against their sha256: the copies are not hashed again
+            files = {e.path: (self.registry.blob_path(e), None) for e in self.registry.files(revision)}
             _materialize(target, files)
         return ResolvedAdapter(repo=ref.repo, commit=revision.commit, path=target)
 

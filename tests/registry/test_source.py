@@ -1,4 +1,5 @@
-"""The registry source's copies out of the blob store: concurrent resolvers of one commit share one published copy."""
+"""The registry source's copies out of the blob store: concurrent resolvers of one commit share one published copy, each
+blob is hashed once on its first resolve, and a blob damaged on disk is refused."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import shutil
 import threading
 import time
 
+import pytest
+
 from loramux.core.adapter_source import AdapterRef
+from loramux.registry import blobs as blobs_module
 from loramux.registry import source as source_module
-from loramux.registry.registry import Caller
+from loramux.registry.blobs import CorruptBlobError
+from loramux.registry.registry import Caller, Registry
 from loramux.registry.source import RegistrySource
 from tests.registry.test_registry import add_dir
 
@@ -52,3 +57,48 @@ def test_concurrent_resolves_of_one_commit_never_remove_a_copy_a_reader_holds(
     path, inode = seen[0]
     assert path.stat().st_ino == inode
     assert [p.name for p in path.parent.parent.iterdir()] == [path.parent.name]
+
+
+def test_a_first_resolve_hashes_each_blob_once(storage, tmp_path, make_adapter, monkeypatch):
+    """The blob store checks a blob against its sha256 before handing it out (once per process): the copy made from
+    it for the engine is not hashed a second time."""
+    registry = storage.open(tmp_path / "data")
+    registry.create_repo("me/a", LOCAL, private=True)
+    registry.commit("me/a", LOCAL, add_dir(registry, make_adapter(r=4)), "r4")
+    fresh = storage.open(tmp_path / "data")  # another process's view: nothing verified yet
+    source = RegistrySource(fresh, tmp_path / "cache")
+    hashed = []
+    for module in blob_modules():
+        real_hash = module.hash_file
+        monkeypatch.setattr(
+            module, "hash_file", lambda path, real_hash=real_hash: hashed.append(path) or real_hash(path)
+        )
+    monkeypatch.setattr(source_module, "_digest", lambda *a: pytest.fail("a verified blob's copy was hashed again"))
+    resolved = source.resolve(AdapterRef.parse("me/a"), None)
+    files = sorted(p.name for p in resolved.path.iterdir() if p.name != source_module.COMPLETE)
+    assert "adapter_model.safetensors" in files and len(hashed) == len(files)  # one hash per blob, none of a copy
+
+
+def test_a_blob_damaged_on_disk_is_refused_and_nothing_is_published(tmp_path, make_adapter):
+    registry = Registry.open(tmp_path / "data")
+    registry.create_repo("me/b", LOCAL, private=True)
+    registry.commit("me/b", LOCAL, add_dir(registry, make_adapter(r=8)), "r8")
+    revision = registry.revision(registry.repo("me/b", LOCAL), "main")
+    weights = next(e for e in registry.files(revision) if e.path == "adapter_model.safetensors")
+    blob = registry.blob_path(weights)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    fresh = Registry.open(tmp_path / "data")
+    with pytest.raises(CorruptBlobError):
+        RegistrySource(fresh, tmp_path / "cache").resolve(AdapterRef.parse("me/b"), None)
+    assert not list((tmp_path / "cache").rglob("adapter_model.safetensors"))
+
+
+def blob_modules() -> list:
+    """The blob store modules that hash blobs (the S3 one where its extra is installed)."""
+    try:
+        from loramux.registry import s3_blobs
+    except ImportError:
+        return [blobs_module]
+    return [blobs_module, s3_blobs]
