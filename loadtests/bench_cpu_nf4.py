@@ -7,12 +7,14 @@ with the layer's cached dequantized weights.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split())).parse_args(argv)
     import torch
 
     from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
