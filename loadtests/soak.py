@@ -10,7 +10,7 @@ stay flat, and at the end every request, KV block and adapter slot must be free 
    the shape's; a tokenizer without a chat template is refused before anything starts, since chats are sent),
    starts `loramux serve --base CKPT` as a process of its own and pushes W2's adapters to it (ranks 8 to 64 on
    q_proj and v_proj; on the CPU rank 8 only, through 2 slots, so that adapters rotate through slot memory).
-2. Warms up with twice the concurrency's worth of requests, which are not counted.
+2. Warms up with twice the concurrency's worth of requests, which are not counted; a failed one stops the soak there.
 3. Loads the server for `--duration` seconds: `--concurrency` workers (1.25 x the server's max-num-seqs, so that
    requests also queue) spread over client processes, each sending one request after another: a model with Zipf
    popularity over the base and the adapters, a sampling setting from W2's mix, prompt and output lengths from
@@ -400,6 +400,9 @@ def load(args: argparse.Namespace, url: str, process, settings: dict, results: d
                        budget=2 * args.concurrency)  # fmt: skip
     results["warmup"] = {"counts": warm["counts"], "errors": warm["errors"]}
     print(f"warm-up: {sum(c['ok'] for c in warm['counts'].values())} requests answered", flush=True)
+    failed = {kind: c["failed"] for kind, c in warm["counts"].items() if c["failed"]}
+    if failed:  # a set-up that fails requests would fail them for the whole load: stop before it
+        raise RuntimeError(f"the warm-up had failed requests {failed}, e.g. {warm['errors'][:1]}; the load was not run")
     times = ProcessTimes(process.pid, url)
     cpu_before, t0 = times.take(), time.time()
     sampler = Sampler(url, times, args.sample_every, t0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests import soak as soak_module
 from loadtests.soak import MiB, Request, Tally, checks, main, memory_growth, parse_args, prepare, send
 from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
 from loramux.server.models.loader import load_base
@@ -48,6 +49,24 @@ def test_a_tokenizer_without_a_chat_template_is_refused_before_a_checkpoint_is_w
     with pytest.raises(ValueError, match="has no chat template"):
         prepare(args, tmp_path / "work", {})
     assert not (tmp_path / "work" / "checkpoint").exists()
+
+
+def test_a_failure_in_the_warm_up_stops_the_soak_before_its_load(monkeypatch):
+    """Whatever fails requests in the warm-up (a set-up error) would fail them for the whole load: the soak stops there
+    and says what failed."""
+    runs = []
+
+    def clients(url, settings, concurrency, processes, seed, budget=None, deadline=None):
+        runs.append(budget)
+        counts = {"completion": {"ok": 30, "dropped": 0, "failed": 0}, "chat": {"ok": 0, "dropped": 0, "failed": 9}}
+        return {"counts": counts, "errors": ["chat bench/w2-1: http_400: no chat template"]}
+
+    monkeypatch.setattr(soak_module, "run_clients", clients)
+    results: dict = {}
+    with pytest.raises(RuntimeError, match=r"warm-up had failed requests \{'chat': 9\}"):
+        soak_module.load(parse_args(["--tiny"]), "http://soak", None, {}, results)
+    assert len(runs) == 1 and runs[0] is not None  # the warm-up's budget; the load never started
+    assert results["warmup"]["counts"]["chat"]["failed"] == 9
 
 
 def test_memory_growth_passes_flat_fails_growing_and_says_when_samples_are_too_few():
