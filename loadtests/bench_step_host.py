@@ -77,11 +77,12 @@ def run(engine: LLMEngine, args: argparse.Namespace, names: list[str | None]) ->
             engine.step()
         runs.append((time.perf_counter() - began) / args.steps)
     report = top_functions(lambda: [engine.step() for _ in range(args.steps)])
-    print(f"{n} requests, {args.adapters} adapters: {1e3 * statistics.median(runs):.2f} ms of host time a decode "
-          f"step (repetitions: {', '.join(f'{1e3 * r:.2f}' for r in runs)})")  # fmt: skip
+    median = 1e3 * statistics.median(runs)
+    print(f"{n} requests, {args.adapters} adapters: {median:.2f} ms of host time per decode step "
+          f"(repetitions: {', '.join(f'{1e3 * r:.2f}' for r in runs)})")  # fmt: skip
     print(report)
     if args.json:
-        figures = {"requests": n, "adapters": args.adapters, "ms_per_step_median": 1e3 * statistics.median(runs),
+        figures = {"requests": n, "adapters": args.adapters, "ms_per_step_median": median,
                    "repetitions_ms": [1e3 * r for r in runs]}  # fmt: skip
         args.json.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "commit": commit(), **figures}))
     return 0
