@@ -11,10 +11,15 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from loadtests.record import help_text
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split())).parse_args(argv)
+    argparse.ArgumentParser(description=help_text(__doc__)).parse_args(argv)
     import torch
 
     from loramux.server.engine.llm_engine import EngineConfig, LLMEngine

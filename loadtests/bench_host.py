@@ -17,15 +17,17 @@ from pathlib import Path
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo))
+    from loadtests.record import help_text  # from this checkout, whichever loramux is measured
+    from loadtests.tiny_model import make_tiny_checkpoint
+
+    parser = argparse.ArgumentParser(description=help_text(__doc__))
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per request")
     parser.add_argument("--tokens", type=int, default=512, help="generated tokens per request")
     parser.add_argument("--src", default=None, help="a checkout to import loramux from")
     args = parser.parse_args()
-    repo = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(repo))
-    from loadtests.tiny_model import make_tiny_checkpoint  # from this checkout, whichever loramux is measured
 
     if args.src:
         sys.path.insert(0, args.src)

@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         num_slots=args.adapters, max_lora_rank=16, num_kv_blocks=n * blocks_each + 8, max_num_seqs=n,
         max_num_batched_tokens=n * args.prompt,
     )  # fmt: skip
-    source, names = LocalSource(), [None] * n
+    source = LocalSource()
+    names = [f"bench/a{i % args.adapters}" if args.adapters else None for i in range(n)]
     with tempfile.TemporaryDirectory(prefix="bench-step-host-") as tmp:
         for i in range(args.adapters):
             source.add(f"bench/a{i}", write_adapter(Path(tmp) / f"a{i}", 16, list(LINEAR_MODULES), base.config, i))
-        names = [f"bench/a{i % args.adapters}" if args.adapters else None for i in range(n)]
         engine = LLMEngine(base, source if args.adapters else None, config)
-        for name in dict.fromkeys(filter(None, names)):  # read before the steps are timed
-            engine.adapters.fetch(AdapterRef.parse(name), None)
+        for i in range(args.adapters):  # read before the steps are timed
+            engine.adapters.fetch(AdapterRef.parse(f"bench/a{i}"), None)
     return run(engine, args, names)
 
 

@@ -303,10 +303,8 @@ def _sm_count(device_index: int) -> int:
 # took about 2 ms off a decode step of W2's 256 tokens over ~130 adapters (the expand's; the shrink's came later).
 SEGMENT_PROGRAMS_PER_SM = 64  # 0: one program per row (the grid before the cap)
 
-# The segment shrink takes A's rows in chunks of this many (a program per chunk below the slot's rank), and splits its
-# reduction until about this many programs per multiprocessor have work when the batch's tokens share one slot.
+# The segment shrink takes A's rows in chunks of this many (a program per chunk below the slot's rank).
 SHRINK_BLOCK_R = 16
-SHRINK_PROGRAMS_PER_SM = 2
 
 
 def _block_programs(max_blocks: int, per_block: int, device: torch.device) -> int:
@@ -314,9 +312,7 @@ def _block_programs(max_blocks: int, per_block: int, device: torch.device) -> in
     tiles or reduction splits, x groups) for each."""
     if device.type != "cuda" or SEGMENT_PROGRAMS_PER_SM <= 0:  # 0: a program per row
         return max_blocks
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    wanted = SEGMENT_PROGRAMS_PER_SM * _sm_count(index)
-    return max(1, min(max_blocks, triton.cdiv(wanted, per_block)))
+    return max(1, min(max_blocks, triton.cdiv(SEGMENT_PROGRAMS_PER_SM * _sm_count_of(device), per_block)))
 
 
 def _sm_count_of(device: torch.device) -> int:
@@ -429,7 +425,7 @@ def shrink(
     block_k, chunks = 128, triton.cdiv(r_max, SHRINK_BLOCK_R)
     max_blocks = segments.blocks.shape[0]
     fewest_blocks = triton.cdiv(tokens, segments.block_m)
-    split_k = _split_k(SHRINK_PROGRAMS_PER_SM * _sm_count_of(x.device), fewest_blocks * groups, triton.cdiv(k, block_k))
+    split_k = _split_k(_programs_wanted(x.device), fewest_blocks * groups, triton.cdiv(k, block_k))
     programs = _block_programs(max_blocks, split_k * groups * chunks, x.device)
     _shrink_segment_kernel[(programs, split_k, groups * chunks)](
         x, a, segments.order, segments.blocks, ranks if ranks is not None else token_slots, h,
