@@ -1,5 +1,5 @@
 """First use of an adapter from the local registry: how long `RegistrySource.resolve` takes to check its blobs and
-copy them out for the engine, in a process that has verified none of them yet (as the engine's, at a new server's
+lay them out for the engine, in a process that has verified none of them yet (as the engine's, at a new server's
 first request for each adapter).
 
     python loadtests/bench_resolve.py [--adapters 10] [--rank 32] [--rounds 3]

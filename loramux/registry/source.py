@@ -20,7 +20,8 @@ _PUBLISH = threading.Lock()  # one publish at a time in this process (see `_publ
 
 
 class RegistrySource:
-    """Adapters of a local registry, copied out of the blob store once per commit into `cache_dir`."""
+    """Adapters of a local registry, laid out once per commit in `cache_dir` (hard links to the blob store's files
+    where the file system allows, copies elsewhere)."""
 
     def __init__(self, registry: Registry, cache_dir: Path | None = None) -> None:
         self.registry = registry
@@ -110,14 +111,14 @@ def _expected_digest(sibling) -> str | None:
 
 
 def _materialize(target: Path, files: dict[str, tuple[Path, str | None]]) -> None:
-    """Copy `files` ({repo path: (source, expected digest)}) into `target`, checking each copy, then publish the
-    directory with one rename so that readers never see half of it."""
+    """Place `files` ({repo path: (source, expected digest)}) in `target` (`_place`), checking each against its
+    digest where one is given, then publish the directory with one rename so that readers never see half of it."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(target.parent)))
     try:
         for rel, (source, expected) in files.items():
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, dest)
+            _place(source, dest)
             if expected is not None and _digest(dest, expected) != expected:
                 raise OSError(f"{rel}: downloaded content does not match its checksum {expected}")
         (tmp / COMPLETE).write_text("")
@@ -125,6 +126,18 @@ def _materialize(target: Path, files: dict[str, tuple[Path, str | None]]) -> Non
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _place(source: Path, dest: Path) -> None:
+    """A hard link to `source` at `dest`, or a copy where the file system refuses one (another device, no links).
+
+    The sources are never written again (the blob store's content-addressed files, or a pull's own download), so a
+    link gives the engine the same bytes as a copy without writing them again: an adapter's first request does not
+    wait for its weights to be copied, and the cache holds no second copy of them."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
 
 
 def _publish(tmp: Path, target: Path) -> None:

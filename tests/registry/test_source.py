@@ -1,9 +1,11 @@
-"""The registry source's copies out of the blob store: concurrent resolvers of one commit share one published copy, each
-blob is hashed once on its first resolve, and a blob damaged on disk is refused."""
+"""The registry source's directories per commit: concurrent resolvers of one commit share one published directory, its
+files are hard links to the blob store's (copies where links are refused), each blob is hashed once on its first
+resolve, and a blob damaged on disk is refused."""
 
 from __future__ import annotations
 
-import shutil
+import errno
+import os
 import threading
 import time
 
@@ -28,20 +30,20 @@ def test_concurrent_resolves_of_one_commit_never_remove_a_copy_a_reader_holds(
     registry.create_repo("me/a", LOCAL, private=True)
     registry.commit("me/a", LOCAL, add_dir(registry, make_adapter(r=4)), "r4")
 
-    copy = shutil.copyfile
+    place = source_module._place
 
-    def slow_copy(src, dst, *args, **kwargs):  # every resolver finds the commit missing and copies it
+    def slow_place(src, dst):  # every resolver finds the commit missing and lays it out
         time.sleep(0.2)
-        return copy(src, dst, *args, **kwargs)
+        return place(src, dst)
 
-    monkeypatch.setattr(source_module.shutil, "copyfile", slow_copy)
+    monkeypatch.setattr(source_module, "_place", slow_place)
     start, resolved, seen, errors = threading.Barrier(4, timeout=10), threading.Barrier(4, timeout=10), {}, []
 
     def resolve(i: int) -> None:
         try:
             start.wait()
-            path = source.resolve(AdapterRef.parse("me/a"), None).path / "adapter_model.safetensors"
-            seen[i] = (path, path.stat().st_ino)  # the copy this reader opens
+            directory = source.resolve(AdapterRef.parse("me/a"), None).path
+            seen[i] = (directory, directory.stat().st_ino)  # the directory this reader opens
             resolved.wait()
         except Exception as exc:  # reported below
             errors.append(exc)
@@ -52,11 +54,46 @@ def test_concurrent_resolves_of_one_commit_never_remove_a_copy_a_reader_holds(
     for t in threads:
         t.join()
     assert not errors
-    # every reader got the one copy that stays: none was removed under a reader, no temporary copy is left over
+    # every reader got the one directory that stays: none was removed under a reader, no temporary one is left over
     assert len({inode for _, inode in seen.values()}) == 1
-    path, inode = seen[0]
-    assert path.stat().st_ino == inode
-    assert [p.name for p in path.parent.parent.iterdir()] == [path.parent.name]
+    directory, inode = seen[0]
+    assert directory.stat().st_ino == inode and (directory / "adapter_model.safetensors").is_file()
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]
+
+
+def test_a_commit_s_files_are_links_to_the_blob_store_with_the_same_bytes(tmp_path, make_adapter):
+    registry = Registry.open(tmp_path / "data")
+    registry.create_repo("me/a", LOCAL, private=True)
+    adapter = make_adapter(r=4)
+    registry.commit("me/a", LOCAL, add_dir(registry, adapter), "r4")
+    resolved = RegistrySource(Registry.open(tmp_path / "data"), tmp_path / "cache").resolve(
+        AdapterRef.parse("me/a"), None
+    )
+    revision = registry.revision(registry.repo("me/a", LOCAL), "main")
+    for entry in registry.files(revision):
+        placed = resolved.path / entry.path
+        assert os.path.samefile(placed, registry.blob_path(entry))  # no second copy of the bytes on disk
+        assert placed.read_bytes() == (adapter / entry.path).read_bytes()
+
+
+def test_where_links_are_refused_the_files_are_copied(tmp_path, make_adapter, monkeypatch):
+    registry = Registry.open(tmp_path / "data")
+    registry.create_repo("me/a", LOCAL, private=True)
+    adapter = make_adapter(r=4)
+    registry.commit("me/a", LOCAL, add_dir(registry, adapter), "r4")
+
+    def refuse(src, dst, *args, **kwargs):  # as across devices
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(source_module.os, "link", refuse)
+    resolved = RegistrySource(Registry.open(tmp_path / "data"), tmp_path / "cache").resolve(
+        AdapterRef.parse("me/a"), None
+    )
+    weights = resolved.path / "adapter_model.safetensors"
+    revision = registry.revision(registry.repo("me/a", LOCAL), "main")
+    blob = registry.blob_path(next(e for e in registry.files(revision) if e.path == weights.name))
+    assert not os.path.samefile(weights, blob)
+    assert weights.read_bytes() == (adapter / weights.name).read_bytes()
 
 
 def test_a_first_resolve_hashes_each_blob_once(storage, tmp_path, make_adapter, monkeypatch):
