@@ -298,6 +298,31 @@ def summary(report: dict) -> dict:
     }  # fmt: skip
 
 
+def engine_steps(url: str) -> dict[str, float]:
+    """The engine's step counters as `/metrics` gives them: steps, their seconds and prompt tokens, by kind."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    prefixes = ("loramux_steps_", "loramux_step_seconds_", "loramux_step_prompt_tokens_")
+    return {
+        name.removeprefix("loramux_"): float(value)
+        for name, value in (line.split()[:2] for line in text.splitlines() if line.startswith(prefixes))
+    }
+
+
+def steps_between(before: dict[str, float], after: dict[str, float]) -> dict[str, dict]:
+    """The steps a workload ran in the server's engine, by kind (decode, mixed, prefill): how many, their mean
+    milliseconds and the prompt tokens they computed."""
+    out = {}
+    for kind in ("decode", "mixed", "prefill"):
+        steps = after.get(f"steps_{kind}", 0.0) - before.get(f"steps_{kind}", 0.0)
+        seconds = after.get(f"step_seconds_{kind}", 0.0) - before.get(f"step_seconds_{kind}", 0.0)
+        tokens = after.get(f"step_prompt_tokens_{kind}", 0.0) - before.get(f"step_prompt_tokens_{kind}", 0.0)
+        out[kind] = {"steps": int(steps), "ms_mean": 1e3 * seconds / steps if steps else None,
+                     "prompt_tokens": int(tokens)}  # fmt: skip
+    return out
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -410,7 +435,9 @@ def run(args: argparse.Namespace, root: Path, results: dict) -> None:
                     failures[key] = f"left out: the run's {args.http_budget:.0f} s for HTTP were spent"
                     continue
                 try:
+                    before = engine_steps(url)
                     http[key] = summary(work())
+                    http[key]["steps"] = steps_between(before, engine_steps(url))
                     print(f"  {key}: {http[key]['tokens_per_s']:.1f} tokens/s", flush=True)
                     save(args, results)  # what is measured so far survives a run cut short
                 except Exception as exc:  # the other workloads still run

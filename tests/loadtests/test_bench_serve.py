@@ -1,6 +1,7 @@
 """The end-to-end benchmark's tiny variant runs whole on the CPU, so that CI guards it: a checkpoint with the real
 tokenizer, `loramux serve` as a process, adapters pushed with `adapters push`, the load generator over HTTP, the
-engine alone on the same checkpoint, one JSON with every figure and ratio."""
+engine alone on the same checkpoint, one JSON with every figure and ratio, and the server engine's steps by kind per
+workload."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def test_tiny_end_to_end_benchmark_measures_every_workload(tmp_path: Path, capsy
         figure = results["http"][key]
         assert figure["tokens_per_s"] > 0 and figure["requests_failed"] == 0, key
         assert figure["output_tokens"] == (64 if key.startswith("stream") else 8 * 64), key  # EOS ignored: all of them
+        steps = figure["steps"]  # the server engine's steps while the workload ran
+        assert steps["decode"]["steps"] >= 63 and steps["decode"]["prompt_tokens"] == 0, key
+        prompt = sum(steps[kind]["prompt_tokens"] for kind in ("mixed", "prefill"))
+        assert prompt > 0 and steps["prefill"]["steps"] >= 1, key
     for key in ("w1_adapters", "w1_base"):  # the fresh server's first full batches, kept apart
         figure = results["cold"][key]
         assert figure["requests_completed"] == 8 and figure["output_tokens"] == 8 * 4, key

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import select
+import time
 import uuid
 from collections.abc import Callable
 
@@ -37,6 +38,17 @@ from loramux.server.layers.sampler import Sampler
 from loramux.server.models.loader import BaseModel
 
 log = logging.getLogger(__name__)
+
+# What a step computed: "decode", one new token for each of its sequences (on a GPU, a decode-graph replay);
+# "prefill", prompt chunks only; "mixed", both (the decode tokens' graph replayed beside a pass over the prompt chunks).
+STEP_KINDS = ("decode", "mixed", "prefill")
+
+
+def step_kind(batch: list[tuple[Request, int]]) -> str:
+    """The kind of a step scheduled as `batch` ((request, tokens computed) pairs; a one-token chunk is a decode
+    token, as the model runner takes it)."""
+    ones = sum(1 for _, n in batch if n == 1)
+    return "decode" if ones == len(batch) else "prefill" if ones == 0 else "mixed"
 
 
 class LLMEngine:
@@ -87,6 +99,11 @@ class LLMEngine:
         overlap = config.overlap_outputs
         self.overlap_outputs = self.runner.device.type == "cuda" if overlap is None else overlap
         self._outputs: list[EngineOutput] = []  # this step's, so far
+        # steps that ran, by kind (`step_kind`): how many, their seconds (from scheduling to tokens sampled), and the
+        # prompt tokens they computed
+        self._steps = dict.fromkeys(STEP_KINDS, 0)
+        self._step_seconds = dict.fromkeys(STEP_KINDS, 0.0)
+        self._step_prompt_tokens = dict.fromkeys(STEP_KINDS, 0)
         self.stop_token_ids = base.stop_token_ids()
         log.info(
             "engine: %d KV blocks of %d tokens, %d adapter slots of rank %d in pages of rank %d",
@@ -221,6 +238,7 @@ class LLMEngine:
         back (the engine process sends the previous step's outputs there, so that the device computes meanwhile).
         The slot writes of the adapters claimed in scheduling are queued right after the forward (their copies run
         beside it), and their slots are ready for the first step that begins after the copies are done."""
+        began = time.perf_counter()
         self._apply_inbox()
         self.slots.complete_writes()  # slots whose writes are done are ready for this step
         batch = self.scheduler.schedule()
@@ -233,6 +251,10 @@ class LLMEngine:
             on_forward_queued()
         if logits is not None:
             self._sample(batch, logits)
+            kind = step_kind(batch)
+            self._steps[kind] += 1
+            self._step_seconds[kind] += time.perf_counter() - began
+            self._step_prompt_tokens[kind] += sum(n for _, n in batch if n > 1)
         elif self.slots.writes_pending():  # nothing runs until they are done
             self.slots.complete_writes(wait=True)
         elif not self._outputs:
@@ -301,8 +323,9 @@ class LLMEngine:
     # -- introspection and the synchronous driver ----------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        """A snapshot: queue length, running requests, slot occupancy, adapter cache counters, KV blocks; on CUDA the
-        device memory torch's allocator holds for tensors (`allocated`) and has reserved from the device."""
+        """A snapshot: queue length, running requests, slot occupancy, adapter cache counters, KV blocks, the steps run
+        so far by kind (count, seconds, prompt tokens); on CUDA the device memory torch's allocator holds for tensors
+        (`allocated`) and has reserved from the device."""
         s = self.scheduler
         stats: dict[str, float] = {
             "requests_waiting": s.num_waiting,
@@ -315,6 +338,10 @@ class LLMEngine:
             "preemptions": s.preemptions,
             "engine_pid": os.getpid(),
         }
+        for kind in STEP_KINDS:
+            stats[f"steps_{kind}"] = self._steps[kind]
+            stats[f"step_seconds_{kind}"] = self._step_seconds[kind]
+            stats[f"step_prompt_tokens_{kind}"] = self._step_prompt_tokens[kind]
         stats.update(self.slots.stats())
         stats.update(self.adapters.stats())
         stats["adapter_load_seconds"] = stats["adapter_read_seconds"] + stats["adapter_slot_write_seconds"]

@@ -226,6 +226,11 @@ def test_metrics_present_and_moving(env):
     assert delta("loramux_time_per_output_token_seconds_count", adapter="acme/support") == 1
     assert delta("loramux_request_latency_seconds_count", endpoint="chat") == 2
     assert delta("loramux_adapter_cache_hits") + delta("loramux_adapter_cache_misses") >= 1
+    # one chat of 12 tokens: its prompt in a step of its own (nothing else ran), then 11 decode steps
+    assert delta("loramux_steps_prefill") == 1 and delta("loramux_steps_decode") == 11
+    assert delta("loramux_step_prompt_tokens_prefill") == delta(
+        "loramux_prompt_tokens_total", tenant="acme", adapter="acme/support"
+    )
     for gauge in ("requests_waiting", "requests_running", "kv_blocks_total", "kv_blocks_used", "slots_total",
                   "slots_used", "adapter_loads", "adapter_load_seconds", "adapter_read_seconds",
                   "adapter_slot_write_seconds"):  # fmt: skip

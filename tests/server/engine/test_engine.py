@@ -1,5 +1,5 @@
 """Engine mechanics on a tiny random Llama: chunked prefill, preemption, fairness, slot rotation, abort, stops,
-seeds, new revisions, bad parameters, the warm-up's garbage-collector freeze."""
+seeds, new revisions, bad parameters, the warm-up's garbage-collector freeze, steps counted by kind."""
 
 from __future__ import annotations
 
@@ -191,6 +191,26 @@ def test_the_hook_runs_once_the_forward_is_queued_and_before_the_tokens_are_read
     steps = ",".join(order).split("forward,")[1:]
     assert len(steps) == 3 and all(step.startswith("hook,outputs") for step in steps)
     assert len(driver.tokens("r")) == 3 and driver.finish_reason("r") == "length"
+
+
+def test_steps_are_counted_by_kind_with_their_prompt_tokens(tiny):
+    base = tiny[0]
+    engine = LLMEngine(base, None, EngineConfig(num_slots=0, num_kv_blocks=64))
+    driver = Driver(engine)
+    p = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    driver.add("a", [3] * 7, p)
+    driver.add("b", [5] * 9, p)
+    driver.step()  # both prompts
+    driver.step()  # a token each
+    driver.add("c", [4] * 6, p)
+    driver.step()  # c's prompt beside a's and b's tokens
+    stats = engine.stats()
+    assert (stats["steps_prefill"], stats["steps_decode"], stats["steps_mixed"]) == (1, 1, 1)
+    assert stats["step_prompt_tokens_prefill"] == 16 and stats["step_prompt_tokens_mixed"] == 6
+    assert stats["step_prompt_tokens_decode"] == 0
+    driver.run()  # a's and b's last token beside c's second, then c's third and fourth
+    stats = engine.stats()
+    assert stats["steps_mixed"] == 1 and stats["steps_prefill"] == 1 and stats["steps_decode"] == 4
 
 
 def test_stop_strings_and_stop_tokens(tiny):
