@@ -39,16 +39,20 @@ from loramux.server.models.loader import BaseModel
 
 log = logging.getLogger(__name__)
 
-# What a step computed: "decode", one new token for each of its sequences (on a GPU, a decode-graph replay);
-# "prefill", prompt chunks only; "mixed", both (the decode tokens' graph replayed beside a pass over the prompt chunks).
+# What a step computed: "decode", one generated token for each of its sequences; "prefill", prompt tokens only (or a
+# preempted request's tokens computed again); "mixed", both.
 STEP_KINDS = ("decode", "mixed", "prefill")
 
 
-def step_kind(batch: list[tuple[Request, int]]) -> str:
-    """The kind of a step scheduled as `batch` ((request, tokens computed) pairs; a one-token chunk is a decode
-    token, as the model runner takes it)."""
-    ones = sum(1 for _, n in batch if n == 1)
-    return "decode" if ones == len(batch) else "prefill" if ones == 0 else "mixed"
+def step_work(batch: list[tuple[Request, int]]) -> tuple[str, int]:
+    """(kind, prompt tokens) of a step scheduled as `batch`, (request, tokens computed) pairs, before it runs."""
+    prompt = decodes = 0
+    for request, n in batch:
+        if n == 1 and request.num_computed + 1 == request.num_tokens > len(request.prompt_ids):
+            decodes += 1
+        else:
+            prompt += n
+    return ("decode" if not prompt else "prefill" if not decodes else "mixed"), prompt
 
 
 class LLMEngine:
@@ -242,6 +246,7 @@ class LLMEngine:
         self._apply_inbox()
         self.slots.complete_writes()  # slots whose writes are done are ready for this step
         batch = self.scheduler.schedule()
+        kind, prompt_tokens = step_work(batch)
         for request in self.scheduler.take_refetches():  # their adapters left slot memory before they got a slot
             self._fetch(request)
         logits = self.runner.run([self._chunk(request, n) for request, n in batch]) if batch else None
@@ -251,10 +256,9 @@ class LLMEngine:
             on_forward_queued()
         if logits is not None:
             self._sample(batch, logits)
-            kind = step_kind(batch)
             self._steps[kind] += 1
             self._step_seconds[kind] += time.perf_counter() - began
-            self._step_prompt_tokens[kind] += sum(n for _, n in batch if n > 1)
+            self._step_prompt_tokens[kind] += prompt_tokens
         elif self.slots.writes_pending():  # nothing runs until they are done
             self.slots.complete_writes(wait=True)
         elif not self._outputs:

@@ -211,6 +211,10 @@ def test_steps_are_counted_by_kind_with_their_prompt_tokens(tiny):
     driver.run()  # a's and b's last token beside c's second, then c's third and fourth
     stats = engine.stats()
     assert stats["steps_mixed"] == 1 and stats["steps_prefill"] == 1 and stats["steps_decode"] == 4
+    driver.add("d", [6], p)  # a prompt of one token is a prefill all the same
+    driver.step()
+    stats = engine.stats()
+    assert stats["steps_prefill"] == 2 and stats["step_prompt_tokens_prefill"] == 17
 
 
 def test_stop_strings_and_stop_tokens(tiny):
