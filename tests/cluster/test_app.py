@@ -353,6 +353,7 @@ def test_a_replica_killed_under_load_loses_no_request_that_had_not_started_strea
         futures = [pool.submit(send, request) for request in requests]
         for _ in range(6):  # mid-run: some answered, most still running or waiting
             done.acquire()
+        computing(engines)  # and the victim's engine at work on some of them
         victim.send_signal(signal.SIGKILL)
         answers = [future.result() for future in futures]
     cut = [a for r, a in zip(requests, answers, strict=True) if r.stream and a.error is not None]
@@ -373,6 +374,26 @@ def test_a_replica_killed_under_load_loses_no_request_that_had_not_started_strea
     while len(replicas - before) == 0 and time.monotonic() < deadline:  # Ray replaces the dead replica
         replicas |= {a.replica for a in burst(env, Ask("tiny", "Hi", max_tokens=2), size=8)}
     assert len(replicas - before) == 1 and survivor.is_running(), replicas
+
+
+def computing(processes: list[psutil.Process], within: float = 30.0) -> None:
+    """Return once `processes` (a replica's engine process and its helpers) are computing: over a 50 ms window they
+    used at least a third of a core (between requests an engine waits without using any); or after `within`
+    seconds."""
+
+    def cpu() -> float:
+        total = 0.0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                total += sum(process.cpu_times()[:2])
+        return total
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        used = cpu()
+        time.sleep(0.05)
+        if cpu() - used >= 0.05 / 3:
+            return
 
 
 def replica_names(env) -> set[str]:
