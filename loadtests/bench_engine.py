@@ -20,6 +20,10 @@ the engine process. Parts (`--only`):
   rate above what the engine serves, 64 slots (the memory of 64 rank-64 adapters, paged by rank 8: it holds more
   adapters of lower rank) and a CPU cache of 256 adapters: tokens/s, time to first token.
 - load: time to move a rank-16 all-module adapter from the CPU cache into a slot, and from disk into a slot.
+- mixed: what a step with prompt chunks beside a decode batch costs: `--mixed-running` sequences decoding (W2's
+  adapters, 16 of them, or none), then steps that add 1 to 12 prompts of `--prompt` tokens; each step's time against
+  a decode step's, fitted as a fixed part plus a part per prompt token (the engine's own step counters say which
+  steps were mixed). With `--profile` on a GPU, a decode step and a mixed step of 6 prompts by kernel kind.
 
 Peak GPU memory is that of the loramux parts. With `--repeats N`, W1 (with and without adapters, in turn) and W2
 (each time on a fresh engine) run N times and the run with the median tokens/s stands for each; every run's figure
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -53,13 +58,13 @@ from loadtests.shapes import LLAMA3_8B
 from loadtests.workload import SAMPLING
 from loramux.core.adapter_source import AdapterNotFoundError, AdapterRef, ResolvedAdapter
 from loramux.core.model_config import ATTENTION_MODULES, LINEAR_MODULES, ModelConfig
-from loramux.server.engine.llm_engine import EngineConfig, LLMEngine
+from loramux.server.engine.llm_engine import STEP_KINDS, EngineConfig, LLMEngine
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models.llama import LlamaForCausalLM
 from loramux.server.models.loader import BaseModel, compute_dtype_for, load_base
 from loramux.server.models.lora_weights import base_shapes, load_lora
 
-PARTS = ("w1", "peft", "hf", "stream", "w2", "load")
+PARTS = ("w1", "peft", "hf", "stream", "w2", "load", "mixed")
 TINY = {
     "vocab_size": 512,
     "hidden_size": 64,
@@ -402,38 +407,149 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
         walls[max_tokens] = time.perf_counter() - begun
         return {e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()}
 
-    def by_kind(kernels: dict[str, float]) -> dict[str, float]:
-        kinds = dict.fromkeys(("nf4_dequant", "gemm", "lora", "attention", "other"), 0.0)
-        for key, t in kernels.items():
-            name = key.lower()
-            if "dequant" in name or "4bit" in name:
-                kinds["nf4_dequant"] += t
-            elif "shrink" in name or "expand" in name:
-                kinds["lora"] += t
-            elif "attention" in name or "fmha" in name or "flash" in name or ("index" in name and "copy" not in name):
-                kinds["attention"] += t
-            elif "gemm" in name or "gemv" in name or "cutlass" in name or "sm90" in name:
-                kinds["gemm"] += t
-            else:
-                kinds["other"] += t
-        return kinds
-
     try:
         # the prefill steps are the same in both runs: the difference is 4 decode steps of the whole batch
         one, five = by_kernel(1), by_kernel(5)
     finally:
         runner.graphs, runner.prompt_graphs = graphs, prompt_graphs
     step = {k: (five.get(k, 0.0) - one.get(k, 0.0)) / 4 for k in five.keys() | one.keys()}
-    kinds = by_kind(step)
+    kinds = kernel_kinds(step)
     total = sum(kinds.values())
     top = dict(sorted(step.items(), key=lambda kv: -kv[1])[:25])
     return {
         "note": "one eager decode step of the W1 batch: GPU microseconds by kind, and the top kernels; then the "
                 "prefill of the whole batch (the run of 1 token: its prefill steps and one sampling)",
         "us": kinds, "share": {k: v / total for k, v in kinds.items()} if total else {}, "top_kernels_us": top,
-        "wall_s": walls, "prefill_us": by_kind(one),
+        "wall_s": walls, "prefill_us": kernel_kinds(one),
         "prefill_top_kernels_us": dict(sorted(one.items(), key=lambda kv: -kv[1])[:25]),
     }  # fmt: skip
+
+
+def kernel_kinds(kernels: dict[str, float]) -> dict[str, float]:
+    """GPU time by kernel name -> by kind: NF4 dequantization, GEMMs, LoRA, attention, the rest."""
+    kinds = dict.fromkeys(("nf4_dequant", "gemm", "lora", "attention", "other"), 0.0)
+    for key, t in kernels.items():
+        name = key.lower()
+        if "dequant" in name or "4bit" in name:
+            kinds["nf4_dequant"] += t
+        elif "shrink" in name or "expand" in name:
+            kinds["lora"] += t
+        elif "attention" in name or "fmha" in name or "flash" in name or ("index" in name and "copy" not in name):
+            kinds["attention"] += t
+        elif "gemm" in name or "gemv" in name or "cutlass" in name or "sm90" in name:
+            kinds["gemm"] += t
+        else:
+            kinds["other"] += t
+    return kinds
+
+
+MIXED_PROMPTS = (1, 2, 4, 6, 12)  # prompts added to the decode batch, one step each
+
+
+def bench_mixed(base: BaseModel, args, root: Path) -> dict:
+    """A decode step against steps that also take 1 to 12 new prompts, with W2's adapters and without."""
+    modules, ranks = ["q_proj", "v_proj"], (8, 16, 32, 64)
+    source, names = LocalSource(), []
+    for r in ranks:
+        weights = write_adapter(root / f"mixed-rank{r}", r, modules, base.config, seed=200 + r)
+        for j in range(4):
+            source.add(f"bench/mixed-{r}-{j}", alias_adapter(root / "mixed", f"a{r}-{j}", weights))
+            names.append(f"bench/mixed-{r}-{j}")
+    running, plen = args.mixed_running, args.prompt
+    counts = [n for n in MIXED_PROMPTS if running + n * plen <= args.max_batched_tokens]  # each in one step
+    seqs = running + max(counts)
+    # W2's slots (8 at the least: they hold all 16 adapters, which the tiny run's 3 would not)
+    config = EngineConfig(
+        num_slots=max(args.w2_slots, 8), max_lora_rank=64, num_kv_blocks=seqs * math.ceil((plen + 256) / 16) + 64,
+        max_num_seqs=seqs, max_num_batched_tokens=args.max_batched_tokens, max_queue=4 * seqs,
+        adapter_cache_bytes=2 * 2**30,
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    engine = LLMEngine(base, source, config)
+    added = itertools.count()
+
+    def add(n: int, adapters: list[str] | None) -> list[str]:
+        out = []
+        for _ in range(n):
+            i = next(added)
+            prompt = prompts(1, plen, base.config.vocab_size, seed=1000 + i)[0]
+            engine.add(f"m{i}", prompt, params, adapters[i % len(adapters)] if adapters else None)
+            out.append(f"m{i}")
+        return out
+
+    def step() -> tuple[str, float, int]:
+        """One step that ran a forward -> (its kind, its seconds, its prompt tokens), from the engine's counters."""
+        before = engine.stats()
+        while True:
+            if engine.step() is None:
+                engine.wait_for_work(0.01)
+                continue
+            after = engine.stats()
+            ran = [k for k in STEP_KINDS if after[f"steps_{k}"] > before[f"steps_{k}"]]
+            if ran:  # (a step may also end with no forward: slot writes waited for, aborts reported)
+                kind = ran[0]
+                seconds = after[f"step_seconds_{kind}"] - before[f"step_seconds_{kind}"]
+                return kind, seconds, int(after[f"step_prompt_tokens_{kind}"] - before[f"step_prompt_tokens_{kind}"])
+
+    def mixed_step(n: int, adapters: list[str] | None) -> float:
+        """The seconds of a step that took `n` new prompts whole beside the decode batch."""
+        for _ in range(20):
+            new = add(n, adapters)
+            time.sleep(0.02)  # their adapters resolve on the fetch threads, off the step loop
+            for _ in range(100):  # decode steps until the new prompts are in
+                if (ran := step())[0] != "decode":
+                    break
+            for request_id in new:
+                engine.abort(request_id)
+            step()
+            kind, seconds, tokens = ran
+            if kind == "mixed" and tokens == n * plen:
+                return seconds
+        raise RuntimeError(f"no step took {n} new prompts at once in 20 tries")
+
+    results: dict = {"running": running, "prompt_tokens_each": plen}
+    try:
+        engine.warm_up()
+        for label, adapters in (("adapters", names), ("base", None)):
+            first = add(running, adapters)
+            while step()[0] != "decode":  # every prompt in
+                pass
+            decode = [step()[1] for _ in range(10)]
+            figures: dict = {"decode_ms_median": 1e3 * statistics.median(decode), "mixed_ms_median": {}}
+            for n in counts:
+                walls = [mixed_step(n, adapters) for _ in range(args.repeats + 2)]
+                figures["mixed_ms_median"][n * plen] = 1e3 * statistics.median(walls)
+            xs = list(figures["mixed_ms_median"])
+            ys = [figures["mixed_ms_median"][x] - figures["decode_ms_median"] for x in xs]
+            mx, my = statistics.mean(xs), statistics.mean(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+            figures["extra_fixed_ms"], figures["extra_us_per_prompt_token"] = my - slope * mx, 1e3 * slope
+            if args.profile and base.device.type == "cuda":
+                figures["profile"] = profile_steps(lambda: step()[1], lambda a=adapters: mixed_step(6, a))
+            for request_id in first:
+                engine.abort(request_id)
+            while engine.has_unfinished():
+                engine.step()
+            results[label] = figures
+            print(f"  mixed steps, {label}: decode {figures['decode_ms_median']:.1f} ms; a prompt pass adds "
+                  f"{figures['extra_fixed_ms']:.1f} ms + {figures['extra_us_per_prompt_token']:.1f} us a prompt "
+                  "token", flush=True)  # fmt: skip
+        return results
+    finally:
+        engine.shutdown()
+        gc.collect()
+
+
+def profile_steps(decode: Callable[[], float], mixed: Callable[[], float]) -> dict:
+    """GPU microseconds by kernel kind of one decode step and one mixed step (graphs as they run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for label, fn in (("decode", decode), ("mixed", mixed)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+        out[label] = kernel_kinds({e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()})
+    return out
 
 
 def triton_variants() -> int:
@@ -639,6 +755,11 @@ def table(results: dict) -> str:
         if ld.get("disk_to_slot_via_reader_ms") is not None:
             label = "adapter -> slot: disk via a reader process (ms)"
             lines.append(f"{label:44} {ld['disk_to_slot_via_reader_ms']:.1f}")
+    for label in ("adapters", "base"):
+        mixed = results.get("mixed", {}).get(label)
+        if mixed:
+            text = f"{mixed['extra_fixed_ms']:.1f} ms + {mixed['extra_us_per_prompt_token']:.1f} us/token"
+            lines.append(f"{'a prompt pass beside decoding, ' + label:44} {text}")
     if "peak_gpu_memory_gib" in results:
         lines.append(f"{'peak GPU memory, loramux (GiB)':44} {results['peak_gpu_memory_gib']:.2f}")
     return "\n".join(lines)
@@ -676,13 +797,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--repeats", type=int, default=1, help="W1 and W2 this many times each (W2 on a fresh engine): medians"
     )
-    p.add_argument("--profile", action="store_true", help="profile a decode step of W1 (GPU)")
+    p.add_argument("--mixed-running", type=int, default=200, help="sequences decoding beside the mixed steps' prompts")
+    p.add_argument(
+        "--profile", action="store_true", help="profile a decode step of W1 and the mixed part's steps (GPU)"
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.w1_requests, args.w1_adapters, args.prompt, args.gen = 8, 4, 8, 4
         args.stream_gen, args.baseline_gen, args.max_batched_tokens = 8, 4, 64
         # W2's requests all but at once: a tiny step takes a few ms, and at 200/s a fast CPU never queued any
         args.w2_requests, args.w2_adapters, args.w2_slots, args.w2_cpu_cache, args.w2_rate = 12, 10, 3, 5, 5000.0
+        args.mixed_running = 4
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.json is None and not args.tiny:
@@ -723,7 +848,7 @@ def run_parts(raw: dict, args: argparse.Namespace, device: torch.device, root: P
     """loramux's W1, one stream and load times, then the baselines (while loramux's model stays resident), then W2."""
     cuda = device.type == "cuda"
     base = None
-    if any(part in args.parts for part in ("w1", "stream", "load", "w2")):
+    if any(part in args.parts for part in ("w1", "stream", "load", "w2", "mixed")):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
@@ -749,6 +874,8 @@ def run_parts(raw: dict, args: argparse.Namespace, device: torch.device, root: P
             if cuda:
                 torch.cuda.empty_cache()
         results["w2"] = median_run(runs)
+    if "mixed" in args.parts:
+        results["mixed"] = bench_mixed(base, args, root / "mixed")
 
 
 if __name__ == "__main__":

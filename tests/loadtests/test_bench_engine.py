@@ -20,6 +20,9 @@ def test_tiny_benchmark_runs_every_part_and_writes_its_figures(tmp_path: Path, c
     assert results["stream_greedy"]["generated_tokens"] == 8
     assert results["w2"]["requests"] == 12 and results["w2"]["ttft_p99_s"] >= results["w2"]["ttft_p50_s"] > 0
     assert results["load"]["cpu_to_slot_ms"] > 0 and results["load"]["disk_to_slot_ms"] > 0
+    for label in ("adapters", "base"):  # each mixed step took its 1 to 6 new prompts of 8 tokens whole
+        mixed = results["mixed"][label]
+        assert list(mixed["mixed_ms_median"]) == ["8", "16", "32", "48"] and mixed["decode_ms_median"] > 0, label
     assert "loramux W1, 32 adapters, greedy" in capsys.readouterr().out
 
 
