@@ -103,7 +103,7 @@ class LLMEngine:
         overlap = config.overlap_outputs
         self.overlap_outputs = self.runner.device.type == "cuda" if overlap is None else overlap
         self._outputs: list[EngineOutput] = []  # this step's, so far
-        # steps that ran, by kind (`step_kind`): how many, their seconds (from scheduling to tokens sampled), and the
+        # steps that ran, by kind (`step_work`): how many, their seconds (from scheduling to tokens sampled), and the
         # prompt tokens they computed
         self._steps = dict.fromkeys(STEP_KINDS, 0)
         self._step_seconds = dict.fromkeys(STEP_KINDS, 0.0)
