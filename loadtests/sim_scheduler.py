@@ -11,7 +11,7 @@ Prints steps, the mean running batch, simulated tokens/s and TTFT, so that sched
 seconds, deterministically.
 
     python loadtests/sim_scheduler.py [--slots 64] [--requests 512] [--adapters 1000] [--rate 100] [--page-rank 8]
-        [--costs h100-eager|h200-graphs] [--prefill-wave 1] [--max-prefill-delay 0]
+        [--costs h100-eager|h200-graphs]
 
 Adapter i has rank 8, 16, 32 or 64 (i mod 4), as in bench_engine.py; `--page-rank 64` gives one adapter per slot
 whatever its rank (slot memory not paged).
@@ -73,10 +73,7 @@ def simulate(args: argparse.Namespace) -> dict:
         arrivals.append(t)
     blocks = args.max_seqs * -(-(args.prompt + args.gen) // BLOCK) + 64
     slots = AdapterSlots(SlotLayout.of(args.slots, 64, args.page_rank), NoCopies())  # type: ignore[arg-type]
-    scheduler = Scheduler(
-        BlockManager(blocks, BLOCK), slots, args.max_seqs, args.max_batched_tokens,
-        prefill_wave=args.prefill_wave, max_prefill_delay=args.max_prefill_delay,
-    )  # fmt: skip
+    scheduler = Scheduler(BlockManager(blocks, BLOCK), slots, args.max_seqs, args.max_batched_tokens)
     params = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
     requests = []
     for i, adapter in enumerate(chosen):
@@ -131,8 +128,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batched-tokens", type=int, default=8192)
     p.add_argument("--page-rank", type=int, default=None, help="rows of a page of slot memory (default 8)")
     p.add_argument("--costs", choices=sorted(COSTS), default="h100-eager", help="the step cost model (see above)")
-    p.add_argument("--prefill-wave", type=int, default=1, help="admit at least this many at once while decoding ...")
-    p.add_argument("--max-prefill-delay", type=int, default=0, help="... or whatever fits after this many steps")
     return p.parse_args(argv)
 
 

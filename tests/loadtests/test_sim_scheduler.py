@@ -27,11 +27,6 @@ def test_slot_memory_paged_by_rank_runs_more_adapters_at_once_than_one_per_slot(
     assert paged["running_mean"] > unpaged["running_mean"] and paged["steps"] < unpaged["steps"]
 
 
-def test_admission_waves_make_fewer_steps_with_prompts_under_either_cost_model():
-    for costs in ("h100-eager", "h200-graphs"):
-        single = small(8, "--costs", costs)
-        waves = small(8, "--costs", costs, "--prefill-wave", "8", "--max-prefill-delay", "4")
-        assert waves["mixed_steps"] < single["mixed_steps"]
-        assert waves["tokens_per_s"] > 0 and single["tokens_per_s"] > 0
+def test_the_cost_models_order_as_measured():
     eager, graphs = small(8), small(8, "--costs", "h200-graphs")
     assert graphs["seconds"] < eager["seconds"]  # the graphs' prompt passes cost far less

@@ -43,10 +43,6 @@ class EngineConfig:
     # process). None: 2 on a GPU, where a read beside the step loop would keep its kernel launches waiting for the
     # GIL; 0 on the CPU.
     adapter_reader_processes: int | None = None
-    # While requests decode, new ones are admitted in waves of at least `prefill_wave` (or whatever can be admitted
-    # once they have waited `max_prefill_delay` steps): fewer steps carry a prefill beside the decode batch.
-    prefill_wave: int = 1
-    max_prefill_delay: int = 0
     # The engine process sends a step's outputs during the next step, once its forward is queued on the device,
     # instead of before that step starts: the device computes while the host packs and sends, for one step more
     # before each output is seen. None: on a GPU only (on the CPU the step computes on the host: nothing to overlap).

@@ -96,8 +96,6 @@ class LLMEngine:
             self.slots,
             config.max_num_seqs,
             config.max_num_batched_tokens,
-            prefill_wave=config.prefill_wave,
-            max_prefill_delay=config.max_prefill_delay,
         )
         self.requests: dict[str, Request] = {}
         overlap = config.overlap_outputs

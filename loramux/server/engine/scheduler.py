@@ -16,8 +16,7 @@ other slots go on meanwhile: popular adapters keep the batch full while rare one
 every request completes. Requests for the base model need no slot and are never held back by this. A slot is a run
 of pages of slot memory sized by the adapter's rank: when no run of some size is free, requests needing that size or
 more wait while smaller adapters may still find room. A claim that found no room is not tried again (a claim walks
-every slot) until a slot was unpinned, loaded or freed, or a reservation given up. Optionally (`prefill_wave`),
-while requests decode, new ones are admitted in groups, so that fewer steps carry a prefill.
+every slot) until a slot was unpinned, loaded or freed, or a reservation given up.
 
 Fairness across tenants: waiting requests are considered tenant by tenant, least recently served tenant first,
 round-robin (each tenant's first request, then each one's second, ...), FIFO within a tenant. A tenant's burst
@@ -43,16 +42,11 @@ class Scheduler:
         slots: AdapterSlots,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        prefill_wave: int = 1,
-        max_prefill_delay: int = 0,
     ) -> None:
         self.blocks = blocks
         self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.prefill_wave = prefill_wave  # while requests decode, admit at least this many at once ...
-        self.max_prefill_delay = max_prefill_delay  # ... or whatever can be admitted after this many steps held
-        self._held = 0  # steps that admissible requests have been held back for a wave
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, FIFO
         self.running: list[Request] = []
         # (slot changes, pages) when a claim last found no run of that many pages: until `slots.changes` moves, a
@@ -250,13 +244,6 @@ class Scheduler:
             n = min(request.num_tokens, budget)
             admitted.append((request, n))
             free, seqs, budget = free - need, seqs + 1, budget - n
-        if not admitted:
-            self._held = 0
-            return
-        if self.running and len(admitted) < self.prefill_wave and self._held < self.max_prefill_delay:
-            self._held += 1  # decoding goes on; these join with the next wave
-            return
-        self._held = 0
         for request, n in admitted:
             self.blocks.grow(request, request.num_tokens)
             self.waiting[request.tenant].remove(request)

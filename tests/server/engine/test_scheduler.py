@@ -27,9 +27,9 @@ class InstantWriter:
 
 @pytest.fixture
 def make():
-    def build(num_slots: int, max_num_seqs: int = 64, max_rank: int = 8, **waves) -> Scheduler:
+    def build(num_slots: int, max_num_seqs: int = 64, max_rank: int = 8) -> Scheduler:
         slots = AdapterSlots(SlotLayout.of(num_slots, max_rank), InstantWriter())
-        return Scheduler(BlockManager(256, 4), slots, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, **waves)
+        return Scheduler(BlockManager(256, 4), slots, max_num_seqs=max_num_seqs, max_num_batched_tokens=512)
 
     return build
 
@@ -154,21 +154,6 @@ def test_every_request_completes_when_adapters_outnumber_slots(make):
             break
     assert sorted(done) == sorted(names)
     assert scheduler.slots.stats()["slots_used"] == 0 and not scheduler.slots.reservations()
-
-
-def test_admissions_come_in_waves_while_requests_decode(make):
-    scheduler = make(num_slots=2, prefill_wave=3, max_prefill_delay=2)
-    scheduler.add(request("a0", "t/a", max_tokens=50))
-    assert step(scheduler) == ["a0"]  # nothing runs: no waiting for a wave
-    scheduler.add(request("a1", "t/a"))
-    scheduler.add(request("a2", "t/a"))
-    assert step(scheduler) == ["a0"]  # two of a wave of three: held while a0 decodes
-    scheduler.add(request("a3", "t/a"))
-    assert step(scheduler) == ["a0", "a1", "a2", "a3"]  # the wave is complete
-    scheduler.add(request("a4", "t/a"))
-    held, held_again, admitted = (step(scheduler) for _ in range(3))
-    assert "a4" not in held and "a4" not in held_again
-    assert admitted == ["a0", "a1", "a2", "a3", "a4"]  # alone, once it was held for 2 steps
 
 
 def test_a_claim_that_found_no_room_is_tried_again_only_once_something_was_freed(make):
