@@ -44,15 +44,8 @@ log = logging.getLogger(__name__)
 STEP_KINDS = ("decode", "mixed", "prefill")
 
 
-def step_work(batch: list[tuple[Request, int]]) -> tuple[str, int]:
-    """(kind, prompt tokens) of a step scheduled as `batch`, (request, tokens computed) pairs, before it runs."""
-    prompt = decodes = 0
-    for request, n in batch:
-        if n == 1 and request.num_computed + 1 == request.num_tokens > len(request.prompt_ids):
-            decodes += 1
-        else:
-            prompt += n
-    return ("decode" if not prompt else "prefill" if not decodes else "mixed"), prompt
+def step_kind(prompt_tokens: int, decode_tokens: int) -> str:
+    return "decode" if not prompt_tokens else "prefill" if not decode_tokens else "mixed"
 
 
 class LLMEngine:
@@ -101,7 +94,7 @@ class LLMEngine:
         overlap = config.overlap_outputs
         self.overlap_outputs = self.runner.device.type == "cuda" if overlap is None else overlap
         self._outputs: list[EngineOutput] = []  # this step's, so far
-        # steps that ran, by kind (`step_work`): how many, their seconds (from scheduling to tokens sampled), and the
+        # steps that ran, by kind (`step_kind`): how many, their seconds (from scheduling to tokens sampled), and the
         # prompt tokens they computed
         self._steps = dict.fromkeys(STEP_KINDS, 0)
         self._step_seconds = dict.fromkeys(STEP_KINDS, 0.0)
@@ -244,7 +237,6 @@ class LLMEngine:
         self._apply_inbox()
         self.slots.complete_writes()  # slots whose writes are done are ready for this step
         batch = self.scheduler.schedule()
-        kind, prompt_tokens = step_work(batch)
         for request in self.scheduler.take_refetches():  # their adapters left slot memory before they got a slot
             self._fetch(request)
         logits = self.runner.run([self._chunk(request, n) for request, n in batch]) if batch else None
@@ -254,6 +246,8 @@ class LLMEngine:
             on_forward_queued()
         if logits is not None:
             self._sample(batch, logits)
+            prompt_tokens = self.scheduler.prompt_tokens
+            kind = step_kind(prompt_tokens, self.scheduler.decode_tokens)
             self._steps[kind] += 1
             self._step_seconds[kind] += time.perf_counter() - began
             self._step_prompt_tokens[kind] += prompt_tokens

@@ -49,6 +49,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, FIFO
         self.running: list[Request] = []
+        # of the batch scheduled last: tokens of prompt chunks (and of a preempted request's tokens computed again),
+        # and sequences computing the one token they generated last (decode tokens)
+        self.prompt_tokens = self.decode_tokens = 0
         # (slot changes, pages) when a claim last found no run of that many pages: until `slots.changes` moves, a
         # claim of that size or more fails again and is not tried
         self._no_room: tuple[int, int] | None = None
@@ -99,12 +102,14 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         batch: ScheduledBatch = []
+        self.prompt_tokens = self.decode_tokens = 0
         for request in sorted(self.running, key=lambda r: r.arrival):
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted by an older request in this loop
                 continue
-            n = min(request.num_tokens - request.num_computed, budget)
+            remaining = request.num_tokens - request.num_computed
+            n = min(remaining, budget)
             total = request.num_computed + n
             # a new block only when the step crosses into one (for a decoding request, one step in block_size)
             if self.blocks.blocks_for(total) > len(request.block_table):
@@ -113,6 +118,10 @@ class Scheduler:
                 self.blocks.grow(request, total)
             batch.append((request, n))
             budget -= n
+            if remaining == 1 and request.num_tokens > len(request.prompt_ids):
+                self.decode_tokens += 1
+            else:
+                self.prompt_tokens += n
         if self.num_waiting:
             order = self.fair_order()  # once: assigning slots leaves the queues as they are
             self._assign_slots(order)
@@ -251,3 +260,4 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.append((request, n))
+            self.prompt_tokens += n
