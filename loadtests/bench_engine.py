@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -64,6 +65,7 @@ from loramux.server.models.llama import LlamaForCausalLM
 from loramux.server.models.loader import BaseModel, compute_dtype_for, load_base
 from loramux.server.models.lora_weights import base_shapes, load_lora
 
+T = TypeVar("T")
 PARTS = ("w1", "peft", "hf", "stream", "w2", "load", "mixed")
 TINY = {
     "vocab_size": 512,
@@ -477,11 +479,17 @@ def bench_mixed(base: BaseModel, args, root: Path) -> dict:
             out.append(f"m{i}")
         return out
 
-    def step() -> tuple[str, float, int]:
-        """One step that ran a forward -> (its kind, its seconds, its prompt tokens), from the engine's counters."""
+    def step(profiled: dict | None = None) -> tuple[str, float, int]:
+        """One step that ran a forward -> (its kind, its seconds, its prompt tokens), from the engine's counters;
+        with `profiled`, each call of the engine's step runs under the CUDA profiler and `profiled["us"]` keeps the
+        GPU time by kernel kind of the one that ran the forward."""
         before = engine.stats()
         while True:
-            if engine.step() is None:
+            if profiled is None:
+                ran_step = engine.step() is not None
+            else:
+                ran_step, profiled["us"] = gpu_time_by_kind(lambda: engine.step() is not None)
+            if not ran_step:
                 engine.wait_for_work(0.01)
                 continue
             after = engine.stats()
@@ -491,13 +499,14 @@ def bench_mixed(base: BaseModel, args, root: Path) -> dict:
                 seconds = after[f"step_seconds_{kind}"] - before[f"step_seconds_{kind}"]
                 return kind, seconds, int(after[f"step_prompt_tokens_{kind}"] - before[f"step_prompt_tokens_{kind}"])
 
-    def mixed_step(n: int, adapters: list[str] | None) -> float:
-        """The seconds of a step that took `n` new prompts whole beside the decode batch."""
+    def mixed_step(n: int, adapters: list[str] | None, profiled: dict | None = None) -> float:
+        """The seconds of a step that took `n` new prompts whole beside the decode batch (with `profiled`, that
+        step's GPU time by kernel kind in `profiled["us"]`)."""
         for _ in range(20):
             new = add(n, adapters)
             time.sleep(0.02)  # their adapters resolve on the fetch threads, off the step loop
             for _ in range(100):  # decode steps until the new prompts are in
-                if (ran := step())[0] != "decode":
+                if (ran := step(profiled))[0] != "decode":
                     break
             for request_id in new:
                 engine.abort(request_id)
@@ -525,7 +534,11 @@ def bench_mixed(base: BaseModel, args, root: Path) -> dict:
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
             figures["extra_fixed_ms"], figures["extra_us_per_prompt_token"] = my - slope * mx, 1e3 * slope
             if args.profile and base.device.type == "cuda":
-                figures["profile"] = profile_steps(lambda: step()[1], lambda a=adapters: mixed_step(6, a))
+                decode_profile: dict = {}
+                mixed_profile: dict = {}
+                step(decode_profile)
+                mixed_step(6, adapters, mixed_profile)
+                figures["profile"] = {"decode": decode_profile["us"], "mixed": mixed_profile["us"]}
             for request_id in first:
                 engine.abort(request_id)
             while engine.has_unfinished():
@@ -540,16 +553,13 @@ def bench_mixed(base: BaseModel, args, root: Path) -> dict:
         gc.collect()
 
 
-def profile_steps(decode: Callable[[], float], mixed: Callable[[], float]) -> dict:
-    """GPU microseconds by kernel kind of one decode step and one mixed step (graphs as they run)."""
+def gpu_time_by_kind(fn: Callable[[], T]) -> tuple[T, dict[str, float]]:
+    """`fn()` under the CUDA profiler -> its result, and the GPU microseconds of the kernels it ran by kind."""
     from torch.profiler import ProfilerActivity, profile
 
-    out = {}
-    for label, fn in (("decode", decode), ("mixed", mixed)):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-        out[label] = kernel_kinds({e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()})
-    return out
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = fn()
+    return result, kernel_kinds({e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()})
 
 
 def triton_variants() -> int:

@@ -60,6 +60,7 @@ class FlatBatch:
         positions: list[int] = []
         slots: list[int] = []
         kv_index: list[torch.Tensor] = []
+        singles: list[int] = []  # decode tokens' cache indices not yet in kv_index (one tensor for a run of them)
         ranges: list[tuple[int, int]] = []
         contexts: dict[int, torch.Tensor] = {}
         bs = block_size
@@ -71,11 +72,16 @@ class FlatBatch:
             slots.extend([chunk.slot] * n)
             if n == 1:  # a decode token: only its own cache slot; attention reads the block table
                 position = chunk.start
-                kv_index.append(torch.tensor([chunk.block_table[position // bs] * bs + position % bs]))
+                singles.append(chunk.block_table[position // bs] * bs + position % bs)
             else:
+                if singles:
+                    kv_index.append(torch.tensor(singles, dtype=torch.long))
+                    singles = []
                 table = torch.tensor(chunk.block_table, dtype=torch.long)
                 contexts[i] = (table[:, None] * bs + torch.arange(bs)).flatten()[: chunk.start + n]
                 kv_index.append(contexts[i][chunk.start :])
+        if singles:
+            kv_index.append(torch.tensor(singles, dtype=torch.long))
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
         fresh = [i for i, c in enumerate(chunks) if c.start == 0 and len(c.token_ids) > 1]
         longest = max((len(chunks[i].token_ids) for i in fresh), default=0)
@@ -84,12 +90,16 @@ class FlatBatch:
         others = [i for i in range(len(chunks)) if i not in batched]
         return cls(ids, positions, slots, torch.cat(kv_index), ranges, contexts, decode, fresh, others)
 
-    def decode_inputs(self, chunks: list[Chunk], block_size: int) -> dict[str, torch.Tensor]:
+    def decode_inputs(self, chunks: list[Chunk], block_size: int, width_multiple: int = 1) -> dict[str, torch.Tensor]:
         """What the attention of the decode tokens reads: their rows in the batch (D,), their block tables cut to the
-        widest one needed (D, width), and their context lengths (D,); nothing without decode tokens."""
+        widest one needed, rounded up to a multiple of `width_multiple` (D, width), and their context lengths (D,);
+        nothing without decode tokens. (On the GPU the width is the decode kernel's row stride, which Triton
+        compiles a variant for by its divisibility: a multiple of 16, as the decode graphs' tables are, keeps every
+        step on the variant those compiled.)"""
         if not self.decode:
             return {}
         width = max(chunks[i].start // block_size + 1 for i in self.decode)
+        width = -(-width // width_multiple) * width_multiple
         return {
             "decode_rows": torch.tensor([self.ranges[i][0] for i in self.decode], dtype=torch.long),
             "block_tables": block_table_rows([chunks[i].block_table for i in self.decode], width),

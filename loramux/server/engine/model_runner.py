@@ -1,13 +1,14 @@
 """Runs one step of the model: builds the flat batch (tokens, positions, KV cache indices, adapter slot per token)
 from the scheduled chunks (`batch.py`), runs the forward pass, and returns the logits rows that will be sampled.
 
-On CUDA a step of decode tokens only (one new token per sequence) replays a CUDA graph (`decode_graphs.py`). A mixed
-step (prompt chunks beside decode tokens, the common step under steady load) replays the decode graph for its decode
-tokens and runs the prompt chunks in a pass of their own, queued behind the replay: that pass uploads its inputs
-without waiting for the device (`loramux.server.transfer`), so no host synchronisation happens before the step's
-logits are read. Passes of prompt chunks (and other steps no decode graph fits) replay piecewise graphs where their
-token count has them (`prompt_graphs.py`: everything but the attention, padded to a captured count), else launch
-kernel by kernel.
+On CUDA a step of decode tokens only (one new token per sequence) replays a CUDA graph (`decode_graphs.py`). Every
+other step, a mixed one (prompt chunks beside decode tokens, the common step under steady load) included, is one pass
+over all its tokens through piecewise graphs where its token count has them (`prompt_graphs.py`: everything but the
+attention, padded to a captured count), else kernel by kernel. One pass because an NF4 layer dequantizes its whole
+weight once per call at these sizes: a mixed step that replayed the decode graph and then ran its prompt chunks in a
+pass of their own paid every layer's dequantization twice (8 ms a step for the 8B shape on an H200, a third of a
+decode step). The pass uploads its inputs without waiting for the device (`loramux.server.transfer`), so no host
+synchronisation happens before the step's logits are read.
 """
 
 from __future__ import annotations
@@ -51,37 +52,21 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """The forward pass over all chunks -> per chunk its logits, (1, vocab) or (n, vocab) with all_logits."""
-        if self.graphs is None:
-            return self.run_pass(chunks)
-        if self.graphs.fits(chunks):
+        if self.graphs is not None and self.graphs.fits(chunks):
             return self.graphs.run(chunks)
-        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and not c.all_logits]
-        graphed = [chunks[i] for i in decode]
-        if not decode or len(decode) == len(chunks) or not self.graphs.fits(graphed):
-            return self.run_pass(chunks)
-        # A mixed step: its decode tokens replay a graph, the prompt chunks run in their own pass beside them. Each
-        # sequence attends only to its own cache, so the split computes the same step as one pass.
-        graphed_at = set(decode)
-        others = [i for i in range(len(chunks)) if i not in graphed_at]
-        out: list[torch.Tensor | None] = [None] * len(chunks)
-        # The graph first: while the device replays it, the host queues the prompt pass's kernels behind it (their
-        # inputs go up without waiting for the device, `to_device`), so the prompt pass's host time hides the replay.
-        for i, logits in zip(decode, self.graphs.run(graphed), strict=True):
-            out[i] = logits
-        for i, logits in zip(others, self.run_pass([chunks[i] for i in others]), strict=True):
-            out[i] = logits
-        return out  # type: ignore[return-value]
+        return self.run_pass(chunks)
 
     def run_pass(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """One forward pass over all chunks, without the decode graphs (what `run` does where none fits, and for a
-        mixed step's prompt chunks) -> per chunk its logits: through the piecewise prompt graphs where they hold its
-        token count (the attention eager between the pieces), else kernel by kernel."""
+        """One forward pass over all chunks, without the decode graphs (what `run` does where none fits) -> per
+        chunk its logits: through the piecewise prompt graphs where they hold its token count (the attention eager
+        between the pieces), else kernel by kernel."""
         flat = FlatBatch.of(chunks, self.block_size)
         graphs = self.prompt_graphs
         if graphs is not None and graphs.size_for(len(flat.ids)) is None:
             graphs = None
         lora = any(s >= 0 for s in flat.slots)
-        host = flat.decode_inputs(chunks, self.block_size)  # what goes to the device, in one copy that does not wait
+        # what goes to the device, in one copy that does not wait
+        host = flat.decode_inputs(chunks, self.block_size, 16 if self.device.type == "cuda" else 1)
         if graphs is not None:  # ids, positions, cache indices and slots padded to a captured count, in one tensor
             host["inputs"] = graphs.pad(flat.ids, flat.positions, flat.kv_index, flat.slots)
         else:
@@ -119,7 +104,7 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """On the GPU, do now what a step would otherwise do the first time it meets a shape: compile each variant of
-        the Triton kernels that prompt chunks of every size take (a compile costs a step up to a second), then
+        the Triton kernels that passes of every size take (a compile costs a step up to a second), then
         capture the decode graph of every batch size and the prompt graphs of every token count (with and without
         adapters). The forwards compute on the scratch block only."""
         if self.device.type != "cuda":
@@ -127,7 +112,8 @@ class ModelRunner:
         slot = 0 if self.model.num_lora_pages else -1
         for tokens in (16, 128, 512):  # the LoRA kernels' gather path, then their segment path's two block sizes
             table = [self.scratch_block] * -(-tokens // self.block_size)
-            self.run_pass([Chunk([0] * tokens, 0, table, slot)])
+            # with a decode token beside the prompt, as in a mixed step: the decode attention's variant for them
+            self.run_pass([Chunk([0] * tokens, 0, table, slot), Chunk([0], 0, [self.scratch_block], slot)])
         if self.graphs is not None:
             self.graphs.capture_all()
         if self.prompt_graphs is not None:

@@ -1,4 +1,5 @@
-"""Passes with prompt chunks through CUDA graphs captured piece by piece, the attention run eagerly between them.
+"""Passes with prompt chunks (and the decode tokens beside them) through CUDA graphs captured piece by piece, the
+attention run eagerly between them.
 
 A pass over prompt chunks was launched kernel by kernel: about 1,400 launches for the 8B shape, 58-69 ms of host
 time for one prompt of 128 tokens on an H200, so a step of a few prompts was bound by the host (through the graphs:
@@ -32,9 +33,11 @@ from loramux.server.layers.attention import BatchContext
 from loramux.server.layers.lora import plan_step
 from loramux.server.models.llama import LlamaForCausalLM
 
-# Token counts that prompt passes are captured for; a pass is padded up to the next one (at most 255 padding tokens
-# from 256 up), and one of more tokens than the largest captured runs eagerly.
-PROMPT_GRAPH_TOKENS = (64, 128, *range(256, 16384 + 1, 256))
+# Token counts that passes are captured for; a pass is padded up to the next one, and one of more tokens than the
+# largest captured runs eagerly. Finer where mixed steps fall (a decode batch of up to 256 beside a few prompts):
+# padding costs what real tokens cost (~27 us a token for the 8B shape on an H200), so at most 63 padding tokens up to
+# 1,024, 127 up to 4,096, 255 beyond.
+PROMPT_GRAPH_TOKENS = (*range(64, 1024 + 1, 64), *range(1152, 4096 + 1, 128), *range(4352, 16384 + 1, 256))
 
 
 @dataclass

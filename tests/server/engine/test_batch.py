@@ -34,5 +34,7 @@ def test_a_mixed_step_is_flattened_and_each_chunk_attends_by_its_kind():
     decode = flat.decode_inputs(chunks, block_size=4)
     assert decode["decode_rows"].tolist() == [5] and decode["context_lens"].tolist() == [7]
     assert decode["block_tables"].tolist() == [[5, 0]]
+    wide = flat.decode_inputs(chunks, block_size=4, width_multiple=16)["block_tables"]  # as on a GPU
+    assert wide.tolist() == [[5, 0] + [5] * 14]  # padded with the table's own first block
     assert [r.tolist() for r in flat.sampled_rows(chunks)] == [[4], [5], [6, 7], [10]]
     assert FlatBatch.of(chunks[:1], block_size=4).decode_inputs(chunks[:1], block_size=4) == {}

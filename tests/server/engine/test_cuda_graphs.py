@@ -44,9 +44,10 @@ def test_graph_decode_matches_eager_decode_with_mixed_adapters(tiny_checkpoint, 
     torch.cuda.synchronize()
 
 
-def test_mixed_steps_replay_the_decode_graph_beside_an_eager_prefill(tiny_checkpoint, tmp_path):
-    """Short prompts decode while long ones are still prefilled in chunks: the decode tokens of those mixed steps go
-    through a graph, the prompt chunks eagerly, and the tokens equal an all-eager run's."""
+def test_mixed_steps_run_as_one_pass_and_decode_steps_replay_the_graph(tiny_checkpoint, tmp_path):
+    """Short prompts decode while long ones are still prefilled in chunks: each of those mixed steps is one pass over
+    its prompt chunks and decode tokens together (each NF4 weight dequantized once), the steps of decode tokens only
+    replay a graph, and the tokens equal an all-eager run's."""
     base = load_base(str(tiny_checkpoint("llama")), device="cuda")
     source = LocalSource()
     for i, rank in enumerate((4, 8)):
@@ -55,31 +56,38 @@ def test_mixed_steps_replay_the_decode_graph_beside_an_eager_prefill(tiny_checkp
     adapters = ["t/a0", None, "t/a1", "t/a1", "t/a0"]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     config = EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64, block_size=16, max_num_batched_tokens=16)
-    outputs, split_steps = {}, []
+    outputs, replays, mixed_passes = {}, [], []
     for graphs in (False, True):
         engine = LLMEngine(base, source, config)
         if graphs:
             engine.runner.warm_up()  # every batch size, ahead of use
             assert len(engine.runner.graphs.graphs) == 2 * len(GRAPH_BATCH_SIZES)
-            replay = engine.runner.graphs.run
+            replay, one_pass = engine.runner.graphs.run, engine.runner.run_pass
 
-            def counted(chunks, replay=replay):
-                split_steps.append(len(chunks))
+            def counted_replay(chunks, replay=replay):
+                replays.append([len(c.token_ids) for c in chunks])
                 return replay(chunks)
 
-            engine.runner.graphs.run = counted
+            def counted_pass(chunks, one_pass=one_pass):
+                sizes = [len(c.token_ids) for c in chunks]
+                if 1 in sizes and max(sizes) > 1:
+                    mixed_passes.append(sizes)
+                return one_pass(chunks)
+
+            engine.runner.graphs.run, engine.runner.run_pass = counted_replay, counted_pass
         else:
             engine.runner.graphs = engine.runner.prompt_graphs = None
         outputs[graphs] = [o.token_ids for o in engine.generate(prompts, params, adapters=adapters)]
         engine.shutdown()
     assert outputs[True] == outputs[False]
-    assert split_steps, "no decode tokens were replayed from a graph"
+    assert mixed_passes, "no step computed prompt chunks beside decode tokens"
+    assert replays and all(set(sizes) == {1} for sizes in replays)  # the graphs took decode tokens only
 
 
 def test_a_mixed_step_queues_all_its_work_without_waiting_for_the_device(tiny_checkpoint, tmp_path):
-    """The decode graph is replayed first and the eager pass of the prompt chunks queued behind it: nothing in the
-    step waits for the device (inputs go up asynchronously), so its host work overlaps the replay. Prompts of 80
-    tokens take the NF4 layers' direct dequantize-and-multiply path."""
+    """A mixed step's one pass waits for the device nowhere (its inputs go up asynchronously), so the host queues
+    the whole step while the device computes. Prompts of 80 tokens take the NF4 layers' direct dequantize-and-multiply
+    path."""
     base = load_base(str(tiny_checkpoint("llama")), device="cuda")
     adapter = write_adapter(tmp_path / "a", 8, ["q_proj", "v_proj", "down_proj"], base.config, seed=3)
     engine = LLMEngine(base, LocalSource(), EngineConfig(num_slots=2, max_lora_rank=8, num_kv_blocks=64))
@@ -106,7 +114,7 @@ def test_a_mixed_step_queues_all_its_work_without_waiting_for_the_device(tiny_ch
         again = runner.run(step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert replays == [3, 3]
+    assert replays == []  # one pass, no replay of the decode graph
     for got, want in zip(again, first, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     engine.shutdown()

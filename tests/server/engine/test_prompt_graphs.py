@@ -66,7 +66,7 @@ def test_prompt_passes_through_pieces_match_the_plain_pass(tiny_checkpoint, devi
     if device == "cpu":  # no CUDA graphs: the same pieces, run eagerly
         graphs = PromptGraphs(runner.model, runner.scratch_block * BLOCK, 256, capture=False)
     runner.prompt_graphs = graphs
-    assert runner.prompt_graphs is not None and runner.prompt_graphs.sizes == (64, 128, 256)
+    assert runner.prompt_graphs is not None and runner.prompt_graphs.sizes == (64, 128, 192, 256)
     pieced = _run_steps(runner)
     assert set(runner.prompt_graphs.pieces) == {(64, True)}  # both steps padded to 64 tokens, with adapters
     layers = runner.model.config.num_hidden_layers
@@ -89,15 +89,15 @@ def test_prompt_passes_through_pieces_match_the_plain_pass(tiny_checkpoint, devi
 def test_a_pass_is_padded_to_the_next_captured_count_and_too_many_tokens_run_plain(tiny_checkpoint, tmp_path):
     runner = _runner(tiny_checkpoint, "cpu", tmp_path)
     graphs = PromptGraphs(runner.model, runner.scratch_block * BLOCK, 1000, capture=False)
-    assert graphs.sizes == tuple(s for s in PROMPT_GRAPH_TOKENS if s <= 1000) == (64, 128, 256, 512, 768)
-    assert [graphs.size_for(n) for n in (1, 64, 65, 257, 768, 769)] == [64, 64, 128, 512, 768, None]
+    assert graphs.sizes == tuple(s for s in PROMPT_GRAPH_TOKENS if s <= 1000) == tuple(range(64, 961, 64))
+    assert [graphs.size_for(n) for n in (1, 64, 65, 257, 960, 961)] == [64, 64, 128, 320, 960, None]
     inputs = graphs.pad([5, 6, 7], [0, 1, 2], torch.tensor([40, 41, 42]), [1, 1, 1])
     assert inputs.shape == (4, 64)
     assert inputs[:, :3].tolist() == [[5, 6, 7], [0, 1, 2], [40, 41, 42], [1, 1, 1]]
     scratch = runner.scratch_block * BLOCK
     assert inputs[:, 3:].unique(dim=1).tolist() == [[0], [0], [scratch], [-1]]  # token 0 at the scratch block
     with pytest.raises(ValueError, match="more than the largest"):
-        graphs.pad([1] * 769, list(range(769)), torch.arange(769), [-1] * 769)
+        graphs.pad([1] * 961, list(range(961)), torch.arange(961), [-1] * 961)
 
     runner.prompt_graphs = graphs
     long_prompt = [Chunk([(j % 90) + 1 for j in range(200)], 0, list(range(50)), slot=0)]
