@@ -1,0 +1,28 @@
+"""RMSNorm computes what Hugging Face's Llama computes: the same in fp32, within a bf16 rounding in bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from loramux.server.layers.norm import RMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_llama_reference(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 3, 64, generator=gen) * 3).to(dtype)
+    weight = (1 + 0.2 * torch.randn(64, generator=gen)).to(dtype)
+    reference = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    reference.weight.data.copy_(weight)
+    ours = RMSNorm(weight, eps=1e-5)
+    got, want = ours(x), reference(x)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # one rounding apart at most: a bf16 ulp (2^-7 relative) and a little
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+    # a row scaled up comes out the same (the norm is scale-free), and eps keeps a zero row at zero
+    torch.testing.assert_close(ours(x.float() * 10).float(), ours(x.float()).float(), rtol=1e-5, atol=1e-5)
+    assert ours(torch.zeros(2, 64, dtype=dtype)).abs().max() == 0
