@@ -1,4 +1,5 @@
-"""RMSNorm computes what Hugging Face's Llama computes: the same in fp32, within a bf16 rounding in bf16."""
+"""RMSNorm computes what Hugging Face's Llama computes: the same in fp32, within a bf16 rounding in bf16 (on a GPU,
+torch's fused kernel)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from loramux.server.layers.norm import RMSNorm
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_the_llama_reference(dtype):
+def test_rms_norm_matches_the_llama_reference(dtype, device):
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(5, 3, 64, generator=gen) * 3).to(dtype)
-    weight = (1 + 0.2 * torch.randn(64, generator=gen)).to(dtype)
-    reference = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    x = (torch.randn(5, 3, 64, generator=gen) * 3).to(device, dtype)
+    weight = (1 + 0.2 * torch.randn(64, generator=gen)).to(device, dtype)
+    reference = LlamaRMSNorm(64, eps=1e-5).to(device, dtype)
     reference.weight.data.copy_(weight)
     ours = RMSNorm(weight, eps=1e-5)
     got, want = ours(x), reference(x)
@@ -25,4 +29,4 @@ def test_rms_norm_matches_the_llama_reference(dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
     # a row scaled up comes out the same (the norm is scale-free), and eps keeps a zero row at zero
     torch.testing.assert_close(ours(x.float() * 10).float(), ours(x.float()).float(), rtol=1e-5, atol=1e-5)
-    assert ours(torch.zeros(2, 64, dtype=dtype)).abs().max() == 0
+    assert ours(torch.zeros(2, 64, dtype=dtype, device=device)).abs().max() == 0
