@@ -106,9 +106,16 @@ class FlatBatch:
             "context_lens": torch.tensor([chunks[i].start + 1 for i in self.decode], dtype=torch.long),
         }
 
-    def sampled_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """Per chunk, the rows of the batch whose logits are wanted: every row with `all_logits`, else its last."""
-        return [
-            torch.arange(start, end) if chunk.all_logits else torch.tensor([end - 1])
-            for chunk, (start, end) in zip(chunks, self.ranges, strict=True)
-        ]
+    def sampled_rows(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[int]]:
+        """The rows of the batch whose logits are wanted, chunk after chunk (every row of a chunk with `all_logits`,
+        else its last), as one tensor, and how many of them are each chunk's."""
+        rows: list[int] = []
+        counts: list[int] = []
+        for chunk, (start, end) in zip(chunks, self.ranges, strict=True):
+            if chunk.all_logits:
+                rows.extend(range(start, end))
+                counts.append(end - start)
+            else:
+                rows.append(end - 1)
+                counts.append(1)
+        return torch.tensor(rows, dtype=torch.long), counts

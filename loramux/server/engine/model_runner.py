@@ -75,8 +75,8 @@ class ModelRunner:
             host["ids"] = torch.tensor(flat.ids, dtype=torch.long)
             host["positions"] = torch.tensor(flat.positions, dtype=torch.long)
             host["kv_index"] = flat.kv_index
-        rows = flat.sampled_rows(chunks)  # only the rows that are sampled go through the (large) output head
-        host["rows"] = torch.cat(rows)
+        # only the rows that are sampled go through the (large) output head
+        host["rows"], counts = flat.sampled_rows(chunks)
         names = list(host)
         moved = to_device([*host.values(), *(flat.contexts[i] for i in flat.others)], self.device)
         dev = dict(zip(names, moved, strict=False))
@@ -99,7 +99,7 @@ class ModelRunner:
         else:
             hidden = self.model(dev["ids"], dev["positions"], ctx)
         logits = self.model.compute_logits(hidden[dev["rows"]])
-        return list(logits.split([len(r) for r in rows]))
+        return list(logits.split(counts))
 
     @torch.inference_mode()
     def warm_up(self) -> None:

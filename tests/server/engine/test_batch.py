@@ -36,5 +36,6 @@ def test_a_mixed_step_is_flattened_and_each_chunk_attends_by_its_kind():
     assert decode["block_tables"].tolist() == [[5, 0]]
     wide = flat.decode_inputs(chunks, block_size=4, width_multiple=16)["block_tables"]  # as on a GPU
     assert wide.tolist() == [[5, 0] + [5] * 14]  # padded with the table's own first block
-    assert [r.tolist() for r in flat.sampled_rows(chunks)] == [[4], [5], [6, 7], [10]]
+    rows, counts = flat.sampled_rows(chunks)
+    assert rows.tolist() == [4, 5, 6, 7, 10] and counts == [1, 1, 2, 1]  # the all_logits chunk: both its rows
     assert FlatBatch.of(chunks[:1], block_size=4).decode_inputs(chunks[:1], block_size=4) == {}
