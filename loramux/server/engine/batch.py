@@ -93,9 +93,7 @@ class FlatBatch:
     def decode_inputs(self, chunks: list[Chunk], block_size: int, width_multiple: int = 1) -> dict[str, torch.Tensor]:
         """What the attention of the decode tokens reads: their rows in the batch (D,), their block tables cut to the
         widest one needed, rounded up to a multiple of `width_multiple` (D, width), and their context lengths (D,);
-        nothing without decode tokens. (On the GPU the width is the decode kernel's row stride, which Triton
-        compiles a variant for by its divisibility: a multiple of 16, as the decode graphs' tables are, keeps every
-        step on the variant those compiled.)"""
+        nothing without decode tokens."""
         if not self.decode:
             return {}
         width = max(chunks[i].start // block_size + 1 for i in self.decode)

@@ -22,6 +22,11 @@ from loramux.server.layers.attention import BatchContext, PrefillBatch
 from loramux.server.models.llama import LlamaForCausalLM
 from loramux.server.transfer import to_device
 
+# On a GPU a pass's decode block tables are this many columns wide or a multiple of it: their width is the decode
+# attention kernel's row stride, which Triton compiles a variant for by its divisibility, and a multiple of 16 (as
+# the decode graphs' tables are for the usual context lengths) keeps every pass on one compiled variant.
+GPU_TABLE_COLUMNS = 16
+
 
 class ModelRunner:
     """Owns the KV cache; the model's adapter slots (if any) are allocated before, by the engine."""
@@ -66,7 +71,7 @@ class ModelRunner:
             graphs = None
         lora = any(s >= 0 for s in flat.slots)
         # what goes to the device, in one copy that does not wait
-        host = flat.decode_inputs(chunks, self.block_size, 16 if self.device.type == "cuda" else 1)
+        host = flat.decode_inputs(chunks, self.block_size, GPU_TABLE_COLUMNS if self.device.type == "cuda" else 1)
         if graphs is not None:  # ids, positions, cache indices and slots padded to a captured count, in one tensor
             host["inputs"] = graphs.pad(flat.ids, flat.positions, flat.kv_index, flat.slots)
         else:
