@@ -6,12 +6,14 @@ rank-major, `(R, out)` per slot, so that a slot's B is read along `out`, in whol
 per token (-1: no adapter). These kernels compute what `loramux.server.layers.lora` computes with gather + bmm,
 through one of two paths:
 
-- gather (decode): one program per token, reading that token's own slot's A rows / B columns. No sorting; best when
-  few tokens share a slot.
-- segment (prefill): tokens grouped by slot (`plan_segments`, once per batch) and cut into blocks of up to BLOCK_M
-  tokens of one slot, each block going through the tensor cores, so a slot's A and B are read once per block of
-  tokens. A program takes every P-th block of the plan (`SEGMENT_PROGRAMS_PER_SM`); a shrink program one chunk of 16
-  of A's rows (those below the slot's true rank) over a share of the input (the reduction split across programs).
+- gather (small decode batches): one program per token, reading that token's own slot's A rows / B columns. No
+  sorting; best when few tokens share a slot.
+- segment (larger batches, prefill): tokens grouped by slot (`plan_segments`, once per batch) and cut into blocks of
+  up to BLOCK_M tokens of one slot, each block going through the tensor cores, so a slot's A and B are read once per
+  block of tokens. A program takes every P-th of the plan's blocks (`SHRINK_PROGRAMS_PER_SM`,
+  `EXPAND_PROGRAMS_PER_SM`) and stops at the plan's count; a shrink program one chunk of 16 of A's rows (those below
+  the slot's true rank) over a share of the input (the reduction split across programs), an expand program every
+  Q-th tile of its output (`EXPAND_TILES_PER_PROGRAM`).
 
 A slot's rows past its true rank are never read: every load is masked by the slot's rank, and expand's loop stops at
 the rank (compute and bytes bounded by each adapter's real rank; the rows past it may be another slot's).
@@ -49,14 +51,16 @@ class Segments:
 
     order: (T,) int64 token indices sorted by slot (tokens with no adapter first, where no segment reads them).
     starts: (S + 1,) int64 segment boundaries in `order`.
-    blocks: (max blocks, 3) int32, one row per segment kernel program: (slot, first row in `order`, rows left in the
-    segment from there), numbered slot after slot; slot S marks a row with no block (the grid is sized for the most
-    blocks T tokens over S slots can need).
+    blocks: (max blocks, 3) int32, one row per block: (slot, first row in `order`, rows left in the segment from
+    there), numbered slot after slot; slot S marks a row with no block (there are rows for the most blocks T tokens
+    over S slots can need).
+    count: (1,) int32, how many rows hold a block: the segment kernels stop there, without reading the rest.
     """
 
     order: torch.Tensor
     starts: torch.Tensor
     blocks: torch.Tensor
+    count: torch.Tensor
     block_m: int
 
 
@@ -86,7 +90,7 @@ def plan_segments(token_slots: torch.Tensor, num_slots: int) -> Segments:
     held = slot.clamp(max=num_slots - 1)
     row0 = starts[held] + (ids - ends[held] + per_slot[held]) * block_m
     blocks = torch.stack((slot, row0, starts[held + 1] - row0), dim=1).to(torch.int32)
-    return Segments(order=order, starts=starts, blocks=blocks, block_m=block_m)
+    return Segments(order=order, starts=starts, blocks=blocks, count=ends[-1:].to(torch.int32), block_m=block_m)
 
 
 @triton.jit
@@ -131,25 +135,23 @@ def _shrink_gather_kernel(
 
 
 @triton.jit
-def _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S):
+def _segment_block_at(block, blocks_ptr):
     """Which slot's segment, and which rows of it, block number `block` of the plan is (from `Segments.blocks`):
-    (slot, first row in `order`, rows left in the segment from there); slot S past the plan's blocks."""
+    (slot, first row in `order`, rows left in the segment from there)."""
     row = blocks_ptr + block * 3
-    inside = block < MAX_BLOCKS
-    s = tl.load(row, mask=inside, other=S)
-    return s, tl.load(row + 1, mask=inside, other=0), tl.load(row + 2, mask=inside, other=0)
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _shrink_segment_kernel(
-    x_ptr, a_ptr, order_ptr, blocks_ptr, ranks_ptr, h_ptr,
-    S, K, R_MAX, MAX_BLOCKS, stride_xt, stride_as, stride_ag, stride_ar, stride_ht, stride_rs, stride_rg,
+    x_ptr, a_ptr, order_ptr, blocks_ptr, count_ptr, ranks_ptr, h_ptr,
+    K, R_MAX, stride_xt, stride_as, stride_ag, stride_ar, stride_ht, stride_rs, stride_rg,
     SPLIT_K, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid: (P programs over the plan's blocks, SPLIT_K, groups x rank chunks of BLOCK_R). Program p takes blocks p,
-    # p + P, ... until the first row with no block: (BLOCK_M tokens of one slot) x A[s, g, r0:r0 + BLOCK_R]ᵀ over its
-    # share of the input, where r0 lies below the slot's rank (chunks past it have nothing to do).
+    # p + P, ... of the plan's count: (BLOCK_M tokens of one slot) x A[s, g, r0:r0 + BLOCK_R]ᵀ over its share of the
+    # input, where r0 lies below the slot's rank (chunks past it have nothing to do).
     pid_k = tl.program_id(1)
     chunks = tl.cdiv(R_MAX, BLOCK_R)
     g = (tl.program_id(2) // chunks).to(tl.int64)
@@ -157,9 +159,10 @@ def _shrink_segment_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     step = tl.num_programs(0)
+    count = tl.load(count_ptr)
     block = tl.program_id(0)
-    s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
-    while s < S:
+    while block < count:
+        s, row0, rows_left = _segment_block_at(block, blocks_ptr)
         slot = s.to(tl.int64)
         rank = _rank_of(ranks_ptr, slot, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
         if r0 < rank:
@@ -182,7 +185,6 @@ def _shrink_segment_kernel(
             else:
                 tl.atomic_add(h_ptrs, acc, mask=mask)
         block += step
-        s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
 
 
 @triton.jit
@@ -244,15 +246,16 @@ def _expand_gather_kernel(
 
 @triton.jit
 def _expand_segment_kernel(
-    h_ptr, order_ptr, blocks_ptr, ranks_ptr, scalings_ptr,
+    h_ptr, order_ptr, blocks_ptr, count_ptr, ranks_ptr, scalings_ptr,
     y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2,
-    S, R_MAX, MAX_BLOCKS, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
+    R_MAX, stride_ht, stride_rs, stride_rg, stride_cs, stride_cg,
     HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # grid: (P programs over the plan's blocks, blocks of the widest output, groups). Program p takes blocks p, p + P,
-    # p + 2P, ... until the first row with no block (the rows with blocks come first): (BLOCK_M tokens of one slot)
-    # x B_g[s]ᵀ each, rank in 16s.
+    # grid: (P programs over the plan's blocks, Q programs over the widest output's tiles of BLOCK_N, groups). Program
+    # (p, q) takes blocks p, p + P, ... of the plan's count and, of each, tiles q, q + Q, ... of its group's output:
+    # (BLOCK_M tokens of one slot) x B_g[s]ᵀ, rank in 16s.
     pid_n = tl.program_id(1)
+    n_stride = tl.num_programs(1) * BLOCK_N
     g = tl.program_id(2)
     y_ptr, b_ptr, n_out, syt, sbs, sbn, sbr = _group_target(
         g, y0, y1, y2, b0, b1, b2, n0, n1, n2, syt0, syt1, syt2, sbs0, sbs1, sbs2, sbn0, sbn1, sbn2, sbr0, sbr1, sbr2
@@ -260,35 +263,36 @@ def _expand_segment_kernel(
     if pid_n * BLOCK_N >= n_out:
         return
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_out
     step = tl.num_programs(0)
+    count = tl.load(count_ptr)
     block = tl.program_id(0)
-    s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
-    while s < S:
+    while block < count:
+        s, row0, rows_left = _segment_block_at(block, blocks_ptr)
         slot = s.to(tl.int64)
         rank = _rank_of(ranks_ptr, slot, g, stride_rs, stride_rg, R_MAX, HAS_RANKS)
         if rank > 0:
             m_mask = offs_m < rows_left
             tokens = tl.load(order_ptr + row0 + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,)
             h_rows = h_ptr + tokens[:, None] * stride_ht + g * R_MAX  # (BLOCK_M, 1)
-            b_cols = b_ptr + slot * sbs + offs_n[None, :] * sbn  # (1, BLOCK_N): B read transposed
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # The loop stops at this slot's rank: padded columns of B are never read.
-            for r0 in range(0, rank, 16):
-                offs_r = r0 + tl.arange(0, 16)
-                r_mask = offs_r < rank
-                ht = tl.load(h_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                bt = tl.load(b_cols + offs_r[:, None] * sbr, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                # h is fp32: tf32 keeps 10 mantissa bits of it (bf16/fp16 B is exact in tf32).
-                acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
             scaling = tl.load(scalings_ptr + slot * stride_cs + g * stride_cg).to(tl.float32)
-            y_ptrs = y_ptr + tokens[:, None] * syt + offs_n[None, :]
-            mask = m_mask[:, None] & n_mask[None, :]
-            yv = tl.load(y_ptrs, mask=mask)
-            tl.store(y_ptrs, (yv.to(tl.float32) + acc * scaling).to(yv.dtype), mask=mask)
+            for n_first in range(pid_n * BLOCK_N, n_out, n_stride):
+                offs_n = n_first + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < n_out
+                b_cols = b_ptr + slot * sbs + offs_n[None, :] * sbn  # (1, BLOCK_N): B read transposed
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                # The loop stops at this slot's rank: padded columns of B are never read.
+                for r0 in range(0, rank, 16):
+                    offs_r = r0 + tl.arange(0, 16)
+                    r_mask = offs_r < rank
+                    ht = tl.load(h_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                    bt = tl.load(b_cols + offs_r[:, None] * sbr, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    # h is fp32: tf32 keeps 10 mantissa bits of it (bf16/fp16 B is exact in tf32).
+                    acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
+                y_ptrs = y_ptr + tokens[:, None] * syt + offs_n[None, :]
+                mask = m_mask[:, None] & n_mask[None, :]
+                yv = tl.load(y_ptrs, mask=mask)
+                tl.store(y_ptrs, (yv.to(tl.float32) + acc * scaling).to(yv.dtype), mask=mask)
         block += step
-        s, row0, rows_left = _segment_block_at(block, blocks_ptr, MAX_BLOCKS, S)
 
 
 @functools.lru_cache(maxsize=8)
@@ -298,21 +302,32 @@ def _sm_count(device_index: int) -> int:
 
 # A segment kernel runs about this many programs per multiprocessor, each over every P-th block of the plan, where
 # the plan has more rows than that (a plan is sized for the most blocks its tokens could need over every slot page:
-# 272 rows for a 256-token decode batch over 512 pages, most of them empty with ~130 adapters in the batch, and each
-# row would be a program per output tile, 61,000 programs for gate/up, most returning at once). On an H200 the cap
-# took about 2 ms off a decode step of W2's 256 tokens over ~130 adapters (the expand's; the shrink's came later).
-SEGMENT_PROGRAMS_PER_SM = 64  # 0: one program per row (the grid before the cap)
+# 272 rows for a 256-token decode batch over 512 pages, 32 of them used by W1's 32 adapters, and a program per row
+# would be a program per output tile each, 61,000 programs for gate/up). Programs past the plan's count of blocks
+# return at once, but each still costs a launch: the fewer, the better, as long as enough remain for the blocks a
+# batch has (each program takes its blocks one after another). Chosen on an H200 by timing a layer's four sites
+# (q/k/v, o, gate/up, down) on W1's decode batch and on a W2-like one (64 adapters of ranks 8 to 64) with shrink 8 to
+# 64 and expand 32 to 96 programs per multiprocessor and 1 or 2 tiles an expand program: these were the fastest in
+# sum (W1's layer 89 us, 119 before the plan's count and these knobs; the others within 20%).
+SHRINK_PROGRAMS_PER_SM = 24
+EXPAND_PROGRAMS_PER_SM = 64
 
 # The segment shrink takes A's rows in chunks of this many (a program per chunk below the slot's rank).
 SHRINK_BLOCK_R = 16
 
+# A segment expand program writes this many of its output's tiles for each block it takes (the block's tokens and the
+# slot's rank and scaling read once for them).
+EXPAND_TILES_PER_PROGRAM = 2
 
-def _block_programs(max_blocks: int, per_block: int, device: torch.device) -> int:
+# The segment expand's rank loop runs once or a few times (rank 16 to 64, 16 at a time): software pipelining would
+# only cost it shared memory, and so programs resident per multiprocessor.
+EXPAND_STAGES = 1
+
+
+def _block_programs(max_blocks: int, per_block: int, per_sm: int, device: torch.device) -> int:
     """P, the programs over a plan's `max_blocks` rows in a segment kernel whose grid has `per_block` programs (output
-    tiles or reduction splits, x groups) for each."""
-    if device.type != "cuda" or SEGMENT_PROGRAMS_PER_SM <= 0:  # 0: a program per row
-        return max_blocks
-    return max(1, min(max_blocks, triton.cdiv(SEGMENT_PROGRAMS_PER_SM * _sm_count_of(device), per_block)))
+    tiles or reduction splits, x groups) for each, for about `per_sm` programs per multiprocessor."""
+    return max(1, min(max_blocks, triton.cdiv(per_sm * _sm_count_of(device), per_block)))
 
 
 def _sm_count_of(device: torch.device) -> int:
@@ -426,12 +441,12 @@ def shrink(
     max_blocks = segments.blocks.shape[0]
     fewest_blocks = triton.cdiv(tokens, segments.block_m)
     split_k = _split_k(_programs_wanted(x.device), fewest_blocks * groups, triton.cdiv(k, block_k))
-    programs = _block_programs(max_blocks, split_k * groups * chunks, x.device)
+    programs = _block_programs(max_blocks, split_k * groups * chunks, SHRINK_PROGRAMS_PER_SM, x.device)
     _shrink_segment_kernel[(programs, split_k, groups * chunks)](
-        x, a, segments.order, segments.blocks, ranks if ranks is not None else token_slots, h,
-        num_slots, k, r_max, max_blocks, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0),
-        stride_rs, stride_rg, split_k, HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype),
-        BLOCK_M=segments.block_m, BLOCK_R=SHRINK_BLOCK_R, BLOCK_K=block_k, num_warps=4,
+        x, a, segments.order, segments.blocks, segments.count, ranks if ranks is not None else token_slots, h,
+        k, r_max, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), stride_rs, stride_rg, split_k,
+        HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype), BLOCK_M=segments.block_m, BLOCK_R=SHRINK_BLOCK_R,
+        BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
     return h
 
@@ -534,10 +549,12 @@ def expand_fused(
         return
     segments = _checked_plan(segments, token_slots, num_slots)
     block_n = 128
-    max_blocks, tiles = segments.blocks.shape[0], triton.cdiv(widest, block_n)
-    _expand_segment_kernel[(_block_programs(max_blocks, tiles * groups, h.device), tiles, groups)](
-        h, segments.order, segments.blocks, rank_arg, scalings, *targets,
-        num_slots, r_max, max_blocks, h.stride(0), stride_rs, stride_rg, stride_cs, stride_cg,
+    max_blocks = segments.blocks.shape[0]
+    tile_programs = triton.cdiv(triton.cdiv(widest, block_n), EXPAND_TILES_PER_PROGRAM)
+    programs = _block_programs(max_blocks, tile_programs * groups, EXPAND_PROGRAMS_PER_SM, h.device)
+    _expand_segment_kernel[(programs, tile_programs, groups)](
+        h, segments.order, segments.blocks, segments.count, rank_arg, scalings, *targets,
+        r_max, h.stride(0), stride_rs, stride_rg, stride_cs, stride_cg,
         HAS_RANKS=ranks is not None, PRECISION=_precision(bs[0].dtype), BLOCK_M=segments.block_m,
-        BLOCK_N=block_n, num_warps=4,
+        BLOCK_N=block_n, num_warps=4, num_stages=EXPAND_STAGES,
     )  # fmt: skip

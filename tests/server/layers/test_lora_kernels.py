@@ -121,12 +121,15 @@ def test_shrink_expand_match_reference(path, tokens, k, n, num_slots, r_max, mix
         assert update_err(y, y_in, y_ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("per_sm", [1, 64])
-def test_segment_expand_with_fewer_programs_than_blocks_takes_every_block_once(monkeypatch, per_sm):
-    """The segment expand's programs each take every P-th block of the plan until its rows without a block: with one
-    program per multiprocessor over 16 output tiles, a few programs take the plan's 69 rows; with 64 (the default),
-    one each. Slots of rank 0 (a module the adapter does not target) are skipped and their tokens left alone."""
-    monkeypatch.setattr(lk, "SEGMENT_PROGRAMS_PER_SM", per_sm)
+@pytest.mark.parametrize(("per_sm", "tiles_per_program"), [(1, 1), (64, 1), (1, 3), (64, 3)])
+def test_segment_kernels_with_fewer_programs_than_blocks_take_every_block_once(monkeypatch, per_sm, tiles_per_program):
+    """The segment kernels' programs each take every P-th of the plan's blocks (and an expand program, of each, every
+    Q-th output tile): with one program per multiprocessor, a few programs take the plan's blocks; with 64, one each;
+    with 3 of the 16 output tiles a program, the last program over the tiles has one. Slots of rank 0 (a module the
+    adapter does not target) are skipped and their tokens left alone."""
+    monkeypatch.setattr(lk, "SHRINK_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(lk, "EXPAND_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(lk, "EXPAND_TILES_PER_PROGRAM", tiles_per_program)
     gen = torch.Generator().manual_seed(per_sm)
     tokens, k, n, num_slots, r_max, dtype = 300, 128, 2048, 64, 32, torch.bfloat16
     slots = random_slots(tokens, num_slots, "mixed", gen)
@@ -221,7 +224,8 @@ def test_segment_plan_cuts_each_slots_tokens_into_blocks(tokens, num_slots):
     gen = torch.Generator().manual_seed(tokens + num_slots)
     slots = random_slots(tokens, num_slots, "mixed", gen)
     plan = lk.plan_segments(slots, num_slots)
-    order, blocks = plan.order.cpu(), plan.blocks.cpu().long()
+    order, blocks, count = plan.order.cpu(), plan.blocks.cpu().long(), plan.count.item()
+    assert (blocks[:count, 0] < num_slots).all() and (blocks[count:, 0] == num_slots).all()  # the count: blocks first
     covered = []
     for slot, row0, rows in blocks.tolist():
         if slot == num_slots:  # a program with no block
