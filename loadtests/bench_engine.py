@@ -395,8 +395,6 @@ def bench_load(engine: LLMEngine, adapter_dir: Path, base: BaseModel) -> dict:
 
 def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | None]) -> dict:
     """Where a decode step of the W1 batch spends its GPU time: NF4 matmuls, attention, LoRA, the rest (eager)."""
-    from torch.profiler import ProfilerActivity, profile
-
     runner = engine.runner
     graphs, prompt_graphs = runner.graphs, runner.prompt_graphs
     runner.graphs = runner.prompt_graphs = None  # eager, so that the profiler sees every kernel
@@ -404,10 +402,11 @@ def profile_decode(engine: LLMEngine, ids: list[list[int]], names: list[str | No
 
     def by_kernel(max_tokens: int) -> dict[str, float]:
         begun = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run_batch(engine, ids, sampling_params("greedy", len(ids), max_tokens), names)
+        _, kernels = gpu_time_by_kernel(
+            lambda: run_batch(engine, ids, sampling_params("greedy", len(ids), max_tokens), names)
+        )
         walls[max_tokens] = time.perf_counter() - begun
-        return {e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()}
+        return kernels
 
     try:
         # the prefill steps are the same in both runs: the difference is 4 decode steps of the whole batch
@@ -553,13 +552,19 @@ def bench_mixed(base: BaseModel, args, root: Path) -> dict:
         gc.collect()
 
 
-def gpu_time_by_kind(fn: Callable[[], T]) -> tuple[T, dict[str, float]]:
-    """`fn()` under the CUDA profiler -> its result, and the GPU microseconds of the kernels it ran by kind."""
+def gpu_time_by_kernel(fn: Callable[[], T]) -> tuple[T, dict[str, float]]:
+    """`fn()` under the CUDA profiler -> its result, and the GPU microseconds of each kernel it ran, by name."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         result = fn()
-    return result, kernel_kinds({e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()})
+    return result, {e.key: getattr(e, "device_time_total", 0.0) for e in prof.key_averages()}
+
+
+def gpu_time_by_kind(fn: Callable[[], T]) -> tuple[T, dict[str, float]]:
+    """`fn()` under the CUDA profiler -> its result, and the GPU microseconds of the kernels it ran by kind."""
+    result, kernels = gpu_time_by_kernel(fn)
+    return result, kernel_kinds(kernels)
 
 
 def triton_variants() -> int:

@@ -44,6 +44,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = model.lm_head_weight.device
+        self.table_columns = GPU_TABLE_COLUMNS if self.device.type == "cuda" else 1
         # One block past those the block manager hands out: padding rows of a graph batch write their K/V there.
         model.allocate_kv_cache(num_blocks + 1, block_size)
         self.scratch_block = num_blocks
@@ -71,7 +72,7 @@ class ModelRunner:
             graphs = None
         lora = any(s >= 0 for s in flat.slots)
         # what goes to the device, in one copy that does not wait
-        host = flat.decode_inputs(chunks, self.block_size, GPU_TABLE_COLUMNS if self.device.type == "cuda" else 1)
+        host = flat.decode_inputs(chunks, self.block_size, self.table_columns)
         if graphs is not None:  # ids, positions, cache indices and slots padded to a captured count, in one tensor
             host["inputs"] = graphs.pad(flat.ids, flat.positions, flat.kv_index, flat.slots)
         else:
