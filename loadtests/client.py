@@ -147,14 +147,18 @@ async def _stream(
             text = (await response.aread()).decode("utf-8", "replace")
             raise StreamFailure(f"http_{response.status_code}", _error_message(text), response.status_code)
         chunks = 0  # chunks carrying text: the token count when the server reports no usage
+        done = False
+        # Read to the end of the body, past `[DONE]`, as OpenAI's client does: a response left unread closes its
+        # connection, and the next request would pay for a new one.
         async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+            if done or not line.startswith("data:"):
                 continue  # blank separators, comments, `event:` lines
             data = line[5:].strip()
             if data == "[DONE]":
+                done = True
                 if not record.usage_reported:
                     record.output_tokens = chunks
-                return
+                continue
             try:
                 chunk = json.loads(data)
             except json.JSONDecodeError:
@@ -178,6 +182,7 @@ async def _stream(
                 record.usage_reported = True
                 record.output_tokens = int(usage.get("completion_tokens") or 0)
                 record.prompt_tokens = usage.get("prompt_tokens")
+    if not done:
         raise StreamFailure("disconnect", "stream ended before data: [DONE]")
 
 

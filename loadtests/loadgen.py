@@ -6,7 +6,9 @@ of Zipf popularity, with open-loop Poisson arrivals or a fixed concurrency, for 
 
 It writes a JSON report (throughput, TTFT/TPOT/end-to-end percentiles, errors by kind, per-tenant and per-model
 shares, a timeline and every request; by default a new dated file in loadtests/results/) and a PNG of latency and
-throughput over time beside it. It refuses to target anything
+throughput over time beside it. A fixed-concurrency run opens its connections before its clock starts, one per
+worker, and every request reads its stream to the end so that the next one reuses the connection, as long-lived
+clients of OpenAI's SDK do. It refuses to target anything
 but a loopback address unless given --allow-remote. From Python: `asyncio.run(run_load(LoadConfig(...)))`.
 """
 
@@ -148,7 +150,9 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> dic
     if config.processes > 1:
         records, dropped, wall_s = await asyncio.to_thread(_run_shares, config)
     else:
-        records, dropped, wall_s = await _run_share(config, time.perf_counter(), stop)
+        async with _client(config) as client:
+            await _open_connections(client, config)
+            records, dropped, wall_s = await _run_share(config, client, time.perf_counter(), stop)
     report = build_report(
         records,
         config=config.describe(),
@@ -162,18 +166,35 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> dic
     return report
 
 
-async def _run_share(config: LoadConfig, t0: float, stop: asyncio.Event) -> tuple[list[RequestRecord], int, float]:
-    """Run `config` in this process from `t0` (a `perf_counter` value) -> (records, dropped, wall seconds)."""
-    records: list[RecordedTask] = []
+def _client(config: LoadConfig) -> httpx.AsyncClient:
     slots = config.concurrency or config.max_in_flight
     limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
     # trust_env=False: no proxy from the environment may sit between the generator and the target.
-    async with httpx.AsyncClient(
+    return httpx.AsyncClient(
         base_url=config.url, timeout=httpx.Timeout(config.timeout_s), limits=limits, trust_env=False
-    ) as client:
-        runner = _Runner(config, client, t0, stop, records)
-        dropped = await runner.run()
-        wall_s = time.perf_counter() - t0
+    )
+
+
+async def _open_connections(client: httpx.AsyncClient, config: LoadConfig) -> None:
+    """Before the clock starts, open the connections a closed loop's workers will use (one `GET /health` each, all
+    at once), as that many long-lived clients would already hold them: what is measured is then the requests, not
+    the load generator's own burst of TCP set-ups. A failure here is left for the run to report. (An open loop's
+    arrivals are spread in time: its connections open as they come, and are reused once free.)"""
+    if config.concurrency is None:
+        return
+    probes = [client.get("/health", timeout=config.timeout_s) for _ in range(config.concurrency)]
+    await asyncio.gather(*probes, return_exceptions=True)
+
+
+async def _run_share(
+    config: LoadConfig, client: httpx.AsyncClient, t0: float, stop: asyncio.Event
+) -> tuple[list[RequestRecord], int, float]:
+    """Run `config` in this process with `client` from `t0` (a `perf_counter` value) -> (records, dropped, wall
+    seconds)."""
+    records: list[RecordedTask] = []
+    runner = _Runner(config, client, t0, stop, records)
+    dropped = await runner.run()
+    wall_s = time.perf_counter() - t0
     return [r.record for r in records], dropped, wall_s
 
 
@@ -224,9 +245,17 @@ def _run_shares(config: LoadConfig) -> tuple[list[RequestRecord], int, float]:
 
 
 def _share_process(config: LoadConfig, ready, go, start, results) -> None:
-    ready.wait()
-    go.wait()
-    results.put(asyncio.run(_run_share(config, start.value, asyncio.Event())))
+    results.put(asyncio.run(_share(config, ready, go, start)))
+
+
+async def _share(config: LoadConfig, ready, go, start) -> tuple[list[RequestRecord], int, float]:
+    """One client process: its client and connections ready before the barrier, then the run from the common start.
+    (The barriers block this process's loop while it has nothing else to do.)"""
+    async with _client(config) as client:
+        await _open_connections(client, config)
+        ready.wait()
+        go.wait()
+        return await _run_share(config, client, start.value, asyncio.Event())
 
 
 @dataclass

@@ -51,11 +51,13 @@ class FakeServer:
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self._chat)
         self.app.post("/v1/completions")(self._completions)
+        self.app.get("/health")(self._health)
 
     def reset(self, **behaviour: Any) -> None:
         self.behaviour = Behaviour(**behaviour)
         self.rng = random.Random(self.behaviour.seed)
-        self.received: list[dict[str, Any]] = []  # one entry per request: path, key, body, outcome
+        self.received: list[dict[str, Any]] = []  # one entry per request: path, key, body, outcome, client port
+        self.health_ports: list[int] = []  # the client port of each GET /health
 
     def _outcome(self) -> str:
         roll, edge = self.rng.random(), 0.0
@@ -64,6 +66,10 @@ class FakeServer:
             if roll < edge:
                 return outcome
         return "ok"
+
+    async def _health(self, request: Request) -> dict[str, str]:
+        self.health_ports.append(request.client.port)
+        return {"status": "ok"}
 
     async def _chat(self, request: Request) -> Any:
         return await self._answer(request, "chat")
@@ -75,7 +81,9 @@ class FakeServer:
         body = await request.json()
         outcome = self._outcome()
         key = request.headers.get("authorization", "").removeprefix("Bearer ") or None
-        self.received.append({"endpoint": endpoint, "key": key, "body": body, "outcome": outcome})
+        self.received.append(
+            {"endpoint": endpoint, "key": key, "body": body, "outcome": outcome, "port": request.client.port}
+        )
         if outcome.startswith("http_"):
             status = int(outcome[5:])
             error = {"message": f"fake failure {status}", "type": "server_error", "param": None, "code": None}
@@ -448,3 +456,24 @@ def test_several_client_processes_share_the_load_and_one_report_counts_it_all(
     assert report["tokens"]["output"] == 120
     assert sorted(s["index"] for s in report["samples"]) == list(range(30))  # one numbering for all processes
     assert report["config"]["processes"] == 3
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_closed_loop_opens_its_connections_before_the_clock_starts(
+    server: FakeServer, tmp_path: Path, processes: int
+) -> None:
+    rc, report = run_cli(
+        server, tmp_path, "--model", "a", "--concurrency", "4", "--requests", "12", "--max-tokens", "3",
+        "--processes", str(processes), "--no-plot",
+    )  # fmt: skip
+    assert rc == 0 and report["requests"]["completed"] == 12
+    # one probe per worker, on as many connections, and every request rode one of them
+    assert len(server.health_ports) == len(set(server.health_ports)) == 4
+    assert {r["port"] for r in server.received} <= set(server.health_ports)
+
+
+def test_an_open_loop_opens_connections_as_its_arrivals_come(server: FakeServer, tmp_path: Path) -> None:
+    rc, report = run_cli(server, tmp_path, "--model", "a", "--rate", "50", "--requests", "5", "--max-tokens", "2",
+                         "--no-plot")  # fmt: skip
+    assert rc == 0 and report["requests"]["completed"] == 5
+    assert server.health_ports == []
