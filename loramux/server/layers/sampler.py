@@ -21,7 +21,7 @@ How, without sorting the vocabulary and without random numbers per entry:
 - One uniform per row draws from `e` by inverse CDF, searched on two levels: the sums of fixed blocks of the row
   (a few hundred entries each), the block whose cumulative sum passes `u * total`, then a cumulative sum inside that
   block only.
-- Top-k needs the k-th largest entry of its rows (`topk` up to the largest k in the step), min-p none.
+- Top-k needs the k-th largest logit of its rows (`topk` up to the largest k in the step), min-p none.
 - Top-p by rejection around a pivot (FlashInfer's sampler does the same): a token s drawn from `e` is accepted when
   the tokens with `e > e_s` hold less than `top_p * total`; otherwise s and every token with `e <= e_s` are outside
   the nucleus, so they are dropped and a fresh uniform draws again from what remains. What remains always holds the
@@ -32,6 +32,9 @@ How, without sorting the vocabulary and without random numbers per entry:
   the host (made at its first step), the same count every step, so that it samples the same tokens whatever its
   batch mates; the seeded rows' draws go up in one asynchronous copy.
 - The chosen tokens come back to the host in one transfer a step, the requested logprobs in the same one.
+- On a GPU, `e` and its block sums come from one Triton pass over the logits, and each top-p round's sums of the
+  entries above its pivot from one pass over the top-p rows, read where they lie (`sampler_kernels.py`); the CPU
+  runs the same steps as torch ops.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class Sampler:
         self._aranges: dict[int, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._zero = torch.zeros((), device=self.device)
+        self._kernels = None  # the Triton passes where the rows live on a GPU (`sampler_kernels.py`)
+        if self.device.type == "cuda":
+            from loramux.server.layers import sampler_kernels
+
+            self._kernels = sampler_kernels
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits (n, vocab) fp32 on the device, row i for requests[i] -> the n token ids, and per row its
@@ -192,61 +200,85 @@ class Sampler:
         """Tokens (n,) for a step with some rows not greedy (the greedy ones take the argmax), -1 for a top-p row not
         accepted within TOP_P_ROUNDS, and what finishing those rows needs."""
         n, vocab = logits.shape
-        temperature, min_p, top_p, k, is_greedy = step.settings
+        _, _, top_p, k, is_greedy = step.settings
         u = self._uniforms(step)  # (n, UNIFORMS)
+        top = logits.amax(dim=-1)  # what e is relative to
+        kth = None  # the k-th largest logit of each top-k row
+        if step.top_k_rows:
+            sub = logits if step.top_k_idx is None else logits[step.top_k_idx]
+            ks = k if step.top_k_idx is None else k[step.top_k_idx]
+            kth = sub.topk(step.max_top_k, dim=-1).values.gather(1, ks.long()[:, None] - 1).squeeze(1)
 
-        # e: each row's distribution at its temperature, unnormalised, its largest entry 1: (n, vocab), in a buffer
-        # whose columns past the vocabulary stay 0 (the search's blocks cover them).
+        # e: each row's distribution at its temperature, truncated, unnormalised, its largest entry 1: (n, vocab), in
+        # a buffer whose columns past the vocabulary stay 0 (the search's blocks cover them).
         work = self._buffer("e", n)
-        e = work[:, :vocab]
-        torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=e)
-        if step.scaled:
-            e.div_(temperature[:, None])
-        e.exp_()
-        if step.top_k_rows or step.min_p:
-            floor = min_p
-            if step.top_k_rows:
-                sub = e if step.top_k_idx is None else e[step.top_k_idx]
-                ks = k if step.top_k_idx is None else k[step.top_k_idx]
-                kth = sub.topk(step.max_top_k, dim=-1).values.gather(1, ks.long()[:, None] - 1).squeeze(1)
-                if step.top_k_idx is None:
-                    floor = torch.maximum(floor, kth)
-                else:
-                    floor = floor.index_put((step.top_k_idx,), torch.maximum(floor[step.top_k_idx], kth))
-            e.masked_fill_(e < floor[:, None], 0.0)
-        sums = self._block_sums(work)  # (n, blocks)
+        sums = self._tempered(logits, top, step, kth, work)  # (n, blocks)
         tokens = self._search(work, sums, u[:, 0])
 
         nucleus = None
         if step.top_p_rows:
             idx, m = step.top_p_idx, len(step.top_p_rows)
+            # mass: what each row's nucleus must reach
             if idx is None:
-                rows_w, up, drawn = work, u, tokens
-                mass = top_p * sums.sum(dim=-1)
+                up, drawn, mass = u, tokens, top_p * sums.sum(dim=-1)
             else:
-                rows_w = torch.index_select(work, 0, idx, out=self._buffer("top_p", m))
-                up, drawn = u[idx], tokens[idx]
-                mass = top_p[idx] * sums[idx].sum(dim=-1)  # what the nucleus must reach, (m,)
-            ep = rows_w[:, :vocab]
-            above_w = self._buffer("above", m)
-            above = above_w[:, :vocab]
-            mask = self._buffer("mask", m, torch.bool)[:, :vocab]
+                up, drawn, mass = u[idx], tokens[idx], top_p[idx] * sums[idx].sum(dim=-1)
+            # The top-p rows of `work`: read in place by the GPU's kernels (`rows`), copied together on the CPU.
+            src, rows = work, None
+            if self._kernels is not None:
+                rows = self._arange(n) if idx is None else idx
+            elif idx is not None:
+                src = torch.index_select(work, 0, idx, out=self._buffer("top_p", m))
             for r in range(TOP_P_ROUNDS):
-                # The entries of the tokens more likely than the draw; their mass decides, and a rejected row draws
-                # again from them.
-                torch.gt(ep, ep.gather(1, drawn[:, None]), out=mask)
-                torch.where(mask, ep, self._zero, out=above)
-                above_sums = self._block_sums(above_w)
+                # The tokens more likely than the draw: their mass decides, and a rejected row draws again from them.
+                pivot = src.gather(1, drawn[:, None]).squeeze(1) if rows is None else src[rows, drawn]
+                above_sums = self._sums_above(src, rows, pivot)
                 outside = above_sums.sum(dim=-1) >= mass
                 if r == TOP_P_ROUNDS - 1:
                     break
-                drawn = torch.where(outside, self._search(above_w, above_sums, up[:, r + 1]), drawn)
+                drawn = torch.where(outside, self._search(src, above_sums, up[:, r + 1], rows, pivot), drawn)
             drawn = torch.where(outside, -1, drawn)
             tokens = drawn if idx is None else tokens.index_put((idx,), drawn)
-            nucleus = _Nucleus(step.top_p_rows, ep, mass, up[:, TOP_P_ROUNDS])
+            nucleus = _Nucleus(step.top_p_rows, src, rows, vocab, mass, up[:, TOP_P_ROUNDS])
         if any(step.greedy):
             tokens = torch.where(is_greedy > 0, logits.argmax(dim=-1), tokens)
         return tokens, nucleus
+
+    def _tempered(
+        self, logits: torch.Tensor, top: torch.Tensor, step: _Step, kth: torch.Tensor | None, work: torch.Tensor
+    ) -> torch.Tensor:
+        """Fill work[:, :vocab] with e = exp((logits - top) / temperature), 0 below a row's min-p floor and, in the
+        top-k rows (`kth` their k-th largest logits), below that logit; return its block sums (n, blocks)."""
+        temperature, min_p = step.settings[0], step.settings[1]
+        idx = step.top_k_idx
+        if self._kernels is not None:
+            floor = torch.full_like(top, -torch.inf)
+            if kth is not None:
+                floor = kth if idx is None else floor.index_put((idx,), kth)
+            return self._kernels.tempered(logits, top, 1.0 / temperature, min_p, floor, work, self.block)
+        e = work[:, : logits.shape[1]]
+        torch.sub(logits, top[:, None], out=e)
+        if step.scaled:
+            e.div_(temperature[:, None])
+        e.exp_()
+        if step.min_p:
+            e.masked_fill_(e < min_p[:, None], 0.0)
+        if kth is not None and idx is None:
+            e.masked_fill_(logits < kth[:, None], 0.0)
+        elif kth is not None:  # those rows only
+            e[idx] = e[idx].masked_fill_(logits[idx] < kth[:, None], 0.0)
+        return self._block_sums(work)
+
+    def _sums_above(self, src: torch.Tensor, rows: torch.Tensor | None, pivot: torch.Tensor) -> torch.Tensor:
+        """The block sums of the entries of src's rows (`rows` of it, or all) greater than each row's pivot."""
+        if self._kernels is not None:
+            return self._kernels.sums_above(src, rows, pivot, self.block)
+        m = src.shape[0]
+        mask = self._buffer("mask", m, torch.bool)
+        above = self._buffer("above", m)
+        torch.gt(src, pivot[:, None], out=mask)
+        torch.where(mask, src, self._zero, out=above)
+        return self._block_sums(above)
 
     def _uniforms(self, step: _Step) -> torch.Tensor:
         """(n, UNIFORMS) uniforms in [0, 1): the device's generator for most rows; a seeded request's own, on the
@@ -275,10 +307,18 @@ class Sampler:
         """(n, width) -> (n, blocks): the sum of each block of `block` entries."""
         return weights.view(weights.shape[0], -1, self.block).sum(dim=-1)
 
-    def _search(self, weights: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _search(
+        self,
+        weights: torch.Tensor,
+        sums: torch.Tensor,
+        u: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        pivot: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The inverse CDF on two levels: the block whose cumulative sum passes u * total (sums (n, blocks) are the
-        block sums of weights (n, width)), then the entry inside it, from a cumulative sum of that block only."""
-        n, bs = weights.shape[0], self.block
+        block sums of weights (n, width), or of its `rows`), then the entry inside it, from a cumulative sum of that
+        block only. With `pivot` (n,), only the entries above it count (sums must be theirs)."""
+        n, bs = sums.shape[0], self.block
         cum = sums.cumsum(dim=-1)
         target = u * cum[:, -1]  # (n,)
         # The first block whose cumulative sum passes the target; rounding (u * total == total) may point past the
@@ -287,18 +327,23 @@ class Sampler:
         b = torch.searchsorted(cum, target[:, None], right=True).squeeze(1)
         b = torch.minimum(b, self._last_positive(sums)).clamp_(min=0)
         before = F.pad(cum, (1, 0)).gather(1, b[:, None]).squeeze(1)  # the mass of the blocks before b
-        inner = weights.view(n, -1, bs).gather(1, b[:, None, None].expand(n, 1, bs)).squeeze(1)  # (n, bs)
+        blocks = weights.view(weights.shape[0], -1, bs)
+        inner = blocks.gather(1, b[:, None, None].expand(n, 1, bs)).squeeze(1) if rows is None else blocks[rows, b]
+        if pivot is not None:
+            inner = torch.where(inner > pivot[:, None], inner, self._zero)
         j = torch.searchsorted(inner.cumsum(dim=-1), (target - before)[:, None], right=True).squeeze(1)
         j = torch.minimum(j, self._last_positive(inner)).clamp_(min=0)
         return b * bs + j
 
     def _last_positive(self, x: torch.Tensor) -> torch.Tensor:
         """(n, w) -> per row the index of its last positive entry (-1 where none)."""
-        w = x.shape[1]
-        arange = self._aranges.get(w)
+        return torch.where(x > 0, self._arange(x.shape[1]), -1).amax(dim=-1)
+
+    def _arange(self, n: int) -> torch.Tensor:
+        arange = self._aranges.get(n)
         if arange is None:
-            arange = self._aranges[w] = torch.arange(w, device=x.device)
-        return torch.where(x > 0, arange, -1).amax(dim=-1)
+            arange = self._aranges[n] = torch.arange(n, device=self.device)
+        return arange
 
     def _buffer(self, name: str, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A (rows, width) scratch tensor kept from call to call, zero past the vocabulary: on the CPU a fresh tensor
@@ -353,15 +398,26 @@ class _Step:
 class _Nucleus:
     """The top-p rows of a step, for finishing the ones that TOP_P_ROUNDS did not accept."""
 
-    def __init__(self, rows: list[int], weights: torch.Tensor, mass: torch.Tensor, u: torch.Tensor) -> None:
-        self.rows, self.weights, self.mass, self.u = rows, weights, mass, u  # (m,), (m, vocab), (m,), (m,)
+    def __init__(
+        self,
+        rows: list[int],
+        src: torch.Tensor,
+        src_rows: torch.Tensor | None,
+        vocab: int,
+        mass: torch.Tensor,
+        u: torch.Tensor,
+    ) -> None:
+        # the step's top-p rows; their e (rows `src_rows` of src, else all of it); what their nucleus must reach, (m,);
+        # their last uniforms, (m,)
+        self.rows, self.src, self.src_rows, self.vocab, self.mass, self.u = rows, src, src_rows, vocab, mass, u
 
     def finish(self, sampler: Sampler, pending: list[int]) -> list[int]:
         """Tokens for the step's rows `pending` (all top-p rows): the nucleus found exactly by sorting each of those
         rows, then a draw from it with the row's last uniform."""
         at = {row: j for j, row in enumerate(self.rows)}
-        local = [at[i] for i in pending]
-        weights, mass = self.weights[local], self.mass[local]
+        local = torch.tensor([at[i] for i in pending], device=self.src.device)
+        picked = local if self.src_rows is None else self.src_rows[local]
+        weights, mass = self.src[picked, : self.vocab], self.mass[local]
         ordered = weights.sort(dim=-1, descending=True).values
         # A token is in the nucleus when the mass strictly before its tie group is below `mass`; in sorted order that
         # makes the nucleus every token at least as likely as the last one whose exclusive prefix is below it.

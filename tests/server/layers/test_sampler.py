@@ -11,6 +11,9 @@ from loramux.server.engine.request import SamplingParams
 from loramux.server.layers import sampler as sampler_module
 from loramux.server.layers.sampler import Sampler
 
+# On a GPU the sampler's passes are Triton kernels (`sampler_kernels.py`); the CPU runs the same steps in torch.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
 # The chi-square distribution's upper 0.1% points by degrees of freedom: a correct sampler fails one test in a
 # thousand by chance, and the seeds below are fixed, so a run is deterministic.
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59}
@@ -56,8 +59,9 @@ SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rounds", [sampler_module.TOP_P_ROUNDS, 1])
-def test_unseeded_rows_follow_the_intended_distribution(monkeypatch, rounds):
+def test_unseeded_rows_follow_the_intended_distribution(monkeypatch, rounds, device):
     """Many rows of each setting in one batched call; each setting's counts against its distribution. With one round
     of top-p draws most top-p rows end in the exact fallback, which must give the same distribution."""
     monkeypatch.setattr(sampler_module, "TOP_P_ROUNDS", rounds)
@@ -65,7 +69,7 @@ def test_unseeded_rows_follow_the_intended_distribution(monkeypatch, rounds):
     logits = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.0, -0.5, -1.0, -3.0])
     draws = 20_000
     rows = [Row(**settings) for settings in SETTINGS.values() for _ in range(draws)]
-    tokens, _ = Sampler(8, "cpu").sample(logits.expand(len(rows), -1).contiguous(), rows)
+    tokens, _ = Sampler(8, device).sample(logits.expand(len(rows), -1).contiguous().to(device), rows)
     tokens = torch.tensor(tokens).view(len(SETTINGS), draws)
     for (name, settings), got in zip(SETTINGS.items(), tokens, strict=True):
         counts = torch.bincount(got, minlength=8).double()
@@ -75,18 +79,19 @@ def test_unseeded_rows_follow_the_intended_distribution(monkeypatch, rounds):
         assert df == 0 or statistic < CHI2_999[df], (name, statistic, df, counts.tolist(), probs.tolist())
 
 
-def test_a_wide_vocabulary_is_searched_right_across_its_blocks():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_wide_vocabulary_is_searched_right_across_its_blocks(device):
     """A vocabulary of several blocks, not a multiple of the block size: the mass sits on a few tokens far apart
     (first and last entries, both sides of a block boundary), everything else impossible."""
     vocab = 1000
-    sampler = Sampler(vocab, "cpu")
+    sampler = Sampler(vocab, device)
     assert vocab % sampler.block != 0 and vocab // sampler.block > 4
     places = [0, 97, sampler.block - 1, sampler.block, 500, 998, 999]
     logits = torch.full((vocab,), -math.inf)
     logits[places] = torch.tensor([0.5, 1.0, 0.2, 0.2, -0.3, 0.8, 0.1])
     torch.manual_seed(99)
     draws = 30_000
-    tokens, _ = sampler.sample(logits.expand(draws, -1).contiguous(), [Row(temperature=1.0)] * draws)
+    tokens, _ = sampler.sample(logits.expand(draws, -1).contiguous().to(device), [Row(temperature=1.0)] * draws)
     counts = torch.bincount(torch.tensor(tokens), minlength=vocab).double()
     probs = intended(logits)
     assert set(torch.nonzero(counts).flatten().tolist()) <= set(places)
@@ -94,20 +99,22 @@ def test_a_wide_vocabulary_is_searched_right_across_its_blocks():
     assert statistic < CHI2_999[df], (statistic, counts[places].tolist())
 
 
-def test_greedy_rows_take_the_argmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_rows_take_the_argmax(device):
     torch.manual_seed(0)
-    logits = torch.randn(64, 300) * 4
+    logits = (torch.randn(64, 300) * 4).to(device)
     rows = [Row(temperature=0.0) if i % 2 else Row(temperature=1.0, top_k=1, top_p=0.5) for i in range(64)]
-    tokens, logprobs = Sampler(300, "cpu").sample(logits, rows)
+    tokens, logprobs = Sampler(300, device).sample(logits, rows)
     assert tokens == logits.argmax(dim=-1).tolist() and logprobs == [None] * 64
     # Greedy beside sampled rows in one batch: the greedy ones still take the argmax.
     mixed = [Row(temperature=0.0), Row(temperature=1.5, seed=1), Row(temperature=0.0, top_p=0.3)]
-    tokens, _ = Sampler(300, "cpu").sample(logits[:3], mixed)
+    tokens, _ = Sampler(300, device).sample(logits[:3], mixed)
     assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
 
 
-def test_seeded_rows_sample_the_same_tokens_whatever_their_batch_mates():
-    sampler = Sampler(50, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_rows_sample_the_same_tokens_whatever_their_batch_mates(device):
+    sampler = Sampler(50, device)
     torch.manual_seed(5)
     steps = [torch.randn(50) * 2 for _ in range(12)]  # the seeded request's logits, step by step
 
@@ -119,7 +126,7 @@ def test_seeded_rows_sample_the_same_tokens_whatever_their_batch_mates():
             batch = torch.randn(mates + 1, 50) * 3
             batch[place] = logits
             requests = [*others[:place], row, *others[place:]]
-            out.append(sampler.sample(batch, requests)[0][place])
+            out.append(sampler.sample(batch.to(device), requests)[0][place])
         return out
 
     alone = run(7, 0, 0)
@@ -155,7 +162,8 @@ def test_penalties_and_logit_bias_change_the_logits_as_specified():
     assert Sampler(vocab, "cpu").sample(logits[2:3], [Row(temperature=0.0, logit_bias={11: 100.0})])[0] == [11]
 
 
-def test_logprobs_are_the_models_log_softmax_with_the_top_k():
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_are_the_models_log_softmax_with_the_top_k(device):
     torch.manual_seed(11)
     vocab = 64
     logits = torch.randn(5, vocab) * 2
@@ -166,7 +174,7 @@ def test_logprobs_are_the_models_log_softmax_with_the_top_k():
         Row(temperature=1.0, logprobs=20, logit_bias={3: 100.0}),  # biased: the logprobs stay the model's own
         Row(temperature=1.0, top_k=3, logprobs=2, seed=4),
     ]
-    tokens, logprobs = Sampler(vocab, "cpu").sample(logits, rows)
+    tokens, logprobs = Sampler(vocab, device).sample(logits.to(device), rows)
     reference = torch.log_softmax(logits, dim=-1)
     assert logprobs[1] is None
     for i, (row, token, lp) in enumerate(zip(rows, tokens, logprobs, strict=True)):
@@ -181,13 +189,14 @@ def test_logprobs_are_the_models_log_softmax_with_the_top_k():
     assert tokens[3] == 3 and tokens[0] == int(logits[0].argmax())
 
 
-def test_edge_cases():
-    sampler = Sampler(30, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_cases(device):
+    sampler = Sampler(30, device)
     torch.manual_seed(2)
-    logits = torch.randn(200, 30) * 2
+    logits = (torch.randn(200, 30) * 2).to(device)
     argmax = logits.argmax(dim=-1).tolist()
 
-    assert sampler.sample(torch.empty(0, 30), []) == ([], [])
+    assert sampler.sample(torch.empty(0, 30, device=device), []) == ([], [])
     tiny_t, _ = sampler.sample(logits, [Row(temperature=1e-6)] * 200)
     assert tiny_t == argmax  # a temperature near 0 is greedy in effect, and nothing overflows into NaN
     tiny_p, _ = sampler.sample(logits, [Row(temperature=2.0, top_p=1e-6)] * 200)
