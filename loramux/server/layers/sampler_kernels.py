@@ -72,6 +72,8 @@ def tempered(
     """logits (n, vocab) fp32; per row its largest logit, 1 / temperature, min-p floor (0: none) and k-th largest logit
     (-inf: no top-k), each (n,) fp32 -> out (n, width) filled with the truncated `e` (0 past the vocabulary) and
     returned with its block sums (n, width / block)."""
+    if logits.stride(1) != 1:  # the kernel steps through a row's entries one by one
+        logits = logits.contiguous()
     n, vocab = logits.shape
     blocks = out.shape[1] // block
     sums = torch.empty((n, blocks), dtype=torch.float32, device=logits.device)
