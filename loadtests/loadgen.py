@@ -23,9 +23,10 @@ import ipaddress
 import json
 import multiprocessing
 import signal
+import ssl
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,8 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> dic
     if config.processes > 1:
         records, dropped, wall_s = await asyncio.to_thread(_run_shares, config)
     else:
-        async with _client(config) as client:
-            await _open_connections(client, config)
-            records, dropped, wall_s = await _run_share(config, client, time.perf_counter(), stop)
+        async with _clients(config) as clients:
+            records, dropped, wall_s = await _run_share(config, clients, time.perf_counter(), stop)
     report = build_report(
         records,
         config=config.describe(),
@@ -166,33 +166,42 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> dic
     return report
 
 
-def _client(config: LoadConfig) -> httpx.AsyncClient:
-    slots = config.concurrency or config.max_in_flight
-    limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-    # trust_env=False: no proxy from the environment may sit between the generator and the target.
-    return httpx.AsyncClient(
-        base_url=config.url, timeout=httpx.Timeout(config.timeout_s), limits=limits, trust_env=False
-    )
+@contextlib.asynccontextmanager
+async def _clients(config: LoadConfig) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """The HTTP clients of a run, ready before its clock starts: an open loop's one client, whose pool opens
+    connections as arrivals come (they are spread in time) and reuses them once free; a closed loop's one client per
+    worker, each holding one connection opened here (a `GET /health`), as that many long-lived clients would already
+    hold them, so that what is measured is the requests, not the load generator's own burst of TCP set-ups. One
+    client per worker, not one pool: httpx's pool hands a burst of requests to the first idle connection all at once,
+    and each request that finds it taken waits for the pool's next pass (a burst of 128 on 128 idle connections then
+    trickled out over seconds). A probe that fails is left for the run to report."""
+    tls = ssl.create_default_context()  # one for all the clients: httpx would build one each (~20 ms)
+    async with contextlib.AsyncExitStack() as stack:
 
+        def client(connections: int) -> httpx.AsyncClient:
+            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            # trust_env=False: no proxy from the environment may sit between the generator and the target.
+            made = httpx.AsyncClient(
+                base_url=config.url, timeout=httpx.Timeout(config.timeout_s), limits=limits, trust_env=False, verify=tls
+            )
+            stack.push_async_callback(made.aclose)
+            return made
 
-async def _open_connections(client: httpx.AsyncClient, config: LoadConfig) -> None:
-    """Before the clock starts, open the connections a closed loop's workers will use (one `GET /health` each, all
-    at once), as that many long-lived clients would already hold them: what is measured is then the requests, not
-    the load generator's own burst of TCP set-ups. A failure here is left for the run to report. (An open loop's
-    arrivals are spread in time: its connections open as they come, and are reused once free.)"""
-    if config.concurrency is None:
-        return
-    probes = [client.get("/health", timeout=config.timeout_s) for _ in range(config.concurrency)]
-    await asyncio.gather(*probes, return_exceptions=True)
+        if config.concurrency is None:
+            yield [client(config.max_in_flight)]
+            return
+        clients = [client(1) for _ in range(config.concurrency)]
+        await asyncio.gather(*(c.get("/health", timeout=config.timeout_s) for c in clients), return_exceptions=True)
+        yield clients
 
 
 async def _run_share(
-    config: LoadConfig, client: httpx.AsyncClient, t0: float, stop: asyncio.Event
+    config: LoadConfig, clients: list[httpx.AsyncClient], t0: float, stop: asyncio.Event
 ) -> tuple[list[RequestRecord], int, float]:
-    """Run `config` in this process with `client` from `t0` (a `perf_counter` value) -> (records, dropped, wall
-    seconds)."""
+    """Run `config` in this process with `clients` (see `_clients`) from `t0` (a `perf_counter` value) -> (records,
+    dropped, wall seconds)."""
     records: list[RecordedTask] = []
-    runner = _Runner(config, client, t0, stop, records)
+    runner = _Runner(config, clients, t0, stop, records)
     dropped = await runner.run()
     wall_s = time.perf_counter() - t0
     return [r.record for r in records], dropped, wall_s
@@ -251,11 +260,10 @@ def _share_process(config: LoadConfig, ready, go, start, results) -> None:
 async def _share(config: LoadConfig, ready, go, start) -> tuple[list[RequestRecord], int, float]:
     """One client process: its client and connections ready before the barrier, then the run from the common start.
     (The barriers block this process's loop while it has nothing else to do.)"""
-    async with _client(config) as client:
-        await _open_connections(client, config)
+    async with _clients(config) as clients:
         ready.wait()
         go.wait()
-        return await _run_share(config, client, start.value, asyncio.Event())
+        return await _run_share(config, clients, start.value, asyncio.Event())
 
 
 @dataclass
@@ -271,12 +279,13 @@ class _Runner:
     def __init__(
         self,
         config: LoadConfig,
-        client: httpx.AsyncClient,
+        clients: list[httpx.AsyncClient],
         t0: float,
         stop: asyncio.Event,
         started: list[RecordedTask],
     ) -> None:
-        self.config, self.client, self.t0, self.stop, self.started = config, client, t0, stop, started
+        # clients: an open loop's one, a closed loop's one per worker
+        self.config, self.clients, self.t0, self.stop, self.started = config, clients, t0, stop, started
         self.plans: Iterator[RequestPlan] = config.workload.plans()
         self.in_flight: set[asyncio.Task[None]] = set()
 
@@ -291,12 +300,12 @@ class _Runner:
             and (c.duration_s is None or at < c.duration_s)
         )
 
-    def launch(self) -> asyncio.Task[None]:
+    def launch(self, client: httpx.AsyncClient) -> asyncio.Task[None]:
         plan = next(self.plans)
         record = start_record(plan, self.t0)
         c = self.config
         request = send_request(
-            self.client, plan, record, endpoint=c.endpoint, extra_body=c.extra_body, timeout_s=c.timeout_s, t0=self.t0
+            client, plan, record, endpoint=c.endpoint, extra_body=c.extra_body, timeout_s=c.timeout_s, t0=self.t0
         )
         task = asyncio.create_task(request)
         self.started.append(RecordedTask(record, task))
@@ -325,17 +334,17 @@ class _Runner:
             if len(self.in_flight) >= self.config.max_in_flight:
                 dropped += 1
                 continue
-            self.launch()
+            self.launch(self.clients[0])
         return dropped
 
     async def closed_loop(self) -> int:
         """`concurrency` workers, each sending its next request as soon as its last one ends."""
 
-        async def worker() -> None:
+        async def worker(client: httpx.AsyncClient) -> None:
             while self.may_start(self.now()):
-                await self.launch()
+                await self.launch(client)
 
-        workers = [asyncio.create_task(worker()) for _ in range(self.config.concurrency or 1)]
+        workers = [asyncio.create_task(worker(client)) for client in self.clients]
         duration = self.config.duration_s
         # Workers stop starting requests at the duration; in-flight requests then have drain_s.
         timeout = None if duration is None else max(0.0, duration - self.now()) + (self.config.drain_s or 0.0)
