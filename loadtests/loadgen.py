@@ -6,9 +6,9 @@ of Zipf popularity, with open-loop Poisson arrivals or a fixed concurrency, for 
 
 It writes a JSON report (throughput, TTFT/TPOT/end-to-end percentiles, errors by kind, per-tenant and per-model
 shares, a timeline and every request; by default a new dated file in loadtests/results/) and a PNG of latency and
-throughput over time beside it. A fixed-concurrency run opens its connections before its clock starts, one per
-worker, and every request reads its stream to the end so that the next one reuses the connection, as long-lived
-clients of OpenAI's SDK do. It refuses to target anything
+throughput over time beside it. In a fixed-concurrency run each worker has its own client and connection, opened
+before the clock starts, and every request reads its stream to the end so that the next one reuses the connection,
+as long-lived clients of OpenAI's SDK do. It refuses to target anything
 but a loopback address unless given --allow-remote. From Python: `asyncio.run(run_load(LoadConfig(...)))`.
 """
 
