@@ -199,7 +199,7 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, step: _Step) -> tuple[torch.Tensor, _Nucleus | None]:
         """Tokens (n,) for a step with some rows not greedy (the greedy ones take the argmax), -1 for a top-p row not
         accepted within TOP_P_ROUNDS, and what finishing those rows needs."""
-        n, vocab = logits.shape
+        n = logits.shape[0]
         _, _, top_p, k, is_greedy = step.settings
         u = self._uniforms(step)  # (n, UNIFORMS)
         top = logits.amax(dim=-1)  # what e is relative to
@@ -239,7 +239,7 @@ class Sampler:
                 drawn = torch.where(outside, self._search(src, above_sums, up[:, r + 1], rows, pivot), drawn)
             drawn = torch.where(outside, -1, drawn)
             tokens = drawn if idx is None else tokens.index_put((idx,), drawn)
-            nucleus = _Nucleus(step.top_p_rows, src, rows, vocab, mass, up[:, TOP_P_ROUNDS])
+            nucleus = _Nucleus(step.top_p_rows, src, rows, mass, up[:, TOP_P_ROUNDS])
         if any(step.greedy):
             tokens = torch.where(is_greedy > 0, logits.argmax(dim=-1), tokens)
         return tokens, nucleus
@@ -403,13 +403,12 @@ class _Nucleus:
         rows: list[int],
         src: torch.Tensor,
         src_rows: torch.Tensor | None,
-        vocab: int,
         mass: torch.Tensor,
         u: torch.Tensor,
     ) -> None:
         # the step's top-p rows; their e (rows `src_rows` of src, else all of it); what their nucleus must reach, (m,);
         # their last uniforms, (m,)
-        self.rows, self.src, self.src_rows, self.vocab, self.mass, self.u = rows, src, src_rows, vocab, mass, u
+        self.rows, self.src, self.src_rows, self.mass, self.u = rows, src, src_rows, mass, u
 
     def finish(self, sampler: Sampler, pending: list[int]) -> list[int]:
         """Tokens for the step's rows `pending` (all top-p rows): the nucleus found exactly by sorting each of those
@@ -417,7 +416,7 @@ class _Nucleus:
         at = {row: j for j, row in enumerate(self.rows)}
         local = torch.tensor([at[i] for i in pending], device=self.src.device)
         picked = local if self.src_rows is None else self.src_rows[local]
-        weights, mass = self.src[picked, : self.vocab], self.mass[local]
+        weights, mass = self.src[picked, : sampler.vocab_size], self.mass[local]
         ordered = weights.sort(dim=-1, descending=True).values
         # A token is in the nucleus when the mass strictly before its tie group is below `mass`; in sorted order that
         # makes the nucleus every token at least as likely as the last one whose exclusive prefix is below it.
