@@ -501,7 +501,7 @@ def ratios(results: dict, tiny: bool) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = [("W1, 32 adapters, sampling mix", "http", "w1_mix"), ("W1, 32 adapters, greedy", "http", "w1_greedy"),
+    rows = [("W1, adapters, sampling mix", "http", "w1_mix"), ("W1, adapters, greedy", "http", "w1_greedy"),
             ("W1, no adapters, sampling mix", "http", "w1_base_mix"),
             ("W1, no adapters, greedy", "http", "w1_base_greedy"),
             ("W1, adapters, temperature 1.0", "http", "w1_default"),
